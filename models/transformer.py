@@ -1,0 +1,289 @@
+"""The decoder-only causal LM: Qwen2/Qwen2.5, Qwen3 and Llama as one Equinox module.
+
+Field names equal the HF tensor names (`model.layers.self_attn.q_proj.weight`), so loading and export are a walk
+over pytree paths. The decoder layers are *stacked*: `model.layers` is one `DecoderLayer` whose every leaf has a
+leading `[num_hidden_layers]` axis, and the forward pass is a `lax.scan` over it, so compile time does not grow
+with depth. `CausalLM.layer(i)` returns layer `i` as its own module; `CausalLM.with_layer(i, layer)` puts one back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import Embedding, Linear, RMSNorm, rotary_tables
+
+
+class MLP(eqx.Module):
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
+
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        kg, ku, kd = jax.random.split(key, 3)
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, f, use_bias=bias, key=kg, std=0.02)
+        self.up_proj = Linear(d, f, use_bias=bias, key=ku, std=0.02)
+        self.down_proj = Linear(f, d, use_bias=bias, key=kd, std=0.02)
+
+    def __call__(self, x: Float[Array, "*batch embed"]) -> Float[Array, "*batch embed"]:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(eqx.Module):
+    """Pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
+
+    self_attn: Attention
+    mlp: MLP
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        ka, km = jax.random.split(key)
+        self.self_attn = Attention(config, key=ka)
+        self.mlp = MLP(config, key=km)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def __call__(self, h, cos, sin, mask, *, output_attentions: bool = False, output_qkv: bool = False):
+        attn = self.self_attn(
+            self.input_layernorm(h), cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv
+        )
+        h = h + attn.output
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, attn.probs, attn.qkv
+
+
+class Transformer(eqx.Module):
+    """The HF `model.` submodule: embeddings, the stacked decoder layers and the final norm."""
+
+    embed_tokens: Embedding
+    layers: DecoderLayer
+    norm: RMSNorm
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        ke, kl = jax.random.split(key)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, key=ke)
+        layer_keys = jax.random.split(kl, config.num_hidden_layers)
+        self.layers = eqx.filter_vmap(lambda k: DecoderLayer(config, key=k))(layer_keys)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLMOutput(eqx.Module):
+    """Model outputs; the optional ones are `None` unless asked for.
+
+    - `logits`: `[batch, seq, vocab]`, in the compute dtype.
+    - `hidden_states`: L+1 entries `[batch, seq, embed]` with transformers' semantics: the embeddings, the
+      outputs of layers 0..L-2, and the *final-normed* output of layer L-1.
+    - `attentions`: L entries `[batch, heads, seq, seq]`, per-head attention probabilities (float32).
+    - `qkv`: L triples `(q [batch, heads, seq, head_dim], k, v [batch, kv_heads, seq, head_dim])`, after RoPE.
+    """
+
+    logits: Float[Array, "batch seq vocab"]
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+    qkv: tuple[tuple[Array, Array, Array], ...] | None = None
+
+
+class LayerStackOutput(eqx.Module):
+    """What a run over a stack of layers returns (per-layer entries stacked on a leading axis)."""
+
+    hidden: Float[Array, "batch seq embed"]
+    layer_inputs: Array | None
+    attentions: Array | None
+    qkv: tuple[Array, Array, Array] | None
+
+
+def prepare_inputs(
+    config: ModelConfig,
+    input_ids: Int[Array, "batch seq"],
+    attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
+    position_ids: Int[Array, "batch seq"] | None = None,
+) -> tuple[Bool[Array, "batch 1 1 seq seq"], Float[Array, "batch seq head_dim"], Float[Array, "batch seq head_dim"]]:
+    """The boolean attention mask (causal and key padding) and the RoPE tables for a batch.
+
+    Without `position_ids`, positions count the real tokens of each row (`cumsum(mask) - 1`), so a left-padded
+    row gets the same positions, and so the same outputs, as the unpadded sequence. (transformers' forward
+    uses `arange(seq)` instead; pass `position_ids` explicitly to reproduce that.)
+    """
+    b, s = input_ids.shape
+    if attention_mask is None:
+        valid = jnp.ones((b, s), bool)
+    else:
+        valid = attention_mask.astype(bool)
+    if position_ids is None:
+        position_ids = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    mask = causal[None, None, None] & valid[:, None, None, None, :]
+    cos, sin = rotary_tables(config, position_ids)
+    return mask, cos, sin
+
+
+def run_layers(
+    layers: DecoderLayer,
+    h: Float[Array, "batch seq embed"],
+    cos: Float[Array, "batch seq head_dim"],
+    sin: Float[Array, "batch seq head_dim"],
+    mask: Bool[Array, "batch 1 1 seq seq"],
+    *,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    output_qkv: bool = False,
+    remat: bool = False,
+) -> LayerStackOutput:
+    """Run a stack of layers (leading axis = layer) over `h` with `lax.scan`; optionally remat each layer."""
+    params, static = eqx.partition(layers, eqx.is_array)
+
+    def step(carry, layer_params):
+        layer = eqx.combine(layer_params, static)
+        out, probs, qkv = layer(carry, cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv)
+        return out, (carry if output_hidden_states else None, probs, qkv)
+
+    if remat:
+        step = jax.checkpoint(step, prevent_cse=False)
+    h, (inputs, probs, qkv) = jax.lax.scan(step, h, params)
+    return LayerStackOutput(hidden=h, layer_inputs=inputs, attentions=probs, qkv=qkv)
+
+
+class CausalLM(eqx.Module):
+    """A decoder-only causal language model (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `LlamaForCausalLM`).
+
+    **Arguments:**
+
+    - `config`: the architecture.
+    - `key`: PRNG key for random initialisation (normal, std 0.02, as transformers' `initializer_range`).
+    """
+
+    model: Transformer
+    lm_head: Linear | None
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        km, kh = jax.random.split(key)
+        self.model = Transformer(config, key=km)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, key=kh, std=0.02)
+        self.config = config
+
+    def __check_init__(self):
+        n = self.config.num_hidden_layers
+        if self.model.layers.input_layernorm.weight.shape[0] != n:
+            raise ValueError(f"stacked layers hold {self.model.layers.input_layernorm.weight.shape[0]}, config {n}")
+        if (self.lm_head is None) != self.config.tie_word_embeddings:
+            raise ValueError("lm_head must be None exactly when tie_word_embeddings is set")
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
+        position_ids: Int[Array, "batch seq"] | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_qkv: bool = False,
+        remat: bool = False,
+    ) -> CausalLMOutput:
+        """**Arguments:**
+
+        - `input_ids`: token ids `[batch, seq]`.
+        - `attention_mask`: 1 for real tokens, 0 for padding (left or right), `[batch, seq]`.
+        - `position_ids`: optional explicit positions; default counts real tokens (see `prepare_inputs`).
+        - `output_hidden_states`, `output_attentions`, `output_qkv`: which optional outputs to return.
+        - `remat`: rematerialise each layer in the backward pass (`jax.checkpoint` per scan step).
+
+        **Returns:** a `CausalLMOutput`.
+        """
+        mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids)
+        h = self.embed(input_ids)
+        stack = run_layers(
+            self.model.layers, h, cos, sin, mask,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_qkv=output_qkv, remat=remat,
+        )
+        normed = self.model.norm(stack.hidden)
+        n = self.config.num_hidden_layers
+        hidden_states = attentions = qkv = None
+        if output_hidden_states:
+            hidden_states = tuple(stack.layer_inputs[i] for i in range(n)) + (normed,)
+        if output_attentions:
+            attentions = tuple(stack.attentions[i] for i in range(n))
+        if output_qkv:
+            qkv = tuple(tuple(t[i] for t in stack.qkv) for i in range(n))
+        return CausalLMOutput(logits=self.unembed(normed), hidden_states=hidden_states, attentions=attentions,
+                              qkv=qkv)
+
+    def embed(self, input_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq embed"]:
+        return self.model.embed_tokens(input_ids)
+
+    def unembed(self, h: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
+        """Logits from final-normed hidden states (the tied embedding table when there is no lm_head)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return jnp.einsum("bsd,vd->bsv", h, weight.astype(h.dtype))
+
+    # ----------------------------------------------------------------------------- inspection and surgery
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` as its own module (leaves without the stacked axis)."""
+        n = self.config.num_hidden_layers
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} out of range for {n} layers")
+        return jax.tree.map(lambda x: x[i] if eqx.is_array(x) else x, self.model.layers)
+
+    def layers_slice(self, start: int, stop: int) -> DecoderLayer:
+        """Layers `start:stop` as a stack."""
+        return jax.tree.map(lambda x: x[start:stop] if eqx.is_array(x) else x, self.model.layers)
+
+    def with_layer(self, i: int, layer: DecoderLayer) -> "CausalLM":
+        """A copy with layer `i` replaced by `layer` (an unstacked `DecoderLayer` of the same shapes)."""
+        stacked = jax.tree.map(
+            lambda s, x: s.at[i].set(x.astype(s.dtype)) if eqx.is_array(s) else s, self.model.layers, layer
+        )
+        return eqx.tree_at(lambda m: m.model.layers, self, stacked)
+
+
+def stack_layers(layers: Sequence[DecoderLayer]) -> DecoderLayer:
+    """Stack unstacked `DecoderLayer`s (same static structure) into one with a leading layer axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs) if eqx.is_array(xs[0]) else xs[0], *layers)
+
+
+def init_model(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> CausalLM:
+    """A randomly initialised model with every floating leaf in `dtype`."""
+    model = CausalLM(config, key=key)
+    return cast_floating(model, dtype)
+
+
+def cast_floating(tree, dtype):
+    """Cast every floating-point array leaf of `tree` to `dtype` (others untouched)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x, tree
+    )
+
+
+def _repr(self: CausalLM) -> str:
+    from vishwam.pytree import summary
+
+    c = self.config
+    title = (f"CausalLM({c.architecture}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads "
+             f"{c.num_attention_heads}/{c.num_key_value_heads} kv, head_dim {c.head_dim}, mlp {c.intermediate_size}, "
+             f"vocab {c.vocab_size}{', tied' if c.tie_word_embeddings else ''})")
+    return summary(self, title=title)
+
+
+CausalLM.__repr__ = _repr
+CausalLM._repr_pretty_ = lambda self, p, cycle: p.text(_repr(self))

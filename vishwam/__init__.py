@@ -1,0 +1,52 @@
+"""vishwam: distill large Hugging Face LLMs into smaller students with JAX + Equinox.
+
+The API for notebooks and IPython::
+
+    import vishwam, jax.numpy as jnp
+    model = vishwam.load_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)
+    out = model(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    print(vishwam.summary(model))
+    vishwam.save_pretrained(model, "out_dir")
+
+Attributes are imported lazily, so `import vishwam` is cheap and sets no JAX configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_pretrained": "vishwam.checkpoint",
+    "open_pretrained": "vishwam.checkpoint",
+    "save_pretrained": "vishwam.checkpoint",
+    "LazyCheckpoint": "vishwam.checkpoint",
+    "summary": "vishwam.pytree",
+    "count_parameters": "vishwam.pytree",
+    "parameter_counts": "vishwam.pytree",
+    "make_mesh": "vishwam.sharding",
+    "shard_tree": "vishwam.sharding",
+    "VishwamError": "vishwam.errors",
+    "CheckpointError": "vishwam.errors",
+    "ConfigError": "vishwam.errors",
+    "DataError": "vishwam.errors",
+    "CausalLM": "models",
+    "CausalLMOutput": "models",
+    "ModelConfig": "models",
+    "init_model": "models",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vishwam' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,130 @@
+"""Sharding: one table from logical axis names to mesh axes.
+
+Every parameter gets logical axes from its HF-style name (`_PARAM_AXES`, data in one place), and `RULES` maps
+logical axes to the mesh axes `data`, `fsdp`, `tensor`. Changing a parallelism strategy is changing `RULES`.
+A logical axis whose size does not divide by its mesh axes is replicated instead (a 2-head model on a
+4-way tensor axis still runs), and a mesh axis is never used twice within one array.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .errors import ConfigError
+from .pytree import named_leaves
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+#: logical axis -> mesh axes (a tuple shards over several, None replicates).
+RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "proj_in": None,
+    "proj_out": "fsdp",
+}
+
+# (regex on the parameter's dotted path, logical axes of one layer's tensor). First match wins.
+_PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"embed_tokens\.weight$", ("vocab", "embed")),
+    (r"lm_head\.weight$", ("vocab", "embed")),
+    (r"q_proj\.weight$", ("heads", "embed")),
+    (r"[kv]_proj\.weight$", ("kv_heads", "embed")),
+    (r"q_proj\.bias$", ("heads",)),
+    (r"[kv]_proj\.bias$", ("kv_heads",)),
+    (r"o_proj\.weight$", ("embed", "heads")),
+    (r"(gate|up)_proj\.weight$", ("mlp", "embed")),
+    (r"(gate|up)_proj\.bias$", ("mlp",)),
+    (r"down_proj\.weight$", ("embed", "mlp")),
+    (r"(norm|layernorm)\.weight$", ("norm",)),
+    (r"projections.*\.weight$", ("proj_out", "proj_in")),
+]
+
+
+def logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at dotted path `name` with `ndim` dimensions. Stacked decoder-layer
+    leaves (`...layers.` in the path with one extra leading dim) get a leading `layers` axis."""
+    for pattern, axes in _PARAM_AXES:
+        if re.search(pattern, name):
+            if ndim == len(axes) + 1 and ".layers." in f".{name}":
+                return ("layers",) + axes
+            if ndim == len(axes):
+                return axes
+    return (None,) * ndim
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over the first `data·fsdp·tensor` devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    need = data * fsdp * tensor
+    if min(data, fsdp, tensor) < 1:
+        raise ConfigError(f"parallelism sizes must be >= 1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if need > len(devices):
+        raise ConfigError(
+            f"parallelism data={data} x fsdp={fsdp} x tensor={tensor} needs {need} devices, {len(devices)} available"
+        )
+    return Mesh(np.asarray(devices[:need]).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules: Mapping[str, tuple[str, ...] | str | None] = RULES) -> PartitionSpec:
+    """The PartitionSpec for an array with these logical axes and shape on `mesh` (see module docstring)."""
+    used: set[str] = set()
+    out = []
+    for axis, size in zip(axes, shape):
+        target = rules.get(axis) if axis is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
+        n_shards = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if not names or size % n_shards:
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def param_sharding(name: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical_axes(name, len(shape)), shape, mesh, rules))
+
+
+def tree_shardings(tree, mesh: Mesh, rules=RULES):
+    """A pytree of `NamedSharding`s for every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    names = [n for n, _ in named_leaves(tree)]
+    if len(names) != len(leaves):
+        raise ValueError("tree has non-array leaves; filter it first")
+    return jax.tree_util.tree_unflatten(
+        treedef, [param_sharding(n, leaf.shape, mesh, rules) for n, leaf in zip(names, leaves)]
+    )
+
+
+def shard_tree(tree, mesh: Mesh, rules=RULES):
+    """Place every array leaf of `tree` by the rule table (non-array leaves untouched)."""
+    import equinox as eqx
+
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    placed = jax.device_put(arrays, tree_shardings(arrays, mesh, rules))
+    return eqx.combine(placed, static)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
+    """Batches: leading axis over `batch`'s mesh axes, the rest replicated."""
+    target = rules["batch"]
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    names = tuple(n for n in names if n in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(names if names else None, *([None] * (ndim - 1))))
