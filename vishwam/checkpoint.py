@@ -27,7 +27,7 @@ from models import CausalLM, DecoderLayer, ModelConfig
 
 from .errors import CheckpointError, ConfigError
 from .pytree import named_leaves
-from .safetensors_io import SafetensorsFile, write_file
+from .safetensors_io import SafetensorsFile, aligned_empty, write_file
 from .sharding import RULES, param_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -184,12 +184,19 @@ class LazyCheckpoint:
         def read(index):
             index = tuple(index)
             if not stacked:
-                return self.file(self.weight_map[names[0]]).read(names[0], index).astype(dtype, copy=False)
+                arr = self.file(self.weight_map[names[0]]).read(names[0], index)
+                if arr.dtype == dtype:
+                    return arr
+                out = aligned_empty(arr.shape, dtype)
+                out[...] = arr
+                return out
             rows = range(*index[0].indices(len(names)))
-            parts = [self.file(self.weight_map[names[i]]).read(names[i], index[1:]) for i in rows]
-            out = np.empty((len(parts),) + parts[0].shape, dtype) if parts else np.empty((0,), dtype)
-            for i, p in enumerate(parts):
-                out[i] = p
+            out = None
+            for k, i in enumerate(rows):  # one layer's slice in memory at a time beside the output
+                part = self.file(self.weight_map[names[i]]).read(names[i], index[1:])
+                if out is None:
+                    out = aligned_empty((len(rows),) + part.shape, dtype)
+                out[k] = part
             return out
 
         return read

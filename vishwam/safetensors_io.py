@@ -133,9 +133,10 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in {self.path}") from None
 
-    def _pread(self, offset: int, nbytes: int) -> bytes:
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+    def _pread(self, offset: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read `nbytes` at `offset` of the data section into `out` (or a fresh aligned uint8 buffer)."""
+        buf = aligned_empty((nbytes,), np.uint8) if out is None else out
+        view = memoryview(buf).cast("B")
         got = 0
         while got < nbytes:
             n = os.preadv(self._fd, [view[got:]], self._data_start + offset + got)
@@ -151,7 +152,7 @@ class SafetensorsFile:
         shape = info.shape
         index = normalize_index(index, shape)
         if not shape:
-            return np.frombuffer(self._pread(info.start, info.nbytes), info.dtype).reshape(())
+            return self._pread(info.start, info.nbytes).view(info.dtype).reshape(())
         item = info.dtype.itemsize
         row = math.prod(shape[1:]) * item
         r0, r1 = index[0].start, index[0].stop
@@ -161,13 +162,28 @@ class SafetensorsFile:
             inner = math.prod(shape[2:]) * item
             c0, c1 = index[1].start, index[1].stop
             seg = (c1 - c0) * inner
-            raw = bytearray(seg * (r1 - r0))
+            out = aligned_empty((r1 - r0, seg), np.uint8)
             for i, r in enumerate(range(r0, r1)):
-                raw[i * seg:(i + 1) * seg] = self._pread(info.start + r * row + c0 * inner, seg)
-            return np.frombuffer(raw, info.dtype).reshape((r1 - r0, c1 - c0) + shape[2:])
+                self._pread(info.start + r * row + c0 * inner, seg, out[i])
+            return out.view(info.dtype).reshape((r1 - r0, c1 - c0) + shape[2:])
         raw = self._pread(info.start + r0 * row, (r1 - r0) * row)
-        block = np.frombuffer(raw, info.dtype).reshape((r1 - r0,) + shape[1:])
-        return np.ascontiguousarray(block[(slice(None),) + tuple(index[1:])])
+        block = raw.view(info.dtype).reshape((r1 - r0,) + shape[1:])
+        rest = block[(slice(None),) + tuple(index[1:])]
+        if rest.flags.c_contiguous:
+            return rest
+        out = aligned_empty(rest.shape, info.dtype)
+        out[...] = rest
+        return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is `align`-byte aligned. JAX's CPU client adopts such a
+    buffer without copying it, so a loaded tensor occupies host memory once, not twice."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def normalize_index(index: tuple[slice, ...] | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
