@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""vishwam's main job: distil a teacher LLM into a smaller student.
+
+    python run.py --config configs/distill.yaml [--training.max-steps 20 ...] [--debug]
+
+Precedence: dataclass defaults < YAML < flags. `--help` lists every option. A user error (bad path, shard,
+config key, data, ...) prints one line and exits with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _configure_environment():
+    """Process-wide settings belong to the entry point, never to library import."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str]) -> int:
+    from vishwam.cli import parse_args
+
+    cfg, _ = parse_args(argv)
+    if cfg.training.dry_run:
+        from vishwam.planner import print_plan
+
+        print_plan(cfg)
+        return 0
+    from vishwam.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    _configure_environment()
+    from vishwam.cli import run_main
+
+    sys.exit(run_main(main))

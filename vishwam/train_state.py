@@ -1,0 +1,182 @@
+"""The train state, the optimizer, and the jitted distillation and evaluation steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int
+
+from distill.eplb import LossBalancer
+from distill.features import FeatureProjections
+from distill.logits import align_vocab
+from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss, teacher_outputs
+from models import CausalLM, cast_floating
+
+
+class TrainState(eqx.Module):
+    """Everything a step changes, as one pytree (checkpointed whole).
+
+    `student` and `projections` are trained; `balancer` holds EPLB's running loss magnitudes; `mapping` is the
+    current layer mapping (EPLB re-mapping rewrites it); `nonfinite` counts consecutive skipped steps.
+    """
+
+    step: Int[Array, ""]
+    student: CausalLM
+    projections: FeatureProjections | None
+    balancer: LossBalancer | None
+    opt_state: optax.OptState
+    key: Array
+    mapping: Int[Array, "pairs 2"]
+    nonfinite: Int[Array, ""]
+    skipped: Int[Array, ""]
+
+    @property
+    def trainable(self):
+        return eqx.filter((self.student, self.projections), eqx.is_inexact_array)
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                   grad_clip: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine decay to 10%, global-norm clipping, no decay on vectors."""
+    warmup = max(0, min(warmup_steps, total_steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else learning_rate, peak_value=learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=learning_rate * 0.1,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def init_state(student, projections, balancer, optimizer, key, mapping) -> TrainState:
+    trainable = eqx.filter((student, projections), eqx.is_inexact_array)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), student=student, projections=projections, balancer=balancer,
+        opt_state=optimizer.init(trainable), key=jax.random.key_data(key),
+        mapping=jnp.asarray(mapping if len(mapping) else [[0, 0]], jnp.int32).reshape(-1, 2),
+        nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _tree_select(pred, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    spec: ObjectiveSpec
+    compute_dtype: object
+    grad_accum_steps: int
+    remat: bool
+
+
+def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, schedule, state_shardings=None):
+    """The jitted step `(teacher, state, batch, teacher_out) -> (state, metrics)`.
+
+    The teacher is an argument that is never differentiated (stop_gradient) and never donated; the state and
+    batch buffers are donated. `teacher_out` carries precomputed teacher outputs (streamed or cached teachers)
+    split like the batch; it is None for a resident teacher, which runs inside the step. The batch is split
+    into `grad_accum_steps` micro-batches scanned with gradients summed in float32. A non-finite loss or
+    gradient norm leaves the parameters and optimizer state untouched and counts the skip.
+    """
+    spec = cfg.spec
+    accum = cfg.grad_accum_steps
+
+    def loss_fn(trainable, static, balancer, step, micro, t_out):
+        student, projections = eqx.combine(trainable, static)
+        student_c = cast_floating(student, cfg.compute_dtype)
+        out = student_c(micro["input_ids"], attention_mask=micro["mask"], output_hidden_states=spec.uses_features,
+                        output_attentions=spec.uses_attention and spec.attention_kind == "kl",
+                        output_qkv=spec.uses_attention and spec.attention_kind == "relation", remat=cfg.remat)
+        loss, metrics, new_balancer = distill_loss(spec, out, t_out, micro["labels"], micro["mask"], step,
+                                                   projections, balancer)
+        return loss, (metrics, new_balancer)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step_fn(teacher, state: TrainState, batch, teacher_out):
+        params, static = eqx.partition((state.student, state.projections), eqx.is_inexact_array)
+        split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])  # noqa: E731
+        micro_batches = jax.tree.map(split, batch)
+        micro_teacher = None if teacher_out is None else jax.tree.map(split, teacher_out)
+
+        def micro_step(carry, inputs):
+            grads_acc, balancer, metrics_acc = carry
+            micro, t_out = inputs
+            if t_out is None:
+                t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], spec)
+            (loss, (metrics, balancer)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+                params, static, balancer, state.step, micro, t_out
+            )
+            grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            metrics_acc = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metrics_acc, metrics)
+            return (grads, balancer, metrics_acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        first = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
+        if first[1] is None:
+            first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], spec))
+        metric_shapes = eqx.filter_eval_shape(loss_fn, params, static, state.balancer, state.step, *first)[1][0]
+        metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+        (grads, balancer, metrics), _ = jax.lax.scan(
+            micro_step, (zeros, state.balancer, metrics0), (micro_batches, micro_teacher)
+        )
+        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+        metrics = jax.tree.map(lambda m: m / accum, metrics)
+
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, params)
+        new_params = eqx.apply_updates(params, updates)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        params = _tree_select(ok, new_params, params)
+        opt_state = _tree_select(ok, new_opt, state.opt_state)
+        if balancer is not None:
+            balancer = _tree_select(ok, balancer, state.balancer)
+        student, projections = eqx.combine(params, static)
+        new_state = dataclasses.replace(
+            state, step=state.step + 1, student=student, projections=projections, balancer=balancer,
+            opt_state=opt_state, nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        if state_shardings is not None:
+            new_state = eqx.filter_shard(new_state, state_shardings)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), skipped=(~ok).astype(jnp.float32))
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(spec: ObjectiveSpec, compute_dtype):
+    """Sums over one eval batch: student and teacher NLL, KL(teacher || student) at T=1, top-1 agreement."""
+
+    @eqx.filter_jit
+    def eval_fn(teacher, student, batch, teacher_logits):
+        student = cast_floating(student, compute_dtype)
+        mask = batch["mask"].astype(jnp.float32)
+        s_logits = student(batch["input_ids"], attention_mask=batch["mask"]).logits
+        if teacher_logits is None:
+            teacher_logits = teacher(batch["input_ids"], attention_mask=batch["mask"]).logits
+        s_full = s_logits.astype(jnp.float32)
+        s, t = align_vocab(s_full, teacher_logits.astype(jnp.float32))
+
+        def nll(logits):
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            return -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+
+        s_logp, t_logp = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+        kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+        agree = (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32)
+        return {
+            "student_nll": jnp.sum(nll(s_full) * mask), "teacher_nll": jnp.sum(nll(teacher_logits.astype(jnp.float32)) * mask),
+            "kl": jnp.sum(kl * mask), "agree": jnp.sum(agree * mask), "tokens": jnp.sum(mask),
+        }
+
+    return eval_fn
+
+
+__all__ = ["TrainState", "StepConfig", "TeacherOutputs", "init_state", "make_optimizer", "make_train_step",
+           "make_eval_step"]
