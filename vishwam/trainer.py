@@ -220,6 +220,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.on_step = None  # optional callback(step, state) after each step (tests stop runs with it)
         tr = cfg.training
         setup_distributed(cfg)
         par = cfg.parallelism
@@ -369,6 +370,8 @@ class Run:
                     tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
                     ckpt.save(done, state, {"step": done, "pairs": [list(p) for p in self.pairs]}, force=True)
+                if self.on_step is not None:
+                    self.on_step(done, state)
             if tr.max_steps == start and self.eval_data is not None:
                 last_eval = self.evaluate(eval_step, teacher, state.student, start)
         finally:

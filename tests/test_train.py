@@ -1,0 +1,283 @@
+"""The main job end to end on tiny models: outputs, exact resume, sharding equivalence, non-finite skips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_fixtures import hf_config, make_hf_model, save_hf
+
+from vishwam.cli import load_config
+from vishwam.trainer import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"tokens_per_sec", "peak_rss_gb"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    save_hf(make_hf_model(hf_config("qwen2", layers=4, kv_heads=2)), d / "teacher")
+    rng = np.random.default_rng(0)
+    # A learnable stream: a noisy cyclic pattern.
+    base = np.tile(np.arange(2, 40), 300)
+    noise = rng.integers(2, 96, base.size)
+    stream = np.where(rng.random(base.size) < 0.2, noise, base).astype(np.int32)
+    np.save(d / "train.npy", stream[:9000])
+    np.save(d / "eval.npy", stream[9000:])
+    return d
+
+
+def write_config(assets: Path, out: Path, extra: str = "") -> Path:
+    text = textwrap.dedent(f"""
+        distillation:
+          teacher_model:
+            path: {assets / 'teacher'}
+            dtype: float32
+          student_model:
+            init: random
+            num_hidden_layers: 2
+            hidden_size: 32
+            intermediate_size: 32
+        data:
+          train: {assets / 'train.npy'}
+          eval: {assets / 'eval.npy'}
+        training:
+          output_dir: {out}
+          max_steps: 6
+          batch_size: 4
+          seq_len: 16
+          learning_rate: 0.003
+          warmup_steps: 2
+          log_every: 1
+          eval_every: 3
+          eval_batches: 2
+          save_every: 2
+          compute_dtype: float32
+        distillation_params:
+          kd_weight: 1.0
+          ce_weight: 0.5
+          feature_weight: 0.5
+          attention_weight: 0.2
+        tracking:
+          aim: false
+    """)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(text + textwrap.dedent(extra))
+    return path
+
+
+def run(config: Path, *flags: str, on_step=None):
+    r = Run(load_config(str(config), flags))
+    r.on_step = on_step
+    return r, r.train()
+
+
+def read_metrics(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def test_short_run_writes_outputs_and_exports(assets, tmp_path):
+    out = tmp_path / "run"
+    r, result = run(write_config(assets, out))
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "distill/kd", "distill/ce", "distill/feature", "distill/attention", "temperature", "lr",
+                "grad_norm"):
+        assert all(np.isfinite(row[key]) for row in rows), key
+    assert "tokens_per_sec" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev) >= {"student_loss", "student_ppl", "teacher_loss", "teacher_ppl", "kl", "top1_agreement", "step"}
+    assert ev["step"] == 6 and ev["student_ppl"] == pytest.approx(np.exp(ev["student_loss"]))
+    assert (out / "config.yaml").is_file()
+    # The export loads in transformers, holds no training-only tensor, and gives the trained pytree's logits.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out / "student", attn_implementation="eager")
+    names = set(exported.state_dict())
+    assert not any("projection" in n for n in names)
+    ids = np.random.default_rng(0).integers(2, 96, (2, 10))
+    with torch.no_grad():
+        ref = exported(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(result["state"].student(jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_run_resumes_bitwise(assets, tmp_path):
+    full_out = tmp_path / "full"
+    _, full = run(write_config(assets, full_out))
+
+    cut_out = tmp_path / "cut"
+    config = write_config(assets, cut_out)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, state):
+        if step == 5:  # after the step-4 checkpoint, in the middle of the next interval
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(config, on_step=stop_at_5)
+    _, resumed = run(config)
+    for a, b in zip(jax.tree.leaves(eqx.filter(full["state"], eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(resumed["state"], eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert read_metrics(full_out) == read_metrics(cut_out)
+    assert json.loads((full_out / "eval.json").read_text()) == json.loads((cut_out / "eval.json").read_text())
+
+
+def test_sigkill_during_checkpoint_save_resumes_exactly(assets, tmp_path):
+    """A process killed while an async save is in flight leaves no usable half checkpoint; the rerun resumes from
+    the newest complete one and ends equal to an uninterrupted run."""
+    full_out = tmp_path / "full"
+    _, full = run(write_config(assets, full_out))
+    out = tmp_path / "killed"
+    config = write_config(assets, out)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.argv = ["run.py", "--config", {str(config)!r}]
+        import vishwam.trainer as t
+        original = t.Checkpointer.save
+        def save(self, step, state, meta, force=False):
+            original(self, step, state, meta, force)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)  # the step-4 save is still being written
+        t.Checkpointer.save = save
+        sys.path.insert(0, {str(ROOT)!r})
+        import runpy
+        runpy.run_path({str(ROOT / 'run.py')!r}, run_name="__main__")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _, resumed = run(config)
+    for a, b in zip(jax.tree.leaves(eqx.filter(full["state"], eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(resumed["state"], eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert read_metrics(full_out) == read_metrics(out)
+
+
+@pytest.mark.parametrize("mesh", [("2", "1", "2"), ("1", "4", "1")], ids=["data2xtensor2", "fsdp4"])
+def test_sharded_runs_match_single_device(assets, tmp_path, mesh):
+    base_out = tmp_path / "one"
+    run(write_config(assets, base_out), "--training.max-steps", "3", "--training.eval-every", "100")
+    out = tmp_path / "many"
+    r, _ = run(write_config(assets, out), "--training.max-steps", "3", "--training.eval-every", "100",
+               "--parallelism.data", mesh[0], "--parallelism.fsdp", mesh[1], "--parallelism.tensor", mesh[2])
+    q = r.state.student.model.layers.self_attn.q_proj.weight
+    assert len(q.sharding.device_set) == 4
+    for a, b in zip(read_metrics(base_out), read_metrics(out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        for key in ("distill/kd", "distill/ce", "distill/feature", "distill/attention"):
+            # Each component to 1e-5 of the objective: KL terms near zero are differences of ~4.5-sized fp32 sums,
+            # so their own relative error under a different reduction order is larger than their share of it.
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5 * a["loss"]), key
+
+
+def test_nonfinite_step_is_skipped_and_counted(assets, tmp_path):
+    from distill.objective import TeacherOutputs
+    from vishwam.train_state import StepConfig, make_train_step
+
+    r = Run(load_config(str(write_config(assets, tmp_path / "nan")), ["--distillation-params.feature-weight", "0",
+                                                                       "--distillation-params.attention-weight", "0"]))
+    r.on_step = None
+    captured = {}
+
+    def grab(step, state):
+        captured["state"] = state
+
+    r.on_step = grab
+    r.cfg = dataclasses.replace(r.cfg, training=dataclasses.replace(r.cfg.training, max_steps=1))
+    r.train()
+    state = captured["state"]
+    from vishwam.train_state import make_optimizer
+
+    optimizer, schedule = make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0,
+                                         grad_clip=1.0)
+    step = make_train_step(StepConfig(r.spec, jnp.float32, 1, False), optimizer, schedule)
+    batch = {k: jnp.asarray(v) for k, v in r.train_data.batch(np.arange(4)).items()}
+    logits = jnp.zeros((4, 16, 96)).at[1, 3, 5].set(jnp.nan)
+    before = jax.tree.map(np.asarray, eqx.filter(state.student, eqx.is_array))
+    skipped_before = int(state.skipped)
+    new_state, metrics = step(None, state, batch, TeacherOutputs(logits=logits))  # donates `state`
+    assert float(metrics["skipped"]) == 1.0
+    assert int(new_state.skipped) == skipped_before + 1 and int(new_state.nonfinite) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(eqx.filter(new_state.student, eqx.is_array))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
+
+
+def _assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("case", ["teacher", "shard", "key", "data", "mapping", "vocab", "arch"])
+def test_bad_input_exits_2_with_one_line_and_keeps_output(assets, tmp_path, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    flags: list[str] = []
+    extra = ""
+    needle = ""
+    if case == "teacher":
+        flags = ["--distillation.teacher-model.path", str(tmp_path / "missing")]
+        needle = str(tmp_path / "missing")
+    elif case == "shard":
+        import shutil
+
+        shutil.copytree(assets / "teacher", tmp_path / "t")
+        shard = sorted((tmp_path / "t").glob("*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:-64])
+        flags = ["--distillation.teacher-model.path", str(tmp_path / "t")]
+        needle = shard.name
+    elif case == "key":
+        extra = "training:\n  max_stepz: 3\n"
+        needle = "max_stepz"
+    elif case == "data":
+        flags = ["--data.train", str(tmp_path / "nope.jsonl")]
+        needle = "nope.jsonl"
+    elif case == "mapping":
+        extra = ""
+        flags = ["--distillation-params.layer-mapping.strategy", "explicit",
+                 "--distillation-params.layer-mapping.pairs", "0", "1", "1", "9"]
+        needle = "9"
+    elif case == "vocab":
+        np.save(tmp_path / "big.npy", np.arange(0, 500, dtype=np.int32))
+        flags = ["--data.train", str(tmp_path / "big.npy")]
+        needle = "big.npy" if False else "data.train"
+    elif case == "arch":
+        flags = ["--distillation.student-model.num-attention-heads", "3",
+                 "--distillation.student-model.num-key-value-heads", "2"]
+        needle = "num_"
+    config = write_config(assets, out)
+    if extra:
+        config.write_text(config.read_text().replace("training:\n", extra.replace("training:\n", "training:\n") if
+                                                     case != "key" else "training:\n  max_stepz: 3\n", 1))
+    proc = _cli("--config", str(config), *flags)
+    _assert_user_error(proc, needle)
+    assert (out / "keep.txt").read_text() == "precious"
+    if case == "key":
+        assert str(config) in proc.stderr
+    debug = _cli("--config", str(config), *flags, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
