@@ -22,6 +22,11 @@ def main(argv: list[str]) -> int:
     from vishwam.cli import parse_args
 
     cfg, _ = parse_args(argv)
+    if cfg.distributed.num_processes > 1:
+        import jax
+
+        # Cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.training.dry_run:
         from vishwam.planner import print_plan
 

@@ -281,3 +281,45 @@ def test_bad_input_exits_2_with_one_line_and_keeps_output(assets, tmp_path, case
         assert str(config) in proc.stderr
     debug = _cli("--config", str(config), *flags, "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(assets, tmp_path):
+    """Two `jax.distributed` processes on 127.0.0.1 (2 CPU devices each) give the losses of one process with 4."""
+    one = tmp_path / "one"
+    config_one = write_config(assets, one)
+    flags = ["--training.max-steps", "3", "--training.eval-every", "100", "--parallelism.data", "2",
+             "--parallelism.fsdp", "2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config_one), *flags],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    config_multi = write_config(assets, multi)
+    port = _free_port()
+    env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), "--config", str(config_multi), *flags,
+             "--distributed.coordinator-address", f"127.0.0.1:{port}", "--distributed.num-processes", "2",
+             "--distributed.process-id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env2)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a, b = read_metrics(one), read_metrics(multi)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["distill/kd"] == pytest.approx(rb["distill/kd"], rel=1e-5, abs=1e-5 * ra["loss"])
+    assert (multi / "student" / "config.json").is_file()
