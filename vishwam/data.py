@@ -246,6 +246,7 @@ class PackedDataset:
             "input_ids": np.ascontiguousarray(windows[:, :-1]),
             "labels": np.ascontiguousarray(windows[:, 1:]),
             "mask": mask.astype(np.int32),
+            "window": np.asarray(indices, dtype=np.int64),
         }
 
 
@@ -257,7 +258,8 @@ def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: 
     every window is seen once per epoch and a resumed run gets the same batches as an uninterrupted one.
 
     **Returns:** `input_ids`, `labels` (inputs shifted by one) and `mask` (1 where the loss counts), each an
-    `int32` array `[batch_size, seq_len]`.
+    `int32` array `[batch_size, seq_len]`, and `window` (`[batch_size]`, the window indices: what a teacher
+    cache is keyed by).
     """
     if step < 0 or batch_size <= 0:
         raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")

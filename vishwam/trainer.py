@@ -235,11 +235,9 @@ class Run:
         self.t_config = self.lazy_teacher.config
         self.s_config = student_config(cfg, self.t_config)
         self.spec, self.pairs = build_spec(cfg, self.s_config, self.t_config)
-        if t_cfg.loading != "resident":
-            raise ConfigError(
-                f"config key 'distillation.teacher_model.loading' = {t_cfg.loading!r} is not available in this "
-                "build; use 'resident'"
-            )
+        self.loading = t_cfg.loading
+        if self.loading == "cached":
+            self._check_cached_spec()
 
         # Data: tokenized with the teacher's tokenizer unless pre-tokenized.
         self.teacher_dir = self.lazy_teacher.directory
@@ -267,6 +265,63 @@ class Run:
     def load_teacher(self) -> CausalLM:
         dtype = DTYPES[self.cfg.distillation.teacher_model.dtype]
         return self.lazy_teacher.load(dtype=dtype, mesh=self.mesh)
+
+    def _check_cached_spec(self):
+        p = self.cfg.distillation_params
+        bad = None
+        if p.attention_weight > 0:
+            bad = "distillation_params.attention_weight > 0 (attention maps are not cached)"
+        elif p.kd_loss != "forward_kl" and p.kd_weight > 0:
+            bad = f"distillation_params.kd_loss={p.kd_loss!r} (a top-k cache supports forward_kl)"
+        elif p.temperature.schedule == "adaptive":
+            bad = "distillation_params.temperature.schedule='adaptive' (needs full teacher logits)"
+        if bad:
+            raise ConfigError(f"config key 'distillation.teacher_model.loading' = 'cached' cannot be used with {bad}")
+
+    def teacher_runner(self, key):
+        """The teacher as the loop uses it: `(teacher_arg, outputs_fn)`; a resident teacher runs inside the
+        jitted step (`outputs_fn` is None), a streamed or cached one produces `TeacherOutputs` per batch."""
+        t = self.cfg.distillation.teacher_model
+        dtype = DTYPES[t.dtype]
+        if self.loading == "resident":
+            self.teacher_forward = self.load_teacher()
+            return self.teacher_forward, None
+        if self.loading == "streamed":
+            from .teacher import StreamedTeacher
+
+            streamed = StreamedTeacher(self.lazy_teacher, dtype=dtype, max_resident_shards=t.max_resident_shards,
+                                       mesh=self.mesh)
+            self._closers.append(streamed.close)
+            self.teacher_forward = streamed
+            return None, lambda batch: streamed.outputs(batch, self.spec)
+        from .teacher import TeacherCache
+
+        layers = tuple(sorted({tl for _, tl in self.pairs})) if self.spec.uses_features else ()
+        self.caches = {}
+        for split, data in (("train", self.train_data), ("eval", self.eval_data)):
+            if data is None:
+                continue
+            directory = Path(t.cache_dir) / split
+            from .teacher import cache_complete
+
+            if not cache_complete(directory):  # missing or interrupted: (re)build, resuming finished shards
+                self._build_cache(data, directory, layers)
+            self.caches[split] = TeacherCache(directory, seq_len=data.seq_len, top_k=t.top_k,
+                                              num_windows=data.num_windows, hidden_layers=layers)
+        cache = self.caches["train"]
+        n = self.t_config.num_hidden_layers
+        return None, lambda batch: cache.outputs(batch, n)
+
+    def _build_cache(self, data, directory: Path, layers):
+        from .teacher import build_cache
+
+        t = self.cfg.distillation.teacher_model
+        log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
+        teacher = self.load_teacher()
+        vocab = min(self.s_config.vocab_size, self.t_config.vocab_size)
+        index = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab, hidden_layers=layers,
+                            meta={"teacher": str(self.teacher_dir)}, log=log)
+        log(f"teacher cache: {index['bytes_per_token']:.0f} bytes per token")
 
     def init_student(self, teacher: CausalLM, key) -> CausalLM:
         s = self.cfg.distillation.student_model
@@ -299,10 +354,15 @@ class Run:
             save_config(cfg, self.out / "config.yaml")
         key = jax.random.key(tr.seed)
         k_student, k_proj, k_state = jax.random.split(key, 3)
-        teacher = self.load_teacher()
-        log(f"teacher: {self.t_config.architecture} {count_parameters(teacher) / 1e6:.2f}M params from "
-            f"{self.teacher_dir}")
-        student = self.init_student(teacher, k_student)
+        self._closers = []
+        teacher, teacher_fn = self.teacher_runner(k_state)
+        log(f"teacher: {self.t_config.architecture} {self.t_config.num_parameters() / 1e6:.2f}M params from "
+            f"{self.teacher_dir} ({self.loading})")
+        init_teacher = teacher
+        if cfg.distillation.student_model.init == "from_teacher" and teacher is None:
+            init_teacher = self.load_teacher()  # pruning needs the whole teacher once
+        student = self.init_student(init_teacher, k_student)
+        del init_teacher
         log(f"student: {self.s_config.architecture} {count_parameters(student) / 1e6:.2f}M params "
             f"({cfg.distillation.student_model.init} init), mapping {list(self.pairs)}")
         projections = None
@@ -347,7 +407,9 @@ class Run:
                     train_step = make_train_step(StepConfig(self.spec, self.compute_dtype, tr.grad_accum_steps,
                                                             tr.remat), optimizer, schedule, shardings)
                 batch = data_lib.batch_for_step(self.train_data, seed=tr.seed, step=step, batch_size=tr.batch_size)
-                state, metrics = train_step(teacher, state, _global_batch(batch, self.batch_sharding), None)
+                t_out = None if teacher_fn is None else teacher_fn(batch)
+                batch.pop("window")
+                state, metrics = train_step(teacher, state, _global_batch(batch, self.batch_sharding), t_out)
                 tok_since += tokens_per_step
                 done = step + 1
                 if int(state.nonfinite) >= tr.max_nonfinite_steps:
@@ -366,18 +428,20 @@ class Run:
                     tracker.log(done, host)
                     bar.update(done, host)
                 if self.eval_data is not None and (done % tr.eval_every == 0 or done == tr.max_steps):
-                    last_eval = self.evaluate(eval_step, teacher, state.student, done)
+                    last_eval = self.evaluate(eval_step, teacher, state.student, done, teacher_fn)
                     tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
                     ckpt.save(done, state, {"step": done, "pairs": [list(p) for p in self.pairs]}, force=True)
                 if self.on_step is not None:
                     self.on_step(done, state)
             if tr.max_steps == start and self.eval_data is not None:
-                last_eval = self.evaluate(eval_step, teacher, state.student, start)
+                last_eval = self.evaluate(eval_step, teacher, state.student, start, teacher_fn)
         finally:
             bar.close()
             ckpt.close()
             tracker.close()
+            for close in self._closers:
+                close()
         student_dir = self.out / "student"
         save_pretrained(state.student, student_dir, tokenizer_from=self.teacher_dir)
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
@@ -396,6 +460,9 @@ class Run:
         e = self.cfg.distillation_params.eplb
         if not (self.spec.eplb and e.remap and e.stage_steps > 0):
             return set()
+        if self.loading == "cached":
+            log("EPLB re-mapping is off with a cached teacher (the cache holds only the mapped layers)")
+            return set()
         return {s * e.stage_steps for s in range(1, self.spec.eplb_stages)}
 
     def _remap(self, teacher, state: TrainState, key) -> TrainState:
@@ -405,7 +472,7 @@ class Run:
                                         batch_size=min(self.cfg.training.batch_size, 8))
         ids, mask = jnp.asarray(probe["input_ids"]), jnp.asarray(probe["mask"])
         s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
-        t_h = teacher(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        t_h = self.teacher_forward(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
         sim = np.asarray(cka_matrix(s_h, t_h, mask))
         new_pairs = tuple(best_monotone_assignment(sim, [s for s, _ in self.pairs]))
         changed = remap_pairs(self.pairs, new_pairs)
@@ -420,11 +487,24 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- eval
 
-    def evaluate(self, eval_step, teacher, student, step: int) -> dict:
+    def _cached_eval(self, student, batch, rows):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        rows = {k: jnp.asarray(v) for k, v in rows.items()}
+        return _cached_eval_sums(student, self.compute_dtype, batch, rows)
+
+    def evaluate(self, eval_step, teacher, student, step: int, teacher_fn=None) -> dict:
         tr = self.cfg.training
         sums: dict[str, float] = {}
         for batch in data_lib.eval_batches(self.eval_data, tr.batch_size, tr.eval_batches):
-            out = jax.device_get(eval_step(teacher, student, _global_batch(batch, self.batch_sharding), None))
+            windows = batch.pop("window")
+            if self.loading == "cached":
+                rows = self.caches["eval"].rows(windows)
+                out = jax.device_get(self._cached_eval(student, batch, rows))
+            else:
+                logits = None
+                if teacher is None:  # streamed
+                    logits = teacher_fn(batch).logits
+                out = jax.device_get(eval_step(teacher, student, _global_batch(batch, self.batch_sharding), logits))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         n = max(sums.get("tokens", 0.0), 1.0)
@@ -439,6 +519,26 @@ class Run:
         log(f"eval @ {step}: student loss {result['student_loss']:.4f} (ppl {result['student_ppl']:.2f}), "
             f"teacher {result['teacher_loss']:.4f}, kl {result['kl']:.4f}, top-1 agree {result['top1_agreement']:.3f}")
         return result
+
+
+@eqx.filter_jit
+def _cached_eval_sums(student, compute_dtype, batch, rows):
+    """Eval sums against a top-k cache: teacher NLL from the cached label log-prob (exact), KL between the
+    collapsed (top-k + tail) distributions at T=1 (a lower bound of the full KL), agreement with the cached
+    top-1 (exact)."""
+    from distill.logits import sparse_kd_loss
+
+    student = cast_floating(student, compute_dtype)
+    mask = batch["mask"].astype(jnp.float32)
+    logits = student(batch["input_ids"], attention_mask=batch["mask"]).logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+    kl, _ = sparse_kd_loss(logits, rows["topk_values"], rows["topk_indices"], rows["tail_logsumexp"], batch["mask"],
+                           temperature=1.0)
+    agree = (jnp.argmax(logits, -1) == rows["topk_indices"][..., 0]).astype(jnp.float32)
+    tokens = jnp.sum(mask)
+    return {"student_nll": jnp.sum(nll * mask), "teacher_nll": -jnp.sum(rows["label_logprob"] * mask),
+            "kl": kl * tokens, "agree": jnp.sum(agree * mask), "tokens": tokens}
 
 
 class _progress:

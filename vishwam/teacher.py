@@ -1,0 +1,300 @@
+"""Teachers bigger than memory: streamed execution and an offline cache of teacher outputs.
+
+- `StreamedTeacher` runs the forward pass layer group by layer group, each group touching a bounded number of
+  safetensors shards. The next group is read on a background thread while the current one computes, and a
+  group is released once used. Embeddings, final norm and head stay resident.
+- `TeacherCache` is a directory of sharded safetensors files, one row per training window: the teacher's top-k
+  logits (values, indices) and the logsumexp of the other logits (so the tail mass is known), plus the label
+  log-probability for evaluation and, when feature matching is on, the mapped layers' hidden states. An index
+  records each shard's checksum; shards are written atomically, and an interrupted build resumes after the
+  last finished shard.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill.logits import teacher_topk
+from distill.objective import ObjectiveSpec, TeacherOutputs
+from models import CausalLM, prepare_inputs, run_layers
+
+from .checkpoint import LazyCheckpoint
+from .errors import DataError
+from .safetensors_io import SafetensorsFile, write_file
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- streamed
+
+
+@eqx.filter_jit
+def _run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
+    return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
+                      output_qkv=qkv)
+
+
+@eqx.filter_jit
+def _embed(embed, config, ids, attention_mask):
+    mask, cos, sin = prepare_inputs(config, ids, attention_mask)
+    return embed(ids), mask, cos, sin
+
+
+@eqx.filter_jit
+def _head(norm, head_weight, h):
+    normed = norm(h)
+    return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
+
+
+class StreamedTeacher:
+    """A teacher run from disk group by group (at most `max_resident_shards` shard files' layers resident).
+
+    With prefetching, the group being computed and the next one being read are both resident, so groups are
+    formed with half the shard budget each (at least one shard); with `max_resident_shards=1` there is no
+    prefetch. Outputs equal the resident teacher's (the same ops on the same values).
+    """
+
+    def __init__(self, lazy: LazyCheckpoint, *, dtype, max_resident_shards: int, mesh=None):
+        self.lazy, self.dtype, self.mesh = lazy, dtype, mesh
+        self.config = lazy.config
+        self.prefetch = max_resident_shards >= 2
+        budget = max_resident_shards // 2 if self.prefetch else 1
+        self.groups = lazy.layer_groups(budget)
+        self.embed = lazy.load_embed(dtype, mesh)
+        self.norm = lazy.load_final_norm(dtype, mesh)
+        head = lazy.load_lm_head(dtype, mesh)
+        self.head_weight = self.embed.weight if head is None else head.weight
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-prefetch")
+        self.max_groups_resident = 0
+
+    def _load(self, group):
+        return self.lazy.load_layers(*group, dtype=self.dtype, mesh=self.mesh)
+
+    def __call__(self, input_ids, attention_mask=None, *, output_hidden_states=False, output_attentions=False,
+                 output_qkv=False):
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask)
+        hidden, attns, qkvs = [], [], []
+        pending = self._pool.submit(self._load, self.groups[0]) if self.prefetch else None
+        for g, group in enumerate(self.groups):
+            layers = pending.result() if pending is not None else self._load(group)
+            nxt = None
+            if self.prefetch and g + 1 < len(self.groups):
+                nxt = self._pool.submit(self._load, self.groups[g + 1])
+                self.max_groups_resident = max(self.max_groups_resident, 2)
+            else:
+                self.max_groups_resident = max(self.max_groups_resident, 1)
+            out = _run_group(layers, h, cos, sin, mask, output_hidden_states, output_attentions, output_qkv)
+            h = out.hidden
+            if output_hidden_states:
+                hidden.extend(out.layer_inputs[i] for i in range(group[1] - group[0]))
+            if output_attentions:
+                attns.extend(out.attentions[i] for i in range(group[1] - group[0]))
+            if output_qkv:
+                qkvs.extend(tuple(t[i] for t in out.qkv) for i in range(group[1] - group[0]))
+            jax.block_until_ready(h)
+            del layers, out  # release this group before the one after next is read
+            pending = nxt
+        normed, logits = _head(self.norm, self.head_weight, h)
+        from models import CausalLMOutput
+
+        return CausalLMOutput(
+            logits=logits, hidden_states=tuple(hidden) + (normed,) if output_hidden_states else None,
+            attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,
+        )
+
+    def outputs(self, batch, spec: ObjectiveSpec) -> TeacherOutputs:
+        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]),
+                   output_hidden_states=spec.uses_features,
+                   output_attentions=spec.uses_attention and spec.attention_kind == "kl",
+                   output_qkv=spec.uses_attention and spec.attention_kind == "relation")
+        return TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                              qkv=out.qkv)
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_index(directory: Path, index: dict):
+    tmp = directory / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, directory / "index.json")
+
+
+@eqx.filter_jit
+def _cache_rows(teacher: CausalLM, ids, labels, mask, k: int, vocab: int, layers: tuple[int, ...]):
+    out = teacher(ids, attention_mask=mask, output_hidden_states=bool(layers))
+    logits = out.logits.astype(jnp.float32)[..., :vocab]
+    values, indices, tail = teacher_topk(logits, k)
+    label_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
+    rows = {"topk_values": values, "topk_indices": indices, "tail_logsumexp": tail, "label_logprob": label_logp}
+    for layer in layers:
+        rows[f"hidden_{layer}"] = out.hidden_states[layer + 1].astype(jnp.float32)
+    return rows
+
+
+def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, vocab_size: int,
+                hidden_layers: tuple[int, ...] = (), windows_per_shard: int = 256, batch_size: int = 8,
+                meta: dict | None = None, log=print) -> dict:
+    """Run `teacher` once over every window of `dataset` and store its outputs in `directory` (see module doc).
+
+    Resumable: shards already listed in `index.json` (and whose checksum still matches) are kept, the build goes
+    on from the first missing one. Returns the index.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    n = dataset.num_windows
+    header = {"version": CACHE_VERSION, "num_windows": n, "seq_len": dataset.seq_len, "top_k": top_k,
+              "vocab_size": vocab_size, "hidden_layers": list(hidden_layers), "windows_per_shard": windows_per_shard,
+              **(meta or {})}
+    index = {**header, "shards": []}
+    path = directory / "index.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in header} == header:
+            for shard in old["shards"]:
+                f = directory / shard["file"]
+                if f.is_file() and _sha256(f) == shard["sha256"]:
+                    index["shards"].append(shard)
+                else:
+                    break
+            if index["shards"]:
+                log(f"teacher cache: resuming after {len(index['shards'])} finished shard(s) in {directory}")
+    num_shards = -(-n // windows_per_shard)
+    bytes_total = 0
+    for s in range(len(index["shards"]), num_shards):
+        first, last = s * windows_per_shard, min(n, (s + 1) * windows_per_shard)
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(first, last, batch_size):
+            idx = np.arange(start, min(last, start + batch_size))
+            pad = batch_size - len(idx)
+            batch = dataset.batch(np.concatenate([idx, np.full(pad, idx[-1])]))
+            rows = _cache_rows(teacher, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["labels"]),
+                               jnp.asarray(batch["mask"]), top_k, vocab_size, tuple(hidden_layers))
+            for name, value in jax.device_get(rows).items():
+                parts.setdefault(name, []).append(np.asarray(value)[: len(idx)])
+        tensors = {name: np.concatenate(v) for name, v in parts.items()}
+        fname = f"cache-{s:05d}.safetensors"
+        write_file(directory / fname, tensors, {"format": "vishwam-teacher-cache"})
+        index["shards"].append({"file": fname, "first_window": first, "num_windows": last - first,
+                                "sha256": _sha256(directory / fname)})
+        _write_index(directory, index)
+        bytes_total += sum(t.nbytes for t in tensors.values())
+    tokens = n * dataset.seq_len
+    index["bytes_per_token"] = sum((directory / s["file"]).stat().st_size for s in index["shards"]) / max(tokens, 1)
+    _write_index(directory, index)
+    return index
+
+
+def cache_complete(directory: Path) -> bool:
+    """Whether `directory` holds a cache index covering all its windows (checksums are checked on read)."""
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        return False
+    try:
+        index = json.loads(path.read_text())
+        return sum(s["num_windows"] for s in index["shards"]) == index["num_windows"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+class TeacherCache:
+    """Reads a cache built by `build_cache`; batches of windows come back as `TeacherOutputs`.
+
+    Every shard's checksum is verified when it is first opened; a truncated file, a checksum mismatch or a cache
+    built for other settings is a `DataError` naming the file.
+    """
+
+    def __init__(self, directory: str | Path, *, seq_len: int, top_k: int | None = None, num_windows: int | None = None,
+                 hidden_layers: tuple[int, ...] = (), max_open: int = 4):
+        self.directory = Path(directory)
+        path = self.directory / "index.json"
+        if not path.is_file():
+            raise DataError(f"teacher cache index not found: {path} (build it with python -m vishwam.cache)")
+        try:
+            self.index = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"teacher cache index {path} is not valid JSON") from None
+        checks = {"seq_len": seq_len, "top_k": top_k, "num_windows": num_windows}
+        for key, want in checks.items():
+            if want is not None and self.index.get(key) != want:
+                raise DataError(f"teacher cache {path} was built with {key}={self.index.get(key)}, the run needs {want}")
+        missing = set(hidden_layers) - set(self.index.get("hidden_layers", []))
+        if missing:
+            raise DataError(f"teacher cache {path} holds no hidden states for teacher layers {sorted(missing)}")
+        covered = sum(s["num_windows"] for s in self.index["shards"])
+        if covered != self.index["num_windows"]:
+            raise DataError(f"teacher cache {path} is incomplete: {covered} of {self.index['num_windows']} windows "
+                            "(re-run the cache build to finish it)")
+        self.hidden_layers = tuple(hidden_layers)
+        self._open: OrderedDict[int, SafetensorsFile] = OrderedDict()
+        self._verified: set[int] = set()
+        self.max_open = max_open
+
+    def _shard(self, s: int) -> SafetensorsFile:
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        entry = self.index["shards"][s]
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise DataError(f"teacher cache shard missing: {path}")
+        f = SafetensorsFile(path)  # header and sizes checked: a truncated file fails here, naming itself
+        if s not in self._verified:
+            if _sha256(path) != entry["sha256"]:
+                f.close()
+                raise DataError(f"teacher cache shard {path} fails its checksum (corrupt or modified)")
+            self._verified.add(s)
+        self._open[s] = f
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return f
+
+    def rows(self, windows: np.ndarray) -> dict[str, np.ndarray]:
+        per = self.index["windows_per_shard"]
+        out: dict[str, list] = {}
+        names = ["topk_values", "topk_indices", "tail_logsumexp", "label_logprob"]
+        names += [f"hidden_{layer}" for layer in self.hidden_layers]
+        for w in np.asarray(windows):
+            s, r = divmod(int(w), per)
+            f = self._shard(s)
+            for name in names:
+                out.setdefault(name, []).append(f.read(name, (slice(r, r + 1),))[0])
+        return {k: np.stack(v) for k, v in out.items()}
+
+    def outputs(self, batch, num_teacher_layers: int) -> TeacherOutputs:
+        rows = self.rows(batch["window"])
+        hidden = None
+        if self.hidden_layers:
+            # The objective indexes hidden_states[t + 1] for mapped teacher layers t only. The other slots hold a
+            # reference to a cached array (the same buffer, no copy) so the tuple keeps the model's layout.
+            cached = {layer + 1: jnp.asarray(rows[f"hidden_{layer}"]) for layer in self.hidden_layers}
+            filler = next(iter(cached.values()))
+            hidden = tuple(cached.get(i, filler) for i in range(num_teacher_layers + 1))
+        return TeacherOutputs(topk_values=jnp.asarray(rows["topk_values"]),
+                              topk_indices=jnp.asarray(rows["topk_indices"]),
+                              tail_logsumexp=jnp.asarray(rows["tail_logsumexp"]), hidden_states=hidden)
+
+    def close(self):
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
