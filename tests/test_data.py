@@ -153,8 +153,9 @@ def test_packing_shapes_and_shift():
     assert dataset.num_windows == 4  # 23 // 5, the 3-token tail dropped
     batch = batch_for_step(dataset, seed=0, step=0, batch_size=3)
     assert set(batch) >= {"input_ids", "labels", "mask"}
-    for value in batch.values():
-        assert value.shape == (3, 4) and value.dtype == np.int32
+    for key in ("input_ids", "labels", "mask"):
+        assert batch[key].shape == (3, 4) and batch[key].dtype == np.int32
+    np.testing.assert_array_equal(batch["input_ids"][:, 0], batch["window"] * 5)  # window i starts at 5 i
     np.testing.assert_array_equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
     np.testing.assert_array_equal(batch["labels"][:, -1], batch["input_ids"][:, -1] + 1)
     assert (batch["input_ids"][:, 0] % 5 == 0).all()  # windows are non-overlapping, aligned at multiples of 5
