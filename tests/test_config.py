@@ -254,3 +254,23 @@ def test_run_main_interrupt_and_result(capsys):
     assert info.value.code == 130
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert run_main(lambda argv: argv, ["--x"]) == ["--x"]
+
+
+def test_boolean_flags_take_yaml_style_values(tmp_path):
+    from vishwam.cli import parse_args
+
+    base = ["--distillation.teacher-model.path", "t", "--data.train", "d.jsonl"]
+    for word, want in (("true", True), ("True", True), ("yes", True), ("false", False), ("off", False)):
+        cfg, _ = parse_args([*base, "--training.remat", word])
+        assert cfg.training.remat is want
+    cfg, _ = parse_args([*base, "--training.dry-run=true"])
+    assert cfg.training.dry_run is True
+
+
+def test_bare_and_negated_boolean_flags():
+    from vishwam.cli import parse_args
+
+    base = ["--distillation.teacher-model.path", "t", "--data.train", "d.jsonl"]
+    assert parse_args([*base, "--training.remat"])[0].training.remat is True
+    assert parse_args([*base, "--training.remat", "--training.no-remat"])[0].training.remat is False
+    assert parse_args([*base, "--tracking.no-aim"])[0].tracking.aim is False

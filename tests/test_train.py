@@ -323,3 +323,36 @@ def test_two_processes_match_one_process(assets, tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["distill/kd"] == pytest.approx(rb["distill/kd"], rel=1e-5, abs=1e-5 * ra["loss"])
     assert (multi / "student" / "config.json").is_file()
+
+
+def test_aim_run_records_hparams_and_metrics(assets, tmp_path):
+    out = tmp_path / "aim"
+    run(write_config(assets, out), "--training.max-steps", "2", "--tracking.aim", "true", "--tracking.repo",
+        str(tmp_path / "aimrepo"), "--tracking.experiment", "unit")
+    import aim
+    from aim.sdk.index_manager import RepoIndexManager
+
+    repo = aim.Repo(str(tmp_path / "aimrepo"))
+    hashes = repo.list_all_runs()
+    assert len(hashes) == 1
+    RepoIndexManager.get_index_manager(repo).index(hashes[0])  # what `aim up` does when it starts
+    runs = list(repo.iter_runs())
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.experiment == "unit"
+    assert r["hparams"]["training"]["max_steps"] == 2
+    names = {m.name for m in r.metrics()}
+    assert {"loss", "distill.kd", "lr", "grad_norm", "tokens_per_sec"} <= names
+    assert r["mapping_history"][0]["pairs"] == [[0, 1], [1, 3]]
+
+
+def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
+    flags = ["--training.max-steps", "2", "--distillation-params.attention-weight", "0",
+             "--distillation-params.feature-weight", "0", "--training.grad-clip", "0"]
+    _, one = run(write_config(assets, tmp_path / "one"), *flags)
+    _, acc = run(write_config(assets, tmp_path / "acc"), *flags, "--training.grad-accum-steps", "2")
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "acc")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(eqx.filter(one["state"].student, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(acc["state"].student, eqx.is_array))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

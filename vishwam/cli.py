@@ -56,11 +56,13 @@ def parse_args(argv: Sequence[str]) -> tuple[RunConfig, CliOptions]:
     Raises `ConfigError` for a bad file, key or value; tyro exits with status 2 on a bad flag (0 for `--help`).
     """
     config_path, debug, rest = _split_argv(list(argv))
+    rest = _normalize_bools(rest)
     raw = _load_yaml(config_path) if config_path is not None else {}
     source = config_path if config_path is not None else "the defaults"
     with unvalidated():
         default = _build(RunConfig, raw, "", source)
-        cfg = tyro.cli(RunConfig, default=default, args=rest, description=_DESCRIPTION)
+        cfg = tyro.cli(RunConfig, default=default, args=rest, description=_DESCRIPTION,
+                       config=(tyro.conf.FlagConversionOff,))  # booleans take a value, as in YAML
     try:
         cfg.validate()
     except ConfigError as error:
@@ -131,6 +133,50 @@ def _split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:
             rest.append(arg)
         i += 1
     return config_path, debug, rest
+
+
+@functools.cache
+def _bool_keys(cls: type = RunConfig, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of every boolean field of the config."""
+    keys: set[str] = set()
+    for name, tp in _hints(cls).items():
+        if tp is bool:
+            keys.add(prefix + name)
+        elif dataclasses.is_dataclass(tp):
+            keys |= _bool_keys(tp, f"{prefix}{name}.")
+    return frozenset(keys)
+
+
+_BOOL_WORDS = {"true": "True", "yes": "True", "on": "True", "1": "True",
+               "false": "False", "no": "False", "off": "False", "0": "False"}
+
+
+def _normalize_bools(rest: list[str]) -> list[str]:
+    """Boolean flags take the values YAML takes (`--training.remat true`); tyro wants `True`/`False`. A bare
+    `--training.remat` means true and `--training.no-remat` false."""
+    out: list[str] = []
+    for i, arg in enumerate(rest):
+        if arg.startswith("--") and "=" not in arg:
+            name = arg[2:].replace("-", "_")
+            head, dot, last = name.rpartition(".")
+            negated = head + dot + last[3:] if last.startswith("no_") else None
+            bare = i + 1 == len(rest) or rest[i + 1].startswith("--")
+            if name in _bool_keys() and bare:
+                out += [arg, "True"]
+                continue
+            if negated in _bool_keys() and name not in _bool_keys():
+                out += ["--" + negated, "False"]
+                continue
+        out.append(arg)
+    for i, arg in enumerate(out):
+        key = _flag_key(arg)
+        if key in _bool_keys() and "=" not in arg and i + 1 < len(out) and out[i + 1].lower() in _BOOL_WORDS:
+            out[i + 1] = _BOOL_WORDS[out[i + 1].lower()]
+        elif arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            if _flag_key(flag) in _bool_keys() and value.lower() in _BOOL_WORDS:
+                out[i] = f"{flag}={_BOOL_WORDS[value.lower()]}"
+    return out
 
 
 def _flag_key(arg: str) -> str | None:

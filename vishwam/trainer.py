@@ -56,12 +56,24 @@ def student_config(cfg: RunConfig, teacher: ModelConfig) -> ModelConfig:
     changes = {k: getattr(s, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "intermediate_size", "head_dim",
                                           "tie_word_embeddings") if getattr(s, k) is not None}
-    try:
+    if s.init == "from_teacher":
         from distill.student_init import student_config_from_teacher
 
+        # Pruning needs the student to fit inside the teacher (narrower, GQA groups kept whole).
         return student_config_from_teacher(teacher, **changes)
-    except ImportError:  # pragma: no cover - student_init is part of the package
+    try:
         return teacher.replace(**changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config section 'distillation.student_model' describes an impossible architecture: {e}")
+
+
+def init_layer_pairs(s_cfg: ModelConfig, t_cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+    """Which teacher layer initialises each student layer: evenly spread from the first to the last teacher
+    layer, both kept (dropping the first layer costs more than any other in depth pruning)."""
+    s, t = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
+    if s == 1:
+        return ((0, t - 1),)
+    return tuple((i, int(np.floor(i * (t - 1) / (s - 1) + 0.5))) for i in range(s))
 
 
 def build_spec(cfg: RunConfig, s_cfg: ModelConfig, t_cfg: ModelConfig) -> tuple[ObjectiveSpec, tuple]:
@@ -149,6 +161,15 @@ class Tracker:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.run.track(v, name=k.replace("/", "."), step=step, context={"subset": context})
 
+    def log_mapping(self, step: int, pairs, similarity=None):
+        """Record the layer mapping (at start and at every EPLB re-mapping) in the Aim run."""
+        if self.run is not None:
+            history = self.run.get("mapping_history", None) or []
+            entry = {"step": step, "pairs": [list(map(int, p)) for p in pairs]}
+            if similarity is not None:
+                entry["cka"] = np.round(np.asarray(similarity), 4).tolist()
+            self.run["mapping_history"] = history + [entry]
+
     def close(self):
         if self.run is not None:
             self.run.close()
@@ -221,6 +242,7 @@ class Run:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.on_step = None  # optional callback(step, state) after each step (tests stop runs with it)
+        self.tracker = None
         tr = cfg.training
         setup_distributed(cfg)
         par = cfg.parallelism
@@ -335,9 +357,9 @@ class Run:
 
             probe = data_lib.batch_for_step(self.train_data, seed=self.cfg.training.seed, step=0,
                                             batch_size=min(8, self.cfg.training.batch_size))
-            full_pairs = tuple(self.pairs)
             student = init_student_from_teacher(
-                cast_floating(teacher, jnp.float32), self.s_config, pairs=full_pairs,
+                cast_floating(teacher, jnp.float32), self.s_config, pairs=init_layer_pairs(self.s_config,
+                                                                                         self.t_config),
                 probe_ids=jnp.asarray(probe["input_ids"]), probe_mask=jnp.asarray(probe["mask"]), key=key,
             )
         else:
@@ -391,6 +413,9 @@ class Run:
             self._set_pairs(np.asarray(state.mapping))
             log(f"resumed from checkpoint step {start} in {self.out / 'checkpoints'}")
         tracker = Tracker(cfg, self.out, start)
+        self.tracker = tracker
+        if self.spec.uses_features:
+            tracker.log_mapping(start, self.pairs)
 
         step_cfg = StepConfig(self.spec, self.compute_dtype, tr.grad_accum_steps, tr.remat)
         train_step = make_train_step(step_cfg, optimizer, schedule, shardings)
@@ -431,7 +456,8 @@ class Run:
                     last_eval = self.evaluate(eval_step, teacher, state.student, done, teacher_fn)
                     tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
-                    ckpt.save(done, state, {"step": done, "pairs": [list(p) for p in self.pairs]}, force=True)
+                    meta = {"step": done, "pairs": [list(p) for p in self.pairs], "config": config_to_dict(cfg)}
+                    ckpt.save(done, state, meta, force=True)
                 if self.on_step is not None:
                     self.on_step(done, state)
             if tr.max_steps == start and self.eval_data is not None:
@@ -477,6 +503,8 @@ class Run:
         new_pairs = tuple(best_monotone_assignment(sim, [s for s, _ in self.pairs]))
         changed = remap_pairs(self.pairs, new_pairs)
         log(f"EPLB re-mapping at step {int(state.step)}: {list(self.pairs)} -> {list(new_pairs)}")
+        if self.tracker is not None:
+            self.tracker.log_mapping(int(state.step), new_pairs, sim)
         if not changed:
             return state
         projections = replace_projections(state.projections, changed, key=key)
