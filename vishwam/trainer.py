@@ -374,6 +374,9 @@ class Run:
         if writer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+        from .planner import check_fits, print_plan_summary
+
+        check_fits(print_plan_summary(cfg, self.t_config), cfg)  # stop before allocating what cannot fit
         key = jax.random.key(tr.seed)
         k_student, k_proj, k_state = jax.random.split(key, 3)
         self._closers = []
