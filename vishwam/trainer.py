@@ -500,8 +500,8 @@ class Run:
         probe = data_lib.batch_for_step(self.train_data, seed=self.cfg.training.seed + 1, step=0,
                                         batch_size=min(self.cfg.training.batch_size, 8))
         ids, mask = jnp.asarray(probe["input_ids"]), jnp.asarray(probe["mask"])
-        s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
-        t_h = self.teacher_forward(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        t_h = self.teacher_forward(ids, attention_mask=mask, output_hidden_states=True).hidden_states
         sim = np.asarray(cka_matrix(s_h, t_h, mask))
         new_pairs = tuple(best_monotone_assignment(sim, [s for s, _ in self.pairs]))
         changed = remap_pairs(self.pairs, new_pairs)
