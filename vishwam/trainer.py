@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from models import CausalLM, ModelConfig, cast_floating, init_model
 from . import data as data_lib
 from .checkpoint import open_pretrained, save_pretrained
 from .config import RunConfig, config_to_dict, save_config
-from .errors import ConfigError, DataError, VishwamError
+from .errors import ConfigError, VishwamError
 from .memory import peak_rss_bytes
 from .pytree import count_parameters, named_leaves
 from .sharding import batch_sharding, make_mesh, shard_tree, tree_shardings
@@ -602,4 +601,4 @@ def train(cfg: RunConfig) -> dict:
     return Run(cfg).train()
 
 
-__all__ = ["Run", "train", "build_spec", "student_config", "Checkpointer", "Tracker", "DataError", "shutil"]
+__all__ = ["Run", "train", "build_spec", "student_config", "init_layer_pairs", "Checkpointer", "Tracker"]
