@@ -70,12 +70,18 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
             text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=10
         )
     except Exception as e:  # offline, unreachable, gated or missing repo: one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {text!r} is not a local directory and the Hugging Face hub could not provide it "
-            f"({type(e).__name__}: {reason[:200]})"
+            f"({hub_failure(e)})"
         ) from None
     return Path(local)
+
+
+def hub_failure(error: Exception) -> str:
+    """One line saying why a hub download failed (huggingface-hub's messages run over several lines)."""
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {reason[:200]}" if reason else type(error).__name__
 
 
 def read_config(directory: Path) -> ModelConfig:

@@ -75,7 +75,7 @@ import numpy as np
 
 from models import CausalLM, ModelConfig
 
-from .checkpoint import LazyCheckpoint, read_config, resolve_checkpoint_dir
+from .checkpoint import LazyCheckpoint, hub_failure, read_config, resolve_checkpoint_dir
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError
 from .pytree import named_leaves
@@ -111,10 +111,9 @@ def resolve_teacher_config(path: str) -> ModelConfig:
 
         config_file = hf_hub_download(path, "config.json", etag_timeout=10)
     except Exception as e:  # offline, unreachable, gated or missing repo: one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path!r} is not a local directory, vishwam bundles no architecture for it, and the Hugging "
-            f"Face hub could not provide its config.json ({type(e).__name__}: {reason[:200]})"
+            f"Face hub could not provide its config.json ({hub_failure(e)})"
         ) from None
     return read_config(Path(config_file).parent)
 
