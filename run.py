@@ -16,6 +16,11 @@ import sys
 def _configure_environment():
     """Process-wide settings belong to the entry point, never to library import."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags and "collective_call_terminate_timeout" not in flags:
+        # Several simulated CPU devices share few cores: give their collectives time rather than aborting.
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                                   " --xla_cpu_collective_timeout_seconds=900")
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,11 @@
 import os
 
 # Tests may set the environment; library code never does.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# 4 fake CPU devices. Their collectives rendezvous across threads; on a loaded 2-core machine a thread can be
+# starved past XLA's default termination timeout, which aborts the process, so the tests allow more time.
+CPU_COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                           "--xla_cpu_collective_timeout_seconds=900")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 " + CPU_COLLECTIVE_TIMEOUTS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -297,7 +297,10 @@ def test_two_processes_match_one_process(assets, tmp_path):
     config_one = write_config(assets, one)
     flags = ["--training.max-steps", "3", "--training.eval-every", "100", "--parallelism.data", "2",
              "--parallelism.fsdp", "2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "HF_HUB_OFFLINE": "1"}
+    from conftest import CPU_COLLECTIVE_TIMEOUTS
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + CPU_COLLECTIVE_TIMEOUTS,
+           "HF_HUB_OFFLINE": "1"}
     single = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config_one), *flags],
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -305,7 +308,7 @@ def test_two_processes_match_one_process(assets, tmp_path):
     multi = tmp_path / "multi"
     config_multi = write_config(assets, multi)
     port = _free_port()
-    env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 " + CPU_COLLECTIVE_TIMEOUTS}
     procs = [
         subprocess.Popen(
             [sys.executable, str(ROOT / "run.py"), "--config", str(config_multi), *flags,
