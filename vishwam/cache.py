@@ -9,30 +9,17 @@ log-probabilities and, when feature matching is on, the mapped layers' hidden st
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
     from .cli import parse_args
     from .errors import ConfigError
-    from .teacher import build_cache
-    from .trainer import Run, log
+    from .trainer import Run
 
     cfg, _ = parse_args(argv)
-    t = cfg.distillation.teacher_model
-    if not t.cache_dir:
+    if not cfg.distillation.teacher_model.cache_dir:
         raise ConfigError("config key 'distillation.teacher_model.cache_dir' is required to build a teacher cache")
-    run = Run(cfg)
-    layers = tuple(sorted({tl for _, tl in run.pairs})) if run.spec.uses_features else ()
-    teacher = run.load_teacher()
-    vocab = min(run.s_config.vocab_size, run.t_config.vocab_size)
-    for split, data in (("train", run.train_data), ("eval", run.eval_data)):
-        if data is None:
-            continue
-        index = build_cache(teacher, data, Path(t.cache_dir) / split, top_k=t.top_k, vocab_size=vocab,
-                            hidden_layers=layers, meta={"teacher": str(run.teacher_dir)}, log=log)
-        log(f"teacher cache {split}: {index['num_windows']} windows, {len(index['shards'])} shard(s), "
-            f"{index['bytes_per_token']:.0f} bytes per token")
+    Run(cfg).build_caches(always=True)  # resumable: finished shards whose checksums match are kept
     return 0
 
 

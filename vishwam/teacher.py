@@ -26,7 +26,7 @@ import numpy as np
 
 from distill.logits import teacher_topk
 from distill.objective import ObjectiveSpec, TeacherOutputs
-from models import CausalLM, prepare_inputs, run_layers
+from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
 from .errors import DataError
@@ -105,8 +105,6 @@ class StreamedTeacher:
             del layers, out  # release this group before the one after next is read
             pending = nxt
         normed, logits = _head(self.norm, self.head_weight, h)
-        from models import CausalLMOutput
-
         return CausalLMOutput(
             logits=logits, hidden_states=tuple(hidden) + (normed,) if output_hidden_states else None,
             attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,

@@ -299,7 +299,7 @@ class Run:
         if bad:
             raise ConfigError(f"config key 'distillation.teacher_model.loading' = 'cached' cannot be used with {bad}")
 
-    def teacher_runner(self, key):
+    def teacher_runner(self):
         """The teacher as the loop uses it: `(teacher_arg, outputs_fn)`; a resident teacher runs inside the
         jitted step (`outputs_fn` is None), a streamed or cached one produces `TeacherOutputs` per batch."""
         t = self.cfg.distillation.teacher_model
@@ -317,32 +317,48 @@ class Run:
             return None, lambda batch: streamed.outputs(batch, self.spec)
         from .teacher import TeacherCache
 
-        layers = tuple(sorted({tl for _, tl in self.pairs})) if self.spec.uses_features else ()
-        self.caches = {}
-        for split, data in (("train", self.train_data), ("eval", self.eval_data)):
-            if data is None:
-                continue
-            directory = Path(t.cache_dir) / split
-            from .teacher import cache_complete
-
-            if not cache_complete(directory):  # missing or interrupted: (re)build, resuming finished shards
-                self._build_cache(data, directory, layers)
-            self.caches[split] = TeacherCache(directory, seq_len=data.seq_len, top_k=t.top_k,
-                                              num_windows=data.num_windows, hidden_layers=layers)
+        layers = self.cached_layers()
+        self.build_caches()
+        self.caches = {
+            split: TeacherCache(Path(t.cache_dir) / split, seq_len=data.seq_len, top_k=t.top_k,
+                                num_windows=data.num_windows, hidden_layers=layers)
+            for split, data in self._splits()
+        }
         cache = self.caches["train"]
         n = self.t_config.num_hidden_layers
         return None, lambda batch: cache.outputs(batch, n)
 
-    def _build_cache(self, data, directory: Path, layers):
-        from .teacher import build_cache
+    def _splits(self):
+        return [(split, data) for split, data in (("train", self.train_data), ("eval", self.eval_data))
+                if data is not None]
+
+    def cached_layers(self) -> tuple[int, ...]:
+        """The teacher layers whose hidden states a cache must hold (the mapped ones, with feature matching on)."""
+        return tuple(sorted({tl for _, tl in self.pairs})) if self.spec.uses_features else ()
+
+    def build_caches(self, *, always: bool = False) -> dict[str, dict]:
+        """Build (or finish) the teacher cache of every split; the teacher is loaded once, only if a split needs
+        it. Without `always`, a split whose index already covers all its windows is left as it is (its shards'
+        checksums are verified when read). Returns each built split's index."""
+        from .teacher import build_cache, cache_complete
 
         t = self.cfg.distillation.teacher_model
-        log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
+        todo = [(split, data) for split, data in self._splits()
+                if always or not cache_complete(Path(t.cache_dir) / split)]  # missing or interrupted
+        if not todo:
+            return {}
         teacher = self.load_teacher()
         vocab = min(self.s_config.vocab_size, self.t_config.vocab_size)
-        index = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab, hidden_layers=layers,
-                            meta={"teacher": str(self.teacher_dir)}, log=log)
-        log(f"teacher cache: {index['bytes_per_token']:.0f} bytes per token")
+        built = {}
+        for split, data in todo:
+            directory = Path(t.cache_dir) / split
+            log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
+            built[split] = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab,
+                                       hidden_layers=self.cached_layers(), meta={"teacher": str(self.teacher_dir)},
+                                       log=log)
+            log(f"teacher cache {split}: {data.num_windows} windows, {len(built[split]['shards'])} shard(s), "
+                f"{built[split]['bytes_per_token']:.0f} bytes per token")
+        return built
 
     def init_student(self, teacher: CausalLM, key) -> CausalLM:
         s = self.cfg.distillation.student_model
@@ -379,7 +395,7 @@ class Run:
         key = jax.random.key(tr.seed)
         k_student, k_proj, k_state = jax.random.split(key, 3)
         self._closers = []
-        teacher, teacher_fn = self.teacher_runner(k_state)
+        teacher, teacher_fn = self.teacher_runner()
         log(f"teacher: {self.t_config.architecture} {self.t_config.num_parameters() / 1e6:.2f}M params from "
             f"{self.teacher_dir} ({self.loading})")
         init_teacher = teacher
