@@ -13,6 +13,26 @@ from .config import ModelConfig
 from .layers import Linear, RMSNorm, apply_rotary
 
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int, need_probs: bool) -> str:
+    """Which attention kernel runs: `"cudnn"` (cuDNN's fused flash attention through
+    `jax.nn.dot_product_attention`) or `"xla"` (the explicit scores/softmax below, which can return the
+    probabilities). `"auto"` takes cuDNN on a GPU backend for bf16/fp16 with a head_dim it supports (a multiple of
+    8, at most 128) when no probabilities are asked for, and XLA otherwise."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    fused_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
+        and head_dim <= 128
+    if implementation == "auto":
+        return "cudnn" if (not need_probs and fused_ok and jax.default_backend() == "gpu") else "xla"
+    if implementation == "cudnn" and (need_probs or not fused_ok):
+        raise ValueError("attention implementation 'cudnn' needs bf16/fp16 inputs, a head_dim that is a multiple of "
+                         "8 and at most 128, and cannot return attention probabilities")
+    return implementation
+
+
 class AttentionOutput(eqx.Module):
     """What one attention block returns: its output, and the per-head probabilities and q/k/v when asked."""
 
@@ -56,6 +76,7 @@ class Attention(eqx.Module):
         *,
         output_attentions: bool = False,
         output_qkv: bool = False,
+        implementation: str = "auto",
     ) -> AttentionOutput:
         b, s, _ = x.shape
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -66,17 +87,36 @@ class Attention(eqx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        # [b, s, kv, group, hd]: query heads grouped under the kv head they share.
-        qg = q.reshape(b, s, g, h // g, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        impl = resolve_implementation(implementation, q.dtype, hd, output_attentions)
         # A query row with no valid key (a left-pad position) attends to nothing rather than uniformly.
-        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, s, h * hd)
+        row_valid = jnp.any(mask, axis=-1, keepdims=True)  # [b, 1, 1, s, 1]
+        if impl == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], implementation="cudnn")
+            out = jnp.where(row_valid[:, 0, 0], out.reshape(b, s, h * hd), 0.0).astype(q.dtype)
+            probs = None
+        else:
+            out, probs = self._xla_attention(q, k, v, mask, row_valid)
         return AttentionOutput(
             output=self.o_proj(out),
-            probs=probs.reshape(b, h, s, s) if output_attentions else None,
+            probs=probs.reshape(b, h, s, s) if output_attentions else None,  # head = kv · group + g
             qkv=(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if output_qkv else None,
         )
+
+    def _xla_attention(self, q, k, v, mask, row_valid):
+        b, s = q.shape[:2]
+        h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        group = h // g
+        # Query heads grouped under the kv head they share, each group's queries stacked along the query axis:
+        # q [b, kv, group·s, hd] against k, v [b, kv, s, hd]. Both products are then plain batched matmuls over
+        # (b, kv), and the scores [b, kv, group·s, s] need no transpose on the way into or out of the softmax.
+        qt = q.reshape(b, s, g, group, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, group * s, hd)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(hd))
+        mask = jnp.broadcast_to(mask, (b, 1, group, s, s)).reshape(b, 1, group * s, s)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jnp.where(jnp.broadcast_to(row_valid, (b, 1, group, s, 1)).reshape(b, 1, group * s, 1), probs, 0.0)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vt)
+        out = out.reshape(b, g, group, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd)
+        return out, probs

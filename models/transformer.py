@@ -53,9 +53,11 @@ class DecoderLayer(eqx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, h, cos, sin, mask, *, output_attentions: bool = False, output_qkv: bool = False):
+    def __call__(self, h, cos, sin, mask, *, output_attentions: bool = False, output_qkv: bool = False,
+                 attention_impl: str = "auto"):
         attn = self.self_attn(
-            self.input_layernorm(h), cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv
+            self.input_layernorm(h), cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv,
+            implementation=attention_impl,
         )
         h = h + attn.output
         h = h + self.mlp(self.post_attention_layernorm(h))
@@ -138,6 +140,7 @@ def run_layers(
     output_attentions: bool = False,
     output_qkv: bool = False,
     remat: bool = False,
+    attention_impl: str = "auto",
 ) -> LayerStackOutput:
     """Run a stack of layers (leading axis = layer) over `h` with `lax.scan`; `remat` saves nothing per layer for
     the backward pass (the default saves only the weight matmuls' outputs)."""
@@ -145,7 +148,8 @@ def run_layers(
 
     def step(carry, layer_params):
         layer = eqx.combine(layer_params, static)
-        out, probs, qkv = layer(carry, cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv)
+        out, probs, qkv = layer(carry, cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv,
+                                attention_impl=attention_impl)
         return out, (carry if output_hidden_states else None, probs, qkv)
 
     # Under differentiation the scanned body is always rematerialised: with `remat` nothing is saved; without it
@@ -198,6 +202,7 @@ class CausalLM(eqx.Module):
         output_attentions: bool = False,
         output_qkv: bool = False,
         remat: bool = False,
+        attention_impl: str = "auto",
     ) -> CausalLMOutput:
         """**Arguments:**
 
@@ -206,6 +211,8 @@ class CausalLM(eqx.Module):
         - `position_ids`: optional explicit positions; default counts real tokens (see `prepare_inputs`).
         - `output_hidden_states`, `output_attentions`, `output_qkv`: which optional outputs to return.
         - `remat`: rematerialise each layer in the backward pass (`jax.checkpoint` per scan step).
+        - `attention_impl`: `"auto"` (cuDNN flash attention on GPUs in bf16/fp16 when no attention probabilities
+            are asked for, else XLA), `"xla"` or `"cudnn"`; see `models.attention.resolve_implementation`.
 
         **Returns:** a `CausalLMOutput`.
         """
@@ -214,7 +221,7 @@ class CausalLM(eqx.Module):
         stack = run_layers(
             self.model.layers, h, cos, sin, mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_qkv=output_qkv, remat=remat,
+            output_qkv=output_qkv, remat=remat, attention_impl=attention_impl,
         )
         normed = self.model.norm(stack.hidden)
         n = self.config.num_hidden_layers

@@ -14,7 +14,7 @@ import transformers
 from hf_fixtures import hf_config, left_padded_batch, make_hf_model, save_hf
 
 import vishwam
-from models import prepare_inputs
+from models import ModelConfig, init_model, prepare_inputs
 from vishwam.checkpoint import hf_names
 from vishwam.pytree import named_leaves
 
@@ -246,3 +246,32 @@ def test_layer_surgery(checkpoints):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(swapped.model.embed_tokens.weight),
                                   np.asarray(model.model.embed_tokens.weight))
+
+
+def test_attention_implementation_choice():
+    from models.attention import resolve_implementation
+
+    on_gpu = jax.default_backend() == "gpu"
+    # On a CPU backend "auto" is always the XLA path; on a GPU it takes cuDNN for bf16 without probabilities.
+    assert resolve_implementation("auto", jnp.bfloat16, 64, need_probs=False) == ("cudnn" if on_gpu else "xla")
+    assert resolve_implementation("auto", jnp.float32, 64, need_probs=False) == "xla"
+    assert resolve_implementation("auto", jnp.bfloat16, 64, need_probs=True) == "xla"
+    assert resolve_implementation("auto", jnp.bfloat16, 96 + 4, need_probs=False) == "xla"
+    assert resolve_implementation("xla", jnp.bfloat16, 64, need_probs=False) == "xla"
+    with pytest.raises(ValueError, match="cannot return attention probabilities"):
+        resolve_implementation("cudnn", jnp.bfloat16, 64, need_probs=True)
+    with pytest.raises(ValueError, match="cudnn"):
+        resolve_implementation("cudnn", jnp.float32, 64, need_probs=False)
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_implementation("flash", jnp.bfloat16, 64, need_probs=False)
+
+
+def test_explicit_xla_attention_matches_auto():
+    cfg = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qkv_bias=True)
+    model = init_model(cfg, key=jax.random.key(1))
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 0, 64)
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    a = model(ids, attention_mask=mask).logits
+    b = model(ids, attention_mask=mask, attention_impl="xla").logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
