@@ -13,6 +13,7 @@ Tokens whose mask is 0 are replaced by harmless values inside each chunk before 
 inf or NaN logits, `-100` labels, a zero temperature) changes neither the loss nor the gradient.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -457,3 +458,119 @@ def cross_entropy_loss(
     ce, correct = chunked_map(tokens, (logits, labels, valid), chunk_size)
     loss = _masked_mean(ce, valid)
     return loss, {"distill/ce": loss, "distill/accuracy": _masked_mean(correct, valid)}
+
+
+# --------------------------------------------------------------------------------------------------- fused KD + CE
+
+
+def _kd_ce_tokens(student, teacher, labels, temperature, valid, *, kd_weight: float, ce_weight: float,
+                  label_smoothing: float):
+    """Per token: the forward-KL·T² and cross-entropy values and the gradient of
+    `kd_weight · KD + ce_weight · CE` with respect to the student logits (zero at invalid tokens)."""
+    vocab_s = student.shape[-1]
+    vocab = min(vocab_s, teacher.shape[-1])
+    x = jnp.where(valid[..., None], student.astype(jnp.float32), 0.0)
+    t = jnp.where(valid[..., None], teacher[..., :vocab].astype(jnp.float32), 0.0)
+    temp = jnp.where(valid, temperature, 1.0)[..., None]
+    labels = jnp.where(valid, labels, 0)
+
+    # KD at temperature T over the shared vocabulary: d/ds [T² KL(p || q)] = T (q - p).
+    log_p = jax.nn.log_softmax(t / temp, axis=-1)
+    log_q = jax.nn.log_softmax(x[..., :vocab] / temp, axis=-1)
+    p = jnp.exp(log_p)
+    div = jnp.sum(p * (_safe_teacher_log(p, log_p) - log_q), axis=-1) * temp[..., 0] ** 2
+    grad_kd = temp * (jnp.exp(log_q) - p)
+    if vocab < vocab_s:
+        grad_kd = jnp.pad(grad_kd, [(0, 0)] * (grad_kd.ndim - 1) + [(0, vocab_s - vocab)])
+
+    grad = kd_weight * grad_kd
+    ce = correct = jnp.zeros(x.shape[:-1], jnp.float32)
+    if ce_weight > 0:
+        # CE at T = 1 over the student's vocabulary: d/ds = softmax(s) - ((1 - ε)·onehot + ε / V).
+        log_q1 = jax.nn.log_softmax(x, axis=-1)
+        onehot = jax.nn.one_hot(labels, vocab_s, dtype=jnp.float32)
+        nll = -jnp.sum(onehot * log_q1, axis=-1)
+        ce = nll
+        if label_smoothing > 0.0:
+            ce = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_q1, axis=-1)
+        target = (1.0 - label_smoothing) * onehot + label_smoothing / vocab_s
+        grad = grad + ce_weight * (jnp.exp(log_q1) - target)
+        correct = (jnp.argmax(x, axis=-1) == labels).astype(jnp.float32)
+    grad = jnp.where(valid[..., None], grad, 0.0).astype(student.dtype)
+    agree = (jnp.argmax(x[..., :vocab], axis=-1) == jnp.argmax(t, axis=-1)).astype(jnp.float32)
+    return div, ce, agree, correct, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _kd_ce_sums(student, teacher, labels, temperature, valid, kd_weight, ce_weight, label_smoothing, chunk_size):
+    return _kd_ce_fwd(student, teacher, labels, temperature, valid, kd_weight, ce_weight, label_smoothing,
+                      chunk_size)[0]
+
+
+def _kd_ce_fwd(student, teacher, labels, temperature, valid, kd_weight, ce_weight, label_smoothing, chunk_size):
+    def tokens(s, t, y, temp, v):
+        return _kd_ce_tokens(s, t, y, temp, v, kd_weight=kd_weight, ce_weight=ce_weight,
+                             label_smoothing=label_smoothing)
+
+    div, ce, agree, correct, grad = chunked_map(tokens, (student, teacher, labels, temperature, valid), chunk_size)
+    weighted = kd_weight * div + ce_weight * ce
+    sums = tuple(jnp.sum(jnp.where(valid, a, 0.0)) for a in (weighted, div, ce, agree, correct))
+    return sums, grad
+
+
+def _kd_ce_bwd(kd_weight, ce_weight, label_smoothing, chunk_size, grad, cotangents):
+    # Only the weighted sum is differentiable (the wrapper stops the gradient of the others).
+    return (cotangents[0].astype(grad.dtype) * grad, None, None, None, None)
+
+
+_kd_ce_sums.defvjp(_kd_ce_fwd, _kd_ce_bwd)
+
+
+def kd_ce_loss(
+    student_logits: Float[Array, "batch seq student_vocab"],
+    teacher_logits: Float[Array, "batch seq teacher_vocab"],
+    labels: Int[Array, "batch seq"],
+    mask: Shaped[Array, "batch seq"],
+    *,
+    temperature: float | Float[Array, ""] | Float[Array, "batch seq"],
+    kd_weight: float,
+    ce_weight: float,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """`kd_weight · KL(p || q)·T² + ce_weight · CE` in one pass over the logits, its gradient written there too.
+
+    The same values as [`kd_loss`][] (`kind="forward_kl"`) and [`cross_entropy_loss`][] combined, but the gradient
+    with respect to the student logits is the closed form `kd_weight · T·(q_T - p_T) + ce_weight · (q - y_ε)` per
+    valid token, divided by their count, computed in the forward pass (one chunked sweep, a `jax.custom_vjp`):
+    the backward pass is one multiply instead of differentiating through two log-softmaxes, and no fp32
+    `[batch, seq, vocab]` intermediate outlives the chunk it belongs to. The gradient is kept in the logits' dtype.
+
+    The teacher logits and the temperature get no gradient (the temperature is a schedule value or
+    `adaptive_temperature`'s stop-gradient output).
+
+    **Arguments:** as [`kd_loss`][] and [`cross_entropy_loss`][]; `kd_weight` and `ce_weight` are Python floats.
+
+    **Returns:**
+
+    `(loss, metrics)`: the weighted loss (differentiable) and `distill/kd`, `distill/top1_agreement`, and with
+    `ce_weight > 0` `distill/ce`, `distill/accuracy` (values only; with `ce_weight == 0` no CE is computed).
+    """
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if kd_weight < 0 or ce_weight < 0:
+        raise ConfigError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r} and {ce_weight!r}")
+    _check_chunk_size(chunk_size)
+    temperature = jax.lax.stop_gradient(_token_temperature(temperature, mask.shape))
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    valid = _as_valid(mask)
+    weighted, div, ce, agree, correct = _kd_ce_sums(
+        student_logits, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
+        float(label_smoothing), chunk_size,
+    )
+    count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+    div, ce, agree, correct = jax.lax.stop_gradient((div, ce, agree, correct))
+    metrics = {"distill/kd": div / count, "distill/top1_agreement": agree / count}
+    if ce_weight > 0:
+        metrics.update({"distill/ce": ce / count, "distill/accuracy": correct / count})
+    return weighted / count, metrics

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 from .attention import attention_kl_loss, relation_loss
 from .eplb import LossBalancer, ProgressiveSchedule, balance
 from .features import FeatureProjections, mapped_feature_losses
-from .logits import align_vocab, cross_entropy_loss, kd_loss, sparse_kd_loss
+from .logits import align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, sparse_kd_loss
 from .temperature import TemperatureSchedule, adaptive_temperature
 
 Pairs = tuple[tuple[int, int], ...]
@@ -51,6 +51,7 @@ class ObjectiveSpec:
     total_steps: int = 1
     label_smoothing: float = 0.0
     chunk_size: int | None = None
+    fused_logit_loss: bool = True  # forward-KL KD + CE through `kd_ce_loss` (closed-form gradient)
     feature_pairs: Pairs = ()
     feature_kind: str = "mse"
     feature_normalize: bool = True
@@ -144,7 +145,17 @@ def distill_loss(
         metrics["distill/temperature"] = temperature
 
     kd = zero
-    if spec.kd_weight > 0:
+    ce = zero
+    fused = (spec.fused_logit_loss and spec.kd_weight > 0 and teacher.topk_values is None
+             and (spec.kd_kind == "forward_kl" or (spec.kd_kind == "jsd" and spec.jsd_beta == 0.0)))
+    if fused:
+        # KD and CE in one pass over the logits, with their closed-form gradient (see `kd_ce_loss`).
+        logit_loss, m = kd_ce_loss(s_logits, teacher.logits, labels, mask, temperature=temperature,
+                                   kd_weight=spec.kd_weight, ce_weight=spec.ce_weight,
+                                   label_smoothing=spec.label_smoothing, chunk_size=spec.chunk_size)
+        metrics.update(m)
+        kd, ce = m["distill/kd"], m.get("distill/ce", zero)
+    elif spec.kd_weight > 0:
         if teacher.topk_values is not None:
             kd, m = sparse_kd_loss(s_logits, teacher.topk_values, teacher.topk_indices, teacher.tail_logsumexp, mask,
                                    temperature=temperature, chunk_size=spec.chunk_size)
@@ -153,8 +164,7 @@ def distill_loss(
                             beta=spec.jsd_beta, chunk_size=spec.chunk_size)
         metrics.update(m)
 
-    ce = zero
-    if spec.ce_weight > 0:
+    if spec.ce_weight > 0 and not fused:
         ce, m = cross_entropy_loss(s_logits, labels, mask, label_smoothing=spec.label_smoothing,
                                    chunk_size=spec.chunk_size)
         metrics.update(m)
@@ -196,8 +206,9 @@ def distill_loss(
         attention = jnp.mean(jnp.stack(losses))
         metrics["distill/attention"] = attention
 
-    total = (spec.kd_weight * kd + spec.ce_weight * ce + spec.feature_weight * feature
-             + spec.attention_weight * attention)
+    if not fused:
+        logit_loss = spec.kd_weight * kd + spec.ce_weight * ce
+    total = logit_loss + spec.feature_weight * feature + spec.attention_weight * attention
     metrics["distill/kd"] = kd
     metrics["distill/ce"] = ce
     metrics["loss"] = total

@@ -14,6 +14,7 @@ from distill.logits import (
     align_vocab,
     check_token_ids,
     cross_entropy_loss,
+    kd_ce_loss,
     kd_loss,
     sparse_kd_loss,
     teacher_topk,
@@ -434,3 +435,107 @@ def test_check_token_ids():
     check_token_ids(np.array([[0, 5, -100], [10, 3, 2]]), 11, "train.jsonl labels")
     with pytest.raises(DataError, match=r"train\.jsonl input_ids: token id 11 at index \(1, 0\)"):
         check_token_ids(np.array([[0, 5, 1], [11, 3, 2]]), 11, "train.jsonl input_ids")
+
+
+# --------------------------------------------------------------------------------------------------- fused KD + CE
+
+
+def torch_kd_ce(student, teacher, labels, mask, temperature, kd_weight, ce_weight, eps):
+    """Float64 torch autograd reference of `kd_weight · KL(p || q)·T² + ce_weight · CE`, and its gradient."""
+    x = torch.tensor(np.asarray(student), dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(np.asarray(teacher), dtype=torch.float64)
+    vocab = min(x.shape[-1], t.shape[-1])
+    m = torch.tensor(np.asarray(mask), dtype=torch.float64)
+    temp = torch.tensor(np.broadcast_to(np.asarray(temperature, np.float64), mask.shape).copy())[..., None]
+    log_q = F.log_softmax(x[..., :vocab] / temp, -1)
+    log_p = F.log_softmax(t[..., :vocab] / temp, -1)
+    kd = ((log_p.exp() * (log_p - log_q)).sum(-1) * temp[..., 0] ** 2 * m).sum() / m.sum()
+    y = torch.tensor(np.where(mask, labels, -100))
+    ce = F.cross_entropy(x.reshape(-1, x.shape[-1]), y.reshape(-1), ignore_index=-100, label_smoothing=eps)
+    total = kd_weight * kd + ce_weight * ce
+    total.backward()
+    return total.item(), kd.item(), ce.item(), x.grad.numpy()
+
+
+@pytest.mark.parametrize("teacher_vocab", [V, V - 3, V + 4])
+def test_kd_ce_matches_torch_autograd(teacher_vocab):
+    s, t, mask = make_inputs(31, teacher_vocab=teacher_vocab)
+    labels = np.random.default_rng(31).integers(0, V, size=(B, S))
+    temps = np.random.default_rng(32).uniform(0.5, 3.0, size=(B, S)).astype(np.float32)
+    settings = [(2.0, 0.0, None), (1.0, 0.1, 3), (temps, 0.2, 2)]
+
+    @jax.jit
+    def run(x, t, y, m, temps):
+        out = []
+        for temperature, eps, chunk in settings:
+            temperature = temps if isinstance(temperature, np.ndarray) else temperature
+
+            def f(x):
+                return kd_ce_loss(x, t, y, m, temperature=temperature, kd_weight=1.3, ce_weight=0.7,
+                                  label_smoothing=eps, chunk_size=chunk)
+
+            out.append(jax.value_and_grad(f, has_aux=True)(x))
+        return out
+
+    for (temperature, eps, chunk), ((loss, metrics), grad) in zip(settings, run(s, t, labels, mask, temps)):
+        total, kd, ce, expected_grad = torch_kd_ce(s, t, labels, mask, temperature, 1.3, 0.7, eps)
+        what = f"T={'per-token' if isinstance(temperature, np.ndarray) else temperature} eps={eps} chunk={chunk}"
+        np.testing.assert_allclose(loss, total, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(metrics["distill/kd"], kd, rtol=1e-5, atol=1e-7, err_msg=what)
+        np.testing.assert_allclose(metrics["distill/ce"], ce, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7, err_msg=what)
+        assert np.all(np.asarray(grad)[~mask] == 0), what
+
+
+def test_kd_ce_equals_separate_losses_and_objective_paths():
+    """The fused loss gives the values and gradient of `kd_loss` + `cross_entropy_loss` (autodiff), and the
+    objective takes either path with the same result."""
+    from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss
+    from models import CausalLMOutput
+
+    s, t, mask = make_inputs(33, teacher_vocab=V - 2)
+    labels = jnp.asarray(np.random.default_rng(33).integers(0, V, size=(B, S)))
+
+    def objective(x, fused, ce_weight):
+        spec = ObjectiveSpec(kd_weight=0.8, ce_weight=ce_weight, temperature_start=2.0, label_smoothing=0.1,
+                             fused_logit_loss=fused)
+        loss, metrics, _ = distill_loss(spec, CausalLMOutput(logits=x), TeacherOutputs(logits=jnp.asarray(t)),
+                                        labels, jnp.asarray(mask), jnp.asarray(0), None, None)
+        return loss, metrics
+
+    for ce_weight in (0.0, 0.5):
+        g = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=(1, 2))
+        (fused, m_fused), g_fused = g(jnp.asarray(s), True, ce_weight)
+        (plain, m_plain), g_plain = g(jnp.asarray(s), False, ce_weight)
+        np.testing.assert_allclose(fused, plain, rtol=1e-6)
+        np.testing.assert_allclose(g_fused, g_plain, rtol=1e-5, atol=1e-8)
+        assert set(m_fused) == set(m_plain)
+        for key in m_plain:
+            np.testing.assert_allclose(m_fused[key], m_plain[key], rtol=1e-6, atol=1e-8, err_msg=key)
+
+
+def test_kd_ce_masked_garbage_bf16_and_validation():
+    s, t, mask = make_inputs(34)
+    labels = np.random.default_rng(34).integers(0, V, size=(B, S))
+    bad_s, bad_t, bad_labels = s.copy(), t.copy(), labels.copy()
+    bad_s[~mask], bad_t[~mask], bad_labels[~mask] = np.nan, np.inf, -100
+
+    def f(x, t, y):
+        return kd_ce_loss(x, t, y, jnp.asarray(mask), temperature=2.0, kd_weight=1.0, ce_weight=0.5)[0]
+
+    vg = jax.jit(jax.value_and_grad(f))
+    (clean, g_clean), (dirty, g_dirty) = vg(s, t, labels), vg(bad_s, bad_t, bad_labels)
+    assert clean == dirty
+    np.testing.assert_array_equal(g_clean, g_dirty)
+    loss16, g16 = vg(jnp.asarray(s, jnp.bfloat16), t, labels)
+    assert loss16.dtype == jnp.float32 and g16.dtype == jnp.bfloat16
+    expected, *_ = torch_kd_ce(np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32)), t, labels, mask, 2.0,
+                               1.0, 0.5, 0.0)
+    np.testing.assert_allclose(loss16, expected, rtol=1e-5)
+    s, t, labels, mask = map(jnp.asarray, (s, t, labels, mask))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        kd_ce_loss(s, t, labels, mask, temperature=1.0, kd_weight=1.0, ce_weight=1.0, label_smoothing=2.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        kd_ce_loss(s, t, labels, mask, temperature=0.0, kd_weight=1.0, ce_weight=1.0)
+    with pytest.raises(ConfigError, match="kd_weight"):
+        kd_ce_loss(s, t, labels, mask, temperature=1.0, kd_weight=-1.0, ce_weight=1.0)
