@@ -105,28 +105,37 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         micro_teacher = None if teacher_out is None else jax.tree.map(split, teacher_out)
 
         def micro_step(carry, inputs):
-            grads_acc, balancer, metrics_acc = carry
             micro, t_out = inputs
             if t_out is None:
                 t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], spec)
-            (loss, (metrics, balancer)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+            balancer = state.balancer if carry is None else carry[1]
+            (_, (metrics, balancer)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
                 params, static, balancer, state.step, micro, t_out
             )
-            grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            metrics_acc = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metrics_acc, metrics)
-            return (grads, balancer, metrics_acc), None
+            metrics = jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+            if carry is not None:
+                grads_acc, _, metrics_acc = carry
+                grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+                metrics = jax.tree.map(lambda a, m: a + m, metrics_acc, metrics)
+            return (grads, balancer, metrics), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        first = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
-        if first[1] is None:
-            first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], spec))
-        metric_shapes = eqx.filter_eval_shape(loss_fn, params, static, state.balancer, state.step, *first)[1][0]
-        metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
-        (grads, balancer, metrics), _ = jax.lax.scan(
-            micro_step, (zeros, state.balancer, metrics0), (micro_batches, micro_teacher)
-        )
-        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
-        metrics = jax.tree.map(lambda m: m / accum, metrics)
+        if accum == 1:
+            # One micro-batch: no accumulation loop (a while loop around the whole step blocks XLA's scheduling
+            # across it and copies the carried gradients), no fp32 gradient buffers.
+            only = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
+            (grads, balancer, metrics), _ = micro_step(None, only)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            first = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
+            if first[1] is None:
+                first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], spec))
+            metric_shapes = eqx.filter_eval_shape(loss_fn, params, static, state.balancer, state.step, *first)[1][0]
+            metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+            (grads, balancer, metrics), _ = jax.lax.scan(
+                micro_step, (zeros, state.balancer, metrics0), (micro_batches, micro_teacher)
+            )
+            grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+            metrics = jax.tree.map(lambda m: m / accum, metrics)
 
         grad_norm = optax.global_norm(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, params)
