@@ -218,6 +218,28 @@ def test_nonfinite_step_is_skipped_and_counted(assets, tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_run_of_nonfinite_steps_stops_the_run(assets, tmp_path, monkeypatch):
+    """A teacher that yields NaN makes every step non-finite: the run stops with a one-line error once
+    `max_nonfinite_steps` in a row are seen (read one step behind the queued step), not silently at max_steps."""
+    from vishwam.errors import VishwamError
+
+    original = Run.teacher_runner
+
+    def nan_teacher(self):
+        teacher, fn = original(self)
+        return jax.tree.map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, teacher), fn
+
+    monkeypatch.setattr(Run, "teacher_runner", nan_teacher)
+    r = Run(load_config(str(write_config(assets, tmp_path / "nanrun")), [
+        "--training.max-nonfinite-steps", "2", "--training.max-steps", "8", "--training.save-every", "100",
+        "--distillation-params.eplb.enabled", "false", "--distillation.student-model.init", "random"]))
+    seen = []
+    r.on_step = lambda step, state: seen.append((step, int(state.skipped)))
+    with pytest.raises(VishwamError, match="2 non-finite steps in a row at step 2"):
+        r.train()
+    assert seen == [(1, 1), (2, 2)], seen  # step 3 was queued when step 2's count was read, and nothing later
+
+
 def _cli(*args, cwd=None):
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env,

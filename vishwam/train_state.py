@@ -153,7 +153,8 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         )
         if state_shardings is not None:
             new_state = eqx.filter_shard(new_state, state_shardings)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), skipped=(~ok).astype(jnp.float32))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), skipped=(~ok).astype(jnp.float32),
+                       nonfinite_run=new_state.nonfinite.astype(jnp.float32))
         return new_state, metrics
 
     return step_fn

@@ -443,6 +443,15 @@ class Run:
         bar = _progress(start, tr.max_steps)
         t0, t_last, tok_since = time.perf_counter(), time.perf_counter(), 0
         last_eval = None
+        pending_check = None
+
+        def check_nonfinite(at_step, run_length):
+            if int(run_length) >= tr.max_nonfinite_steps:
+                raise VishwamError(
+                    f"{int(run_length)} non-finite steps in a row at step {at_step} (loss or gradient is NaN/inf): "
+                    "lower training.learning_rate or check the data"
+                )
+
         try:
             for step in range(start, tr.max_steps):
                 if step in remap_steps and step > 0:
@@ -455,11 +464,11 @@ class Run:
                 state, metrics = train_step(teacher, state, _global_batch(batch, self.batch_sharding), t_out)
                 tok_since += tokens_per_step
                 done = step + 1
-                if int(state.nonfinite) >= tr.max_nonfinite_steps:
-                    raise VishwamError(
-                        f"{int(state.nonfinite)} non-finite steps in a row at step {done} (loss or gradient is "
-                        "NaN/inf): lower training.learning_rate or check the data"
-                    )
+                # The run of non-finite steps is read one step behind, once the next step is queued: reading this
+                # step's would wait for it to finish before the next batch is even made, idling the device.
+                if pending_check is not None:
+                    check_nonfinite(*pending_check)
+                pending_check = (done, metrics["nonfinite_run"])
                 if done % tr.log_every == 0 or done == tr.max_steps:
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
@@ -478,6 +487,8 @@ class Run:
                     ckpt.save(done, state, meta, force=True)
                 if self.on_step is not None:
                     self.on_step(done, state)
+            if pending_check is not None:
+                check_nonfinite(*pending_check)
             if tr.max_steps == start and self.eval_data is not None:
                 last_eval = self.evaluate(eval_step, teacher, state.student, start, teacher_fn)
         finally:
