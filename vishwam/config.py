@@ -380,6 +380,9 @@ class DistillationParams(_Section):
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     logit_chunk_size: int | None = None
     """Compute the logit losses over chunks of this many tokens to bound memory. None: all at once."""
+    fused_logit_loss: bool = True
+    """Forward-KL KD and CE in one pass with their closed-form gradient (distill.logits.kd_ce_loss); false
+    differentiates the separate losses instead (same values). Other KD losses and a top-k cache never fuse."""
     layer_mapping: LayerMappingConfig = dataclasses.field(default_factory=LayerMappingConfig)
     """How student layers are matched with teacher layers."""
     feature_loss: Literal["mse", "cosine"] = "mse"
