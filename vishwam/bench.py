@@ -14,6 +14,11 @@ neither framework's idle threads nor earlier phases' memory skew the other's fig
    memory over the loaded bytes;
 6. compile time of the step for a 4-layer vs a 32-layer student (the layer scan should keep it flat).
 
+`--size gpu` is the accelerator size (a Qwen2.5-0.5B-shaped student under a Qwen2.5-1.5B-shaped teacher, meant for
+`--dtype bfloat16` on one 80 GB GPU): torch runs on CUDA when it is available, its child process runs *before* JAX
+starts (XLA preallocates most of the GPU's memory when its backend starts), device peak memory is reported for
+both frameworks, and phases 5 and 6 are skipped (`--skip-load`, `--skip-depth` do that for any size).
+
 Step times are the median over `--steps` timed steps after warm-up, each ended by `jax.block_until_ready`. See
 `docs/benchmarks.md` for the method and figures. Nothing here changes JAX's global configuration.
 """
@@ -26,6 +31,7 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -57,10 +63,12 @@ SPEC = ObjectiveSpec(kd_weight=1.0, ce_weight=0.5, kd_kind="forward_kl", tempera
 OPTIMIZER = {"learning_rate": 3e-4, "warmup_steps": 0, "total_steps": 1000, "weight_decay": 0.01, "grad_clip": 1.0}
 
 
-def qwen2(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ModelConfig:
+def qwen2(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, *, tied: bool = False,
+          rope_theta: float = 10000.0, max_positions: int = 4096) -> ModelConfig:
     return ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       head_dim=hidden // heads, qkv_bias=True, max_position_embeddings=4096)
+                       head_dim=hidden // heads, qkv_bias=True, max_position_embeddings=max_positions,
+                       tie_word_embeddings=tied, rope_theta=rope_theta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,15 @@ class BenchSize:
     student: ModelConfig
     batch: int
     seq: int
+    #: `ObjectiveSpec.chunk_size` for this size: sequence positions per chunk of the fp32 logit losses.
+    chunk_size: int | None = None
+    #: Sized for one accelerator: torch (on CUDA when available) is timed before JAX starts, the matmul peak uses
+    #: `ACCEL_MATMUL_N`, and the checkpoint-load and compile-vs-depth phases are skipped. Not part of `--size all`.
+    accelerator: bool = False
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        return dataclasses.replace(SPEC, chunk_size=self.chunk_size)
 
     @property
     def tokens(self) -> int:
@@ -91,7 +108,31 @@ SIZES = {
     # Batch 2 keeps a step near a second or two on a 2-core CPU; `--batch 8` gives 2048-token steps.
     "d512": BenchSize("d512", teacher=qwen2(8192, 1024, 8, 16, 8, 3072), student=qwen2(8192, 512, 8, 8, 4, 1536),
                       batch=2, seq=256),
+    # One 80 GB GPU, bf16: a Qwen2.5-0.5B-shaped student (494M) under a Qwen2.5-1.5B-shaped teacher (1.54B), both
+    # with tied embeddings and the real 151,936-token vocabulary. The logit losses run in chunks of 128 positions
+    # (8 × 128 tokens × 151,936 × 4 B = 0.62 GB per fp32 tensor), never on the whole [8192, 151936] fp32 logits.
+    # Device peak memory measured at 8 × 1024 on one H100 (docs/benchmarks.md): vishwam 22.8 GB, eager torch 58.1 GB.
+    "gpu": BenchSize("gpu",
+                     teacher=qwen2(151936, 1536, 28, 12, 2, 8960, tied=True, rope_theta=1e6, max_positions=32768),
+                     student=qwen2(151936, 896, 24, 14, 2, 4864, tied=True, rope_theta=1e6, max_positions=32768),
+                     batch=8, seq=1024, chunk_size=128, accelerator=True),
 }
+#: What `--size all` runs: the CPU sizes.
+ALL = [name for name, size in SIZES.items() if not size.accelerator]
+#: The matmul side for the peak on an accelerator size (unless `--matmul-n` is given).
+ACCEL_MATMUL_N = 8192
+
+
+def resolve_size(name: str, batch: int | None = None, seq: int | None = None, shrink: bool = False) -> BenchSize:
+    """`SIZES[name]` with the batch shape overridden; `shrink` (a hidden smoke-test switch, `--shrink`) cuts both
+    models to 2 layers and a 4096-token vocabulary, keeping the widths, so that the accelerator size's code path
+    can be run end to end on a small CPU machine."""
+    size = SIZES[name]
+    size = dataclasses.replace(size, batch=batch or size.batch, seq=seq or size.seq)
+    if shrink:
+        small = {"num_hidden_layers": 2, "vocab_size": min(4096, size.teacher.vocab_size)}
+        size = dataclasses.replace(size, teacher=size.teacher.replace(**small), student=size.student.replace(**small))
+    return size
 
 
 def log(msg: str):
@@ -150,13 +191,44 @@ def matmul_peak_jax(n: int, repeats: int, dtype) -> float:
     return 2 * n**3 / min(timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
 
 
-def matmul_peak_torch(n: int, repeats: int, dtype: str) -> float:
+def matmul_peak_torch(n: int, repeats: int, dtype: str, device: str = "cpu") -> float:
     import torch
 
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
-    a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    if device == "cpu":
+        a @ b
+        return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
+
+    def product():  # CUDA launches are asynchronous: synchronise before reading the clock
+        a @ b
+        torch.cuda.synchronize()
+
+    product()
+    return 2 * n**3 / min(timed(product) for _ in range(repeats))
+
+
+def attention_kernel(size: BenchSize, dtype: str) -> str:
+    """Which attention kernel the step's models resolve to on this backend (`"auto"`: cuDNN flash attention on a
+    GPU in bf16, XLA's einsums otherwise), or "xla" where the models have no such choice."""
+    try:
+        from models.attention import resolve_implementation
+    except ImportError:
+        return "xla"
+    try:
+        kinds = {resolve_implementation("auto", DTYPES[dtype], cfg.head_dim, False)
+                 for cfg in (size.teacher, size.student)}
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unknown ({type(e).__name__})"
+    return "/".join(sorted(kinds))
+
+
+def device_memory_stats() -> dict | None:
+    """JAX's first device's allocator statistics (`peak_bytes_in_use`, `bytes_limit`, ...); None on CPU."""
+    try:
+        return jax.devices()[0].memory_stats() or None
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
 
 
 def random_batch(size: BenchSize, seed: int) -> dict[str, np.ndarray]:
@@ -177,7 +249,8 @@ def build_jax_step(size: BenchSize, dtype: str, key):
     student = init_model(size.student, key=k_student, dtype=jnp.float32)
     optimizer, schedule = make_optimizer(**OPTIMIZER)
     state = init_state(student, None, None, optimizer, k_state, ())
-    step = make_train_step(StepConfig(SPEC, DTYPES[dtype], grad_accum_steps=1, remat=False), optimizer, schedule)
+    step = make_train_step(StepConfig(size.spec, DTYPES[dtype], grad_accum_steps=1, remat=False), optimizer,
+                           schedule)
     return teacher, state, step
 
 
@@ -212,7 +285,8 @@ class JaxRunner:
         self.compile_times = times
         self.losses: list[float] = []
         # The teacher forward alone, as the step runs it, to say where the step's time goes.
-        self._forward = eqx.filter_jit(lambda t, ids, mask: teacher_outputs(t, ids, mask, SPEC).logits)
+        spec = size.spec
+        self._forward = eqx.filter_jit(lambda t, ids, mask: teacher_outputs(t, ids, mask, spec).logits)
 
     def step(self, batch: dict[str, np.ndarray]) -> float:
         inputs = device_batch(batch)
@@ -228,8 +302,13 @@ class JaxRunner:
         return timed(lambda: self._forward(self.teacher, ids, mask).block_until_ready())
 
     def summary(self) -> dict:
-        return {**self.compile_times, "first_loss": self.losses[0], "last_loss": self.losses[-1],
-                "skipped": int(self.state.skipped)}
+        out = {**self.compile_times, "first_loss": self.losses[0], "last_loss": self.losses[-1],
+               "skipped": int(self.state.skipped)}
+        stats = device_memory_stats()
+        if stats is not None:  # an accelerator: the allocator's peak since the process started
+            out["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+            out["device_bytes_limit"] = stats.get("bytes_limit")
+        return out
 
 
 # --------------------------------------------------------------------------------------------- torch
@@ -238,18 +317,23 @@ class JaxRunner:
 class TorchRunner:
     """The same step in eager PyTorch + transformers: teacher forward under no_grad, student forward and
     backward, the same loss, gradient clipping and AdamW (no decay on vectors, as `make_optimizer`). With
-    bfloat16 the teacher is stored in bf16 and the student runs under CPU autocast."""
+    bfloat16 the teacher is stored in bf16 and the student (fp32 params) runs under autocast. On `device="cuda"`
+    the models are built on the GPU, AdamW is the fused CUDA kernel (`fused=True`, PyTorch's fast path there),
+    and every clock reading follows `torch.cuda.synchronize()`."""
 
-    def __init__(self, size: BenchSize, dtype: str):
+    def __init__(self, size: BenchSize, dtype: str, device: str = "cpu"):
         import torch
         import transformers
 
         self.torch = torch
+        self.device = device
         torch.manual_seed(0)
 
         def hf_model(cfg: ModelConfig):
             hf = transformers.Qwen2Config(**cfg.to_hf())
-            return transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+            with torch.device(device):  # initialise on the device, not on the host and then copy
+                model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+            return model.to(device)
 
         bf16 = dtype == "bfloat16"
         self.teacher = hf_model(size.teacher).eval()
@@ -257,19 +341,27 @@ class TorchRunner:
             self.teacher = self.teacher.to(torch.bfloat16)
         self.student = hf_model(size.student).train()
         self.params = [p for p in self.student.parameters() if p.requires_grad]
+        cuda = {"fused": True} if device == "cuda" else {}
         self.opt = torch.optim.AdamW(
             [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": OPTIMIZER["weight_decay"]},
              {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=OPTIMIZER["learning_rate"], betas=(0.9, 0.95))
-        self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+            lr=OPTIMIZER["learning_rate"], betas=(0.9, 0.95), **cuda)
+        self.autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
         self.losses: list[float] = []
 
-    def _loss(self, batch):
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _inputs(self, batch):
+        ids = self.torch.from_numpy(batch["input_ids"].astype(np.int64)).to(self.device)
+        labels = self.torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device)
+        return ids, labels
+
+    def _loss(self, ids, labels):
         import torch.nn.functional as F
 
         torch, temperature = self.torch, SPEC.temperature_start
-        ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
-        labels = torch.from_numpy(batch["labels"].astype(np.int64))
         with torch.no_grad(), self.autocast():
             t_logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
         with self.autocast():
@@ -282,27 +374,39 @@ class TorchRunner:
         return SPEC.kd_weight * kd + SPEC.ce_weight * ce
 
     def step(self, batch: dict[str, np.ndarray]) -> float:
+        # The batch is on the device before the clock starts, as in `JaxRunner.step`.
+        ids, labels = self._inputs(batch)
+        self._sync()
         t0 = time.perf_counter()
-        loss = self._loss(batch)
+        loss = self._loss(ids, labels)
         loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.params, OPTIMIZER["grad_clip"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._sync()
         seconds = time.perf_counter() - t0
         self.losses.append(float(loss.detach()))
         return seconds
 
     def teacher_forward(self, batch: dict[str, np.ndarray]) -> float:
-        ids = self.torch.from_numpy(batch["input_ids"].astype(np.int64))
+        ids, _ = self._inputs(batch)
+        self._sync()
 
         def forward():
             with self.torch.no_grad(), self.autocast():
                 self.teacher(input_ids=ids, use_cache=False)
+            self._sync()
 
         return timed(forward)
 
     def summary(self) -> dict:
-        return {"first_loss": self.losses[0], "last_loss": self.losses[-1], "threads": self.torch.get_num_threads()}
+        out = {"first_loss": self.losses[0], "last_loss": self.losses[-1], "threads": self.torch.get_num_threads(),
+               "device": self.device}
+        if self.device == "cuda":
+            cuda = self.torch.cuda
+            out.update(device_peak_bytes=cuda.max_memory_allocated(), device_peak_reserved_bytes=cuda.max_memory_reserved(),
+                       gpu=cuda.get_device_name(0))
+        return out
 
 
 def time_runner(runner, batches: list, forward_repeats: int) -> dict:
@@ -317,24 +421,29 @@ def time_runner(runner, batches: list, forward_repeats: int) -> dict:
 
 
 def torch_worker(size: str, batch: int, seq: int, dtype: str, steps: int, warmup: int, matmul_n: int,
-                 threads: int | None = None) -> dict:
-    """The torch side of `bench_size`, run in its own process (see `_TORCH_SCRIPT`)."""
+                 threads: int | None = None, device: str = "cpu", shrink: bool = False) -> dict:
+    """The torch side of `bench_size`, run in its own process (see `_TORCH_SCRIPT`). `device="auto"` is CUDA when
+    torch sees a GPU, else the CPU."""
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if threads:
         torch.set_num_threads(threads)
-    bench = dataclasses.replace(SIZES[size], batch=batch, seq=seq)
+    bench = resolve_size(size, batch, seq, shrink)
     mem = PhaseMemory()
-    peak = matmul_peak_torch(matmul_n, 10, dtype)
+    peak = matmul_peak_torch(matmul_n, 10, dtype, device)
     batches = [random_batch(bench, seed) for seed in range(1, 1 + warmup + steps)]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with mem.phase("torch step"):
-        runner = TorchRunner(bench, dtype)
+        runner = TorchRunner(bench, dtype, device)
         for b in batches[:warmup]:
             runner.step(b)
     out = time_runner(runner, batches[warmup:], max(3, steps))
     return {**out, "matmul_peak": peak, "threads": torch.get_num_threads(), **mem.phases["torch step"],
             "resettable": mem.resettable,
-            "process_peak_mb": mem.overall_peak() / MB}
+            "process_peak_mb": mem.overall_peak() / MB, "torch_version": torch.__version__}
 
 
 # PyTorch runs in a child process. Run in the vishwam process right after JAX work, torch's steps were at times
@@ -347,26 +456,95 @@ print(json.dumps(torch_worker(**json.loads(sys.argv[1]))))
 """
 
 
-def bench_size(size: BenchSize, dtype: str, steps: int, warmup: int, with_torch: bool, mem: PhaseMemory,
-               matmul_n: int = 2048, torch_threads: int | None = None) -> dict:
-    """Time the vishwam step here (model build, compile and `warmup` steps form one memory phase: by then the
-    steady-state memory is reached), then the torch step in a child process. **Returns:** per framework,
-    `time_runner`'s figures (and the torch process's memory and matmul peak)."""
-    batches = [random_batch(size, seed) for seed in range(1, 1 + warmup + steps)]
+def error_line(text: str) -> str:
+    """The last non-empty line of a traceback (`torch.OutOfMemoryError: CUDA out of memory. ...`), fit for a table
+    cell."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output").replace("|", "/")[:300]
+
+
+def run_torch(size: BenchSize, dtype: str, steps: int, warmup: int, matmul_n: int, threads: int | None = None,
+              device: str = "auto", shrink: bool = False, timeout: float | None = None) -> dict:
+    """`torch_worker` in a child process. The child sees only the CPU as a JAX platform, so that importing
+    vishwam there can never claim GPU memory. **Returns:** its figures, or `{"error": ..., "stderr": ...}` when it
+    failed or ran past `timeout` seconds (the failure is logged, not raised, so the vishwam figures survive)."""
+    args = {"size": size.name, "batch": size.batch, "seq": size.seq, "dtype": dtype, "steps": steps,
+            "warmup": warmup, "matmul_n": matmul_n, "threads": threads, "device": device, "shrink": shrink}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _TORCH_SCRIPT, json.dumps(args)], capture_output=True,
+                             text=True, check=False, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        log(f"warning: [{size.name}] the torch benchmark ran past {timeout:.0f} s and was stopped\n{stderr[-2000:]}")
+        return {"error": f"timed out after {timeout:.0f} s", "stderr": stderr[-4000:]}
+    if out.returncode:
+        log(f"warning: [{size.name}] the torch benchmark failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        return {"error": f"exit {out.returncode}: {error_line(out.stderr)}", "stderr": out.stderr[-4000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def xla_attention():
+    """Within: the models' `attention_impl="auto"` resolves to XLA's einsum attention, never cuDNN (the fallback
+    when the cuDNN kernel fails on an accelerator)."""
+    from models import attention
+
+    original = attention.resolve_implementation
+    attention.resolve_implementation = lambda implementation, *a, **kw: original(
+        "xla" if implementation == "auto" else implementation, *a, **kw)
+    try:
+        yield
+    finally:
+        attention.resolve_implementation = original
+
+
+def time_jax(size: BenchSize, dtype: str, steps: int, warmup: int, mem: PhaseMemory, batches: list) -> dict:
+    """The vishwam side of `bench_size`: build, compile and `warmup` steps in one memory phase, then the timing."""
     with mem.phase(f"{size.name}: vishwam step"):
         runner = JaxRunner(size, dtype)
         for batch in batches[:warmup]:
             runner.step(batch)
-    results = {"vishwam": time_runner(runner, batches[warmup:], max(3, steps))}
-    del runner
-    if with_torch:
-        args = {"size": size.name, "batch": size.batch, "seq": size.seq, "dtype": dtype, "steps": steps,
-                "warmup": warmup, "matmul_n": matmul_n, "threads": torch_threads}
-        out = subprocess.run([sys.executable, "-c", _TORCH_SCRIPT, json.dumps(args)], capture_output=True,
-                             text=True, check=False)
-        if out.returncode:
-            raise RuntimeError(f"the torch benchmark failed:\n{out.stderr[-4000:]}")
-        results["torch"] = json.loads(out.stdout.strip().splitlines()[-1])
+    return time_runner(runner, batches[warmup:], max(3, steps))
+
+
+def bench_size(size: BenchSize, dtype: str, steps: int, warmup: int, with_torch: bool, mem: PhaseMemory,
+               matmul_n: int = 2048, torch_threads: int | None = None, torch_result: dict | None = None,
+               torch_device: str = "auto", shrink: bool = False, torch_timeout: float | None = None) -> dict:
+    """Time the vishwam step here (model build, compile and `warmup` steps form one memory phase: by then the
+    steady-state memory is reached), then the torch step in a child process (unless `torch_result` was measured
+    before, as for accelerator sizes). **Returns:** per framework, `time_runner`'s figures (and the torch
+    process's memory and matmul peak), or `{"error": ...}` for a side that failed (for vishwam: accelerator sizes
+    only; elsewhere its errors propagate). On an accelerator, a vishwam step that fails with cuDNN attention for
+    another reason than memory is run once more with XLA's attention (`attention` in its figures says so)."""
+    batches = [random_batch(size, seed) for seed in range(1, 1 + warmup + steps)]
+    kernel = attention_kernel(size, dtype)
+    try:
+        results = {"vishwam": {**time_jax(size, dtype, steps, warmup, mem, batches), "attention": kernel}}
+    except Exception as e:  # an OOM on the accelerator must not lose the torch figures
+        if not size.accelerator:
+            raise
+        import traceback
+
+        log(f"warning: [{size.name}] the vishwam benchmark failed:\n{traceback.format_exc()[-4000:]}")
+        first = (str(e).strip().splitlines() or [""])[0]  # XLA's OOM: "RESOURCE_EXHAUSTED: Out of memory ..."
+        error = error_line(f"{type(e).__name__}: {first}")
+        results = {"vishwam": {"error": error, "attention": kernel}}
+        memory = "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
+        if "cudnn" in kernel and not memory:
+            log(f"[{size.name}] once more with XLA's attention instead of cuDNN ...")
+            gc.collect()
+            try:
+                with xla_attention():
+                    r = time_jax(size, dtype, steps, warmup, mem, batches)
+                results = {"vishwam": {**r, "attention": f"xla (cuDNN failed: {error[:120]})"}}
+            except Exception:  # noqa: BLE001 - reported as the failure it is
+                log(f"warning: [{size.name}] failed with XLA's attention too:\n{traceback.format_exc()[-4000:]}")
+    if torch_result is not None:
+        results["torch"] = torch_result
+    elif with_torch:
+        results["torch"] = run_torch(size, dtype, steps, warmup, matmul_n, torch_threads, torch_device, shrink,
+                                     torch_timeout)
     return results
 
 
@@ -449,6 +627,8 @@ class Row:
 
 
 def fmt(value: float) -> str:
+    if math.isnan(value):  # a side that failed (its row says why)
+        return "—"
     if isinstance(value, int) or (abs(value) >= 100 and float(value).is_integer()):
         return f"{int(value):,}"
     if abs(value) >= 100:
@@ -465,6 +645,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def machine_info() -> dict:
+    """The host, the versions, and JAX's backend and device (this starts JAX's backend)."""
     model = platform.processor()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
@@ -472,39 +653,63 @@ def machine_info() -> dict:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "not installed"
+    devices = jax.devices()
     return {"cpu": model, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": len(jax.devices()), "torch": torch_version, "python": platform.python_version(),
-            "loadavg_start": os.getloadavg()}
+            "devices": len(devices), "device_kind": devices[0].device_kind, "torch": torch_version,
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+
+
+def flops_unit(peak: float) -> tuple[float, str]:
+    """GFLOP/s on a CPU, TFLOP/s from 10 TFLOP/s up."""
+    return (1e12, "TFLOP/s") if peak >= 1e13 else (1e9, "GFLOP/s")
+
+
+def torch_how(t: dict) -> str:
+    if t.get("device") == "cuda":
+        return "eager transformers `Qwen2ForCausalLM` (sdpa) + fused `torch.optim.AdamW`, CUDA, own process"
+    return f"eager transformers `Qwen2ForCausalLM` (sdpa) + `torch.optim.AdamW`, {t['threads']} threads, own process"
 
 
 def step_rows(size: BenchSize, r: dict, peak: float, torch_r: dict | None, dtype: str) -> list[Row]:
+    """The rows of one size; a side whose figures are `{"error": ...}` gets one `FAILED` row (value NaN)."""
     s, flops = size.name, size.flops_per_step()
-    tps = size.tokens / r["step_s"]
     shape = f"batch {size.batch} × seq {size.seq}, {dtype}"
+    if size.chunk_size:
+        shape += f", logit losses in chunks of {size.chunk_size} positions"
+    if r.get("attention", "xla") != "xla":
+        shape += f", vishwam attention: {r['attention']}"
     rows = [
         Row(s, "teacher params", size.teacher.num_parameters() / 1e6, "M", f"`ModelConfig.num_parameters()`; {shape}"),
         Row(s, "student params", size.student.num_parameters() / 1e6, "M", "`ModelConfig.num_parameters()`"),
         Row(s, "model FLOPs per step", flops / 1e9, "GFLOP",
             "tokens × (teacher `flops_per_token` + 3 × student `flops_per_token`)"),
-        Row(s, "vishwam trace + lower", r["lower_s"], "s",
-            f"`step.lower(...)`, wall (CPU {r['lower_cpu_s']:.2f} s): Python tracing to StableHLO"),
-        Row(s, "vishwam XLA compile", r["compile_s"], "s",
-            f"`lowered.compile()`, wall (CPU {r['compile_cpu_s']:.2f} s)"),
-        Row(s, "vishwam step", r["step_s"] * 1e3, "ms",
-            f"median of {r['steps']} steps after warm-up, `block_until_ready`; best "
-            f"{r['best_step_s'] * 1e3:.0f} ms"),
-        Row(s, "vishwam teacher forward alone", r["teacher_forward_s"] * 1e3, "ms",
-            f"jitted `teacher_outputs`, median (best {min(r['teacher_forward_times_s']) * 1e3:.0f} ms); "
-            f"{r['teacher_forward_s'] / r['step_s']:.0%} of the median step"),
-        Row(s, "vishwam throughput", tps, "tokens/s", "batch × seq / median step"),
-        Row(s, "vishwam MFU", 100 * flops / r["step_s"] / peak, "%", "model FLOPs per step / step time / JAX "
-            f"matmul peak; loss {r['first_loss']:.3f} → {r['last_loss']:.3f}, {r['skipped']} skipped"),
     ]
-    if torch_r is not None:
+    tps = None
+    if "error" in r:
+        rows.append(Row(s, "vishwam step", float("nan"), "ms", f"FAILED: {r['error']}"))
+    else:
+        tps = size.tokens / r["step_s"]
+        rows += [
+            Row(s, "vishwam trace + lower", r["lower_s"], "s",
+                f"`step.lower(...)`, wall (CPU {r['lower_cpu_s']:.2f} s): Python tracing to StableHLO"),
+            Row(s, "vishwam XLA compile", r["compile_s"], "s",
+                f"`lowered.compile()`, wall (CPU {r['compile_cpu_s']:.2f} s)"),
+            Row(s, "vishwam step", r["step_s"] * 1e3, "ms",
+                f"median of {r['steps']} steps after warm-up, `block_until_ready`; best "
+                f"{r['best_step_s'] * 1e3:.0f} ms"),
+            Row(s, "vishwam teacher forward alone", r["teacher_forward_s"] * 1e3, "ms",
+                f"jitted `teacher_outputs`, median (best {min(r['teacher_forward_times_s']) * 1e3:.0f} ms); "
+                f"{r['teacher_forward_s'] / r['step_s']:.0%} of the median step"),
+            Row(s, "vishwam throughput", tps, "tokens/s", "batch × seq / median step"),
+            Row(s, "vishwam MFU", 100 * flops / r["step_s"] / peak, "%", "model FLOPs per step / step time / JAX "
+                f"matmul peak; loss {r['first_loss']:.3f} → {r['last_loss']:.3f}, {r['skipped']} skipped"),
+        ]
+    if torch_r is not None and "error" in torch_r:
+        rows.append(Row(s, "torch step", float("nan"), "ms", f"FAILED: {torch_r['error']}"))
+    elif torch_r is not None:
         t_tps = size.tokens / torch_r["step_s"]
         rows += [
-            Row(s, "torch step", torch_r["step_s"] * 1e3, "ms", f"eager transformers `Qwen2ForCausalLM` (sdpa) + "
-                f"`torch.optim.AdamW`, {torch_r['threads']} threads, own process, median; best "
+            Row(s, "torch step", torch_r["step_s"] * 1e3, "ms", f"{torch_how(torch_r)}, median; best "
                 f"{torch_r['best_step_s'] * 1e3:.0f} ms"),
             Row(s, "torch teacher forward alone", torch_r["teacher_forward_s"] * 1e3, "ms",
                 f"`no_grad` forward, median (best {min(torch_r['teacher_forward_times_s']) * 1e3:.0f} ms); "
@@ -512,9 +717,10 @@ def step_rows(size: BenchSize, r: dict, peak: float, torch_r: dict | None, dtype
             Row(s, "torch throughput", t_tps, "tokens/s", "batch × seq / median step"),
             Row(s, "torch MFU", 100 * flops / torch_r["step_s"] / peak, "%",
                 f"same FLOPs / JAX matmul peak; loss {torch_r['first_loss']:.3f} → {torch_r['last_loss']:.3f}"),
-            Row(s, "ratio vishwam / torch", tps / t_tps, "×", "tokens/s over tokens/s (medians); best-step ratio "
-                f"{torch_r['best_step_s'] / r['best_step_s']:.2f}×"),
         ]
+        if tps is not None:
+            rows.append(Row(s, "ratio vishwam / torch", tps / t_tps, "×", "tokens/s over tokens/s (medians); "
+                            f"best-step ratio {torch_r['best_step_s'] / r['best_step_s']:.2f}×"))
     return rows
 
 
@@ -524,7 +730,8 @@ def hwm(resettable: bool) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m vishwam.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=[*SIZES, "all"], default="demo")
+    p.add_argument("--size", choices=[*SIZES, "all"], default="demo",
+                   help=f"teacher/student pair; `all` = {', '.join(ALL)} (`gpu` is for one 80 GB accelerator)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after --warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=None, help="override the size's batch")
@@ -533,9 +740,18 @@ def parse_args(argv=None):
     p.add_argument("--skip-torch", action="store_true", help="skip the PyTorch + transformers comparison")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads in the torch process (default: torch's own choice)")
-    p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul for the peak")
+    p.add_argument("--torch-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the torch step runs (auto: CUDA when torch sees a GPU)")
+    p.add_argument("--torch-timeout", type=float, default=None,
+                   help="stop the torch process after this many seconds and report it as failed")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help=f"side of the square matmul for the peak (default 2048; {ACCEL_MATMUL_N} for `gpu`)")
     p.add_argument("--load-repeats", type=int, default=3, help="checkpoint loads (best is reported)")
+    p.add_argument("--skip-load", action="store_true", help="skip the checkpoint-load phase (skipped for `gpu`)")
+    p.add_argument("--skip-depth", action="store_true", help="skip the compile-vs-depth phase (skipped for `gpu`)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    # Smoke tests only: both models cut to 2 layers and a 4096-token vocabulary (see `resolve_size`).
+    p.add_argument("--shrink", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -544,25 +760,47 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
-    names = list(SIZES) if args.size == "all" else [args.size]
-    sizes = [dataclasses.replace(SIZES[n], batch=args.batch or SIZES[n].batch, seq=args.seq or SIZES[n].seq)
-             for n in names]
+    names = ALL if args.size == "all" else [args.size]
+    sizes = [resolve_size(name, args.batch, args.seq, args.shrink) for name in names]
+    accelerator_only = all(size.accelerator for size in sizes)
+    n = args.matmul_n or (ACCEL_MATMUL_N if any(size.accelerator for size in sizes) else 2048)
+    dt = args.dtype
+    torch_kw = {"threads": args.torch_threads, "device": args.torch_device, "shrink": args.shrink,
+                "timeout": args.torch_timeout}
+
+    # An accelerator size's torch step runs first, before this process starts JAX's backend: XLA reserves most of
+    # the GPU's memory when it starts (75% by default), which would leave torch too little.
+    early_torch: dict[str, dict] = {}
+    if not args.skip_torch:
+        for size in sizes:
+            if size.accelerator:
+                log(f"[{size.name}] torch step first (in a child process, before JAX starts) ...")
+                t = early_torch[size.name] = run_torch(size, dt, args.steps, args.warmup, n, **torch_kw)
+                if "error" not in t:
+                    log(f"[{size.name}] torch ({t['device']}): {t['step_s'] * 1e3:.1f} ms/step, "
+                        f"{size.tokens / t['step_s']:,.0f} tokens/s, teacher forward "
+                        f"{t['teacher_forward_s'] * 1e3:.1f} ms, matmul peak "
+                        f"{t['matmul_peak'] / flops_unit(t['matmul_peak'])[0]:.1f} {flops_unit(t['matmul_peak'])[1]}"
+                        + (f", device peak {t['device_peak_bytes'] / 1e9:.2f} GB" if "device_peak_bytes" in t
+                           else ""))
+
     info = machine_info()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         log("warning: JAX_COMPILATION_CACHE_DIR is set; compile times may come from the persistent cache")
-    log(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['loadavg_start']}")
+    log(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['loadavg_start']}; JAX backend "
+        f"{info['backend']} ({info['devices']} × {info['device_kind']})")
     mem = PhaseMemory()
     rows: list[Row] = []
     details: dict = {"machine": info, "args": vars(args), "sizes": {}}
 
-    n, dt = args.matmul_n, args.dtype
     # The peak is sampled before each size and at the end and the best sample kept: the hardware's peak is fixed,
     # and another process taking a core during one sample only lowers that sample.
     peaks: list[float] = []
 
     def sample_peak():
         peaks.append(matmul_peak_jax(n, 10, DTYPES[dt]))
-        log(f"matmul peak sample: {peaks[-1] / 1e9:.1f} GFLOP/s")
+        scale, unit = flops_unit(peaks[-1])
+        log(f"matmul peak sample: {peaks[-1] / scale:.1f} {unit}")
 
     measured = []
     for size in sizes:
@@ -570,65 +808,94 @@ def main(argv=None) -> list[Row]:
         log(f"[{size.name}] teacher {size.teacher.num_parameters() / 1e6:.1f}M, student "
             f"{size.student.num_parameters() / 1e6:.1f}M params, batch {size.batch} × seq {size.seq}")
         results = bench_size(size, dt, args.steps, args.warmup, not args.skip_torch, mem, matmul_n=n,
-                             torch_threads=args.torch_threads)
+                             torch_threads=args.torch_threads, torch_result=early_torch.get(size.name),
+                             torch_device=args.torch_device, shrink=args.shrink, torch_timeout=args.torch_timeout)
         measured.append((size, results["vishwam"], results.get("torch")))
-        log(f"[{size.name}] vishwam: {results['vishwam']['step_s'] * 1e3:.0f} ms/step"
-            + (f"; torch: {results['torch']['step_s'] * 1e3:.0f} ms/step" if "torch" in results else ""))
+        r, t = results["vishwam"], results.get("torch")
+        flops = size.flops_per_step()
+        msg = (f"[{size.name}] vishwam: FAILED ({r['error']})" if "error" in r else
+               f"[{size.name}] vishwam: {r['step_s'] * 1e3:.1f} ms/step, {size.tokens / r['step_s']:,.0f} tokens/s, "
+               f"MFU {100 * flops / r['step_s'] / max(peaks):.1f}% (of the best peak so far), compile "
+               f"{r['lower_s'] + r['compile_s']:.1f} s, attention {r['attention']}"
+               + (f", device peak {r['device_peak_bytes'] / 1e9:.2f} GB" if r.get("device_peak_bytes") else ""))
+        if t is not None:
+            msg += (f"; torch: FAILED ({t['error']})" if "error" in t else
+                    f"; torch: {t['step_s'] * 1e3:.1f} ms/step, MFU {100 * flops / t['step_s'] / max(peaks):.1f}%")
+        log(msg)
     sample_peak()
     peak = max(peaks)
-    rows.append(Row("machine", f"JAX matmul peak ({dt})", peak / 1e9, "GFLOP/s",
+    scale, unit = flops_unit(peak)
+    rows.append(Row("machine", f"JAX matmul peak ({dt})", peak / scale, unit,
                     f"jitted `jnp.dot` {n}×{n}, 2n³/t, best of 10 × {len(peaks)} samples over the run "
-                    f"(samples {', '.join(f'{p / 1e9:.0f}' for p in peaks)})"))
-    torch_peaks = [t["matmul_peak"] for _, _, t in measured if t is not None]
-    if torch_peaks:
-        rows.append(Row("machine", f"torch matmul peak ({dt})", max(torch_peaks) / 1e9, "GFLOP/s",
-                        f"`a @ b` {n}×{n}, best of 10 in each torch process, {measured[0][2]['threads']} threads"))
+                    f"(samples {', '.join(f'{p / scale:.0f}' for p in peaks)})"))
+    torch_ok = [t for _, _, t in measured if t is not None and "error" not in t]
+    if torch_ok:
+        t_peak = max(t["matmul_peak"] for t in torch_ok)
+        where = "CUDA" if torch_ok[0].get("device") == "cuda" else f"{torch_ok[0]['threads']} threads"
+        rows.append(Row("machine", f"torch matmul peak ({dt})", t_peak / scale, unit,
+                        f"`a @ b` {n}×{n}, best of 10 in each torch process, {where}"))
     details["matmul_peak_samples"] = peaks
 
     for size, r, torch_r in measured:
         rows += step_rows(size, r, peak, torch_r, dt)
-        phase = mem.phases[f"{size.name}: vishwam step"]
-        rows.append(Row(size.name, "vishwam phase peak RSS", phase["peak_mb"], "MB",
-                        f"{hwm(mem.resettable)} (RSS then {phase['start_mb']:.0f} MB); models, compile, "
-                        "warm-up steps"))
-        if torch_r is not None:
+        phase = mem.phases.get(f"{size.name}: vishwam step")
+        if phase is not None:
+            rows.append(Row(size.name, "vishwam phase peak RSS", phase["peak_mb"], "MB",
+                            f"{hwm(mem.resettable)} (RSS then {phase['start_mb']:.0f} MB); models, compile, "
+                            "warm-up steps"))
+        if r.get("device_peak_bytes"):
+            rows.append(Row(size.name, "vishwam device peak memory", r["device_peak_bytes"] / 1e9, "GB",
+                            "`jax.devices()[0].memory_stats()['peak_bytes_in_use']` since process start (XLA pool "
+                            f"{(r.get('device_bytes_limit') or 0) / 1e9:.1f} GB)"))
+        if torch_r is not None and "error" not in torch_r:
             rows.append(Row(size.name, "torch phase peak RSS", torch_r["peak_mb"], "MB",
                             f"torch process, {hwm(torch_r['resettable'])} (RSS then {torch_r['start_mb']:.0f} "
                             "MB); models, warm-up steps"))
+            if torch_r.get("device_peak_bytes"):
+                rows.append(Row(size.name, "torch device peak memory", torch_r["device_peak_bytes"] / 1e9, "GB",
+                                "`torch.cuda.max_memory_allocated()` over models, warm-up and timed steps "
+                                f"(reserved {torch_r['device_peak_reserved_bytes'] / 1e9:.1f} GB)"))
         details["sizes"][size.name] = {"vishwam": r, "torch": torch_r, "tokens": size.tokens,
-                                       "flops_per_step": size.flops_per_step(),
+                                       "flops_per_step": size.flops_per_step(), "chunk_size": size.chunk_size,
                                        "teacher": dataclasses.asdict(size.teacher),
                                        "student": dataclasses.asdict(size.student)}
     mfu = [r.value for r in rows if r.metric.endswith("MFU")]
     if any(v > 100 for v in mfu):
         log("warning: an MFU above 100%: every matmul-peak sample was taken while the CPU was contended")
 
-    log("checkpoint load: saving the d512 teacher ...")
-    ck = bench_checkpoint(SIZES["d512"].teacher, args.load_repeats)
-    kernel_s = ", ".join(f"{r['system_s']:.2f}" for r in ck["runs"])
-    rows += [
-        Row("checkpoint", "load_pretrained", ck["bytes"] / MB / ck["load_s"], "MB/s",
-            f"{ck['bytes'] / MB:.0f} MB fp32 d512 teacher in {ck['shards']} shards of ≤50MB, best of "
-            f"{args.load_repeats} fresh processes (median {ck['bytes'] / MB / ck['median_load_s']:.0f} MB/s); "
-            f"page cache warm; kernel CPU per load {kernel_s} s"),
-        Row("checkpoint", "load extra peak RSS / checkpoint bytes", ck["extra_peak_bytes"] / ck["bytes"], "×",
-            "(VmHWM after − VmHWM before the load) / bytes, worst of the loads"),
-        Row("checkpoint", "save_pretrained", ck["bytes"] / MB / ck["save_s"], "MB/s",
-            "the same model, one save, into the page cache (before fsync)"),
-    ]
-    details["checkpoint"] = ck
+    if args.skip_load or accelerator_only:
+        log("checkpoint load: skipped")
+    else:
+        log("checkpoint load: saving the d512 teacher ...")
+        ck = bench_checkpoint(SIZES["d512"].teacher, args.load_repeats)
+        kernel_s = ", ".join(f"{r['system_s']:.2f}" for r in ck["runs"])
+        rows += [
+            Row("checkpoint", "load_pretrained", ck["bytes"] / MB / ck["load_s"], "MB/s",
+                f"{ck['bytes'] / MB:.0f} MB fp32 d512 teacher in {ck['shards']} shards of ≤50MB, best of "
+                f"{args.load_repeats} fresh processes (median {ck['bytes'] / MB / ck['median_load_s']:.0f} MB/s); "
+                f"page cache warm; kernel CPU per load {kernel_s} s"),
+            Row("checkpoint", "load extra peak RSS / checkpoint bytes", ck["extra_peak_bytes"] / ck["bytes"], "×",
+                "(VmHWM after − VmHWM before the load) / bytes, worst of the loads"),
+            Row("checkpoint", "save_pretrained", ck["bytes"] / MB / ck["save_s"], "MB/s",
+                "the same model, one save, into the page cache (before fsync)"),
+        ]
+        details["checkpoint"] = ck
 
-    log("compile time vs depth ...")
-    depths = bench_compile_depth(SIZES["demo"], (4, 32), args.dtype)
-    total = {k: v["lower_s"] + v["compile_s"] for k, v in depths.items()}
-    total_cpu = {k: v["lower_cpu_s"] + v["compile_cpu_s"] for k, v in depths.items()}
-    for layers, v in depths.items():
-        rows.append(Row("depth", f"step compile, {layers}-layer student", total[layers], "s",
-                        f"trace+lower {v['lower_s']:.2f} s + XLA {v['compile_s']:.2f} s wall; CPU "
-                        f"{total_cpu[layers]:.2f} s; demo widths and teacher"))
-    rows.append(Row("depth", "compile ratio 32 / 4 layers", total[32] / total[4], "×",
-                    f"wall; CPU-seconds ratio {total_cpu[32] / total_cpu[4]:.2f}× (`lax.scan` over stacked layers)"))
-    details["compile_depth"] = depths
+    if args.skip_depth or accelerator_only:
+        log("compile time vs depth: skipped")
+    else:
+        log("compile time vs depth ...")
+        depths = bench_compile_depth(SIZES["demo"], (4, 32), args.dtype)
+        total = {k: v["lower_s"] + v["compile_s"] for k, v in depths.items()}
+        total_cpu = {k: v["lower_cpu_s"] + v["compile_cpu_s"] for k, v in depths.items()}
+        for layers, v in depths.items():
+            rows.append(Row("depth", f"step compile, {layers}-layer student", total[layers], "s",
+                            f"trace+lower {v['lower_s']:.2f} s + XLA {v['compile_s']:.2f} s wall; CPU "
+                            f"{total_cpu[layers]:.2f} s; demo widths and teacher"))
+        rows.append(Row("depth", "compile ratio 32 / 4 layers", total[32] / total[4], "×",
+                        f"wall; CPU-seconds ratio {total_cpu[32] / total_cpu[4]:.2f}× (`lax.scan` over stacked "
+                        "layers)"))
+        details["compile_depth"] = depths
 
     rows.append(Row("process", "peak RSS", mem.overall_peak() / MB, "MB", "max VmHWM over all phases"))
     info["loadavg_end"] = os.getloadavg()
@@ -639,8 +906,13 @@ def main(argv=None) -> list[Row]:
         log(f"warning: load average {busy:.1f} on {info['cores']} cores during the run: other processes "
             "competed for the CPU, so times are inflated and noisy (eager torch, whose OpenMP regions wait on every "
             "thread, suffers most); compare runs made on a quiet machine")
-    print(f"\n{info['cpu']}, {info['cores']} cores, jax {info['jax']} ({info['backend']}), torch {info['torch']}; "
-          f"load average {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end\n")
+    failed = [r for r in rows if r.how.startswith("FAILED")]
+    if failed:
+        log("warning: " + "; ".join(f"{r.section} {r.metric} FAILED" for r in failed) + " (see above)")
+    device = "" if info["backend"] == "cpu" else f", {info['devices']} × {info['device_kind']}"
+    print(f"\n{info['cpu']}, {info['cores']} cores{device}, jax {info['jax']} ({info['backend']}), torch "
+          f"{info['torch']}; load average {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at "
+          "end\n")
     print(markdown(rows))
     if args.json:
         details["rows"] = [dataclasses.asdict(r) for r in rows]
