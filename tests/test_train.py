@@ -151,8 +151,8 @@ def test_sigkill_during_checkpoint_save_resumes_exactly(assets, tmp_path):
         sys.argv = ["run.py", "--config", {str(config)!r}]
         import vishwam.trainer as t
         original = t.Checkpointer.save
-        def save(self, step, state, meta, force=False):
-            original(self, step, state, meta, force)
+        def save(self, step, state, meta):
+            original(self, step, state, meta)
             if step == 4:
                 os.kill(os.getpid(), signal.SIGKILL)  # the step-4 save is still being written
         t.Checkpointer.save = save

@@ -182,21 +182,19 @@ class Checkpointer:
     run killed mid-save leaves only complete checkpoints behind; re-running restores the newest of them.
     """
 
-    def __init__(self, directory: Path, keep: int, save_every: int):
+    def __init__(self, directory: Path, keep: int):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                                enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
-        self.save_every = save_every
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, meta: dict, force: bool = False):
-        if not force and step % self.save_every:
-            return
+    def save(self, step: int, state: TrainState, meta: dict):
+        """Start an asynchronous save of `state` at `step` (the caller decides when: `training.save_every`)."""
         arrays = dict(named_leaves(eqx.filter(state, eqx.is_array)))
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(arrays),
                                        meta=self.ocp.args.JsonSave(meta))
@@ -423,7 +421,7 @@ class Run:
         state = eqx.combine(jax.device_put(eqx.filter(state, eqx.is_array), shardings),
                             eqx.partition(state, eqx.is_array)[1])
 
-        ckpt = Checkpointer(self.out / "checkpoints", tr.keep_checkpoints, tr.save_every)
+        ckpt = Checkpointer(self.out / "checkpoints", tr.keep_checkpoints)
         start = 0
         latest = ckpt.latest()
         if latest is not None:
@@ -485,7 +483,7 @@ class Run:
                     tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
                     meta = {"step": done, "pairs": [list(p) for p in self.pairs], "config": config_to_dict(cfg)}
-                    ckpt.save(done, state, meta, force=True)
+                    ckpt.save(done, state, meta)
                 if self.on_step is not None:
                     self.on_step(done, state)
             if pending_check is not None:
