@@ -58,23 +58,29 @@ def chunked_map(fn: Callable[..., Any], arrays: Sequence[Array], chunk_size: int
     `fn`'s outputs for the whole sequence, leading axes `[batch, seq]`.
     """
     _check_chunk_size(chunk_size)
-    batch, seq = arrays[0].shape[:2]
+    seq = arrays[0].shape[1]
     if chunk_size is None or chunk_size >= seq:
         return fn(*arrays)
+    # The checkpoint makes the backward pass recompute each chunk's fp32 softmaxes instead of saving them all.
+    outputs = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(_split_chunks(x, chunk_size) for x in arrays))
+    return jax.tree.map(lambda y: _merge_chunks(y, seq), outputs)
+
+
+def _split_chunks(x: Array, chunk_size: int) -> Array:
+    """`[batch, seq, ...]` -> `[n_chunks, batch, chunk_size, ...]` (flat token chunks, the sequence zero-padded
+    to a multiple of `chunk_size`; see [`chunked_map`][])."""
+    batch, seq = x.shape[:2]
     n_chunks = -(-seq // chunk_size)
     pad = n_chunks * chunk_size - seq
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(n_chunks, batch, chunk_size, *x.shape[2:])
 
-    def split(x):
-        if pad:
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(n_chunks, batch, chunk_size, *x.shape[2:])
 
-    def merge(y):
-        return y.reshape(batch, n_chunks * chunk_size, *y.shape[3:])[:, :seq]
-
-    # The checkpoint makes the backward pass recompute each chunk's fp32 softmaxes instead of saving them all.
-    outputs = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(x) for x in arrays))
-    return jax.tree.map(merge, outputs)
+def _merge_chunks(y: Array, seq: int) -> Array:
+    """The inverse of `_split_chunks`."""
+    n_chunks, batch, chunk_size = y.shape[:3]
+    return y.reshape(batch, n_chunks * chunk_size, *y.shape[3:])[:, :seq]
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -568,9 +574,102 @@ def kd_ce_loss(
         student_logits, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
         float(label_smoothing), chunk_size,
     )
+    return _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct)
+
+
+def _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct):
     count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
     div, ce, agree, correct = jax.lax.stop_gradient((div, ce, agree, correct))
     metrics = {"distill/kd": div / count, "distill/top1_agreement": agree / count}
     if ce_weight > 0:
         metrics.update({"distill/ce": ce / count, "distill/accuracy": correct / count})
     return weighted / count, metrics
+
+
+# --------------------------------------------------------------------------------------------------- with the LM head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _linear_kd_ce_sums(hidden, weight, teacher, labels, temperature, valid, kd_weight, ce_weight, label_smoothing,
+                       chunk_size):
+    return _linear_kd_ce_fwd(hidden, weight, teacher, labels, temperature, valid, kd_weight, ce_weight,
+                             label_smoothing, chunk_size)[0]
+
+
+def _linear_kd_ce_fwd(hidden, weight, teacher, labels, temperature, valid, kd_weight, ce_weight, label_smoothing,
+                      chunk_size):
+    w = weight.astype(hidden.dtype)
+
+    def chunk(h, t, y, temp, v):
+        logits = jnp.einsum("bsd,vd->bsv", h, w)  # as `CausalLM.unembed`
+        div, ce, agree, correct, grad = _kd_ce_tokens(logits, t, y, temp, v, kd_weight=kd_weight,
+                                                      ce_weight=ce_weight, label_smoothing=label_smoothing)
+        d_hidden = jnp.einsum("bsv,vd->bsd", grad, w)
+        d_weight = jnp.einsum("bsv,bsd->vd", grad, h, preferred_element_type=jnp.float32)
+        return (div, ce, agree, correct, d_hidden), d_weight
+
+    arrays = (hidden, teacher, labels, temperature, valid)
+    seq = hidden.shape[1]
+    if chunk_size is None or chunk_size >= seq:
+        (div, ce, agree, correct, d_hidden), d_weight = chunk(*arrays)
+    else:
+        # One chunk's logits and their gradient at a time; the LM head's gradient is summed over the chunks.
+        def body(acc, xs):
+            per_token, dw = chunk(*xs)
+            return acc + dw, per_token
+
+        d_weight, per_token = jax.lax.scan(body, jnp.zeros(weight.shape, jnp.float32),
+                                           tuple(_split_chunks(x, chunk_size) for x in arrays))
+        div, ce, agree, correct, d_hidden = (_merge_chunks(y, seq) for y in per_token)
+    weighted = kd_weight * div + ce_weight * ce
+    sums = tuple(jnp.sum(jnp.where(valid, a, 0.0)) for a in (weighted, div, ce, agree, correct))
+    return sums, (d_hidden, d_weight.astype(weight.dtype))
+
+
+def _linear_kd_ce_bwd(kd_weight, ce_weight, label_smoothing, chunk_size, residuals, cotangents):
+    d_hidden, d_weight = residuals
+    ct = cotangents[0]
+    return (ct.astype(d_hidden.dtype) * d_hidden, ct.astype(d_weight.dtype) * d_weight, None, None, None, None)
+
+
+_linear_kd_ce_sums.defvjp(_linear_kd_ce_fwd, _linear_kd_ce_bwd)
+
+
+def linear_kd_ce_loss(
+    hidden: Float[Array, "batch seq embed"],
+    weight: Float[Array, "student_vocab embed"],
+    teacher_logits: Float[Array, "batch seq teacher_vocab"],
+    labels: Int[Array, "batch seq"],
+    mask: Shaped[Array, "batch seq"],
+    *,
+    temperature: float | Float[Array, ""] | Float[Array, "batch seq"],
+    kd_weight: float,
+    ce_weight: float,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """[`kd_ce_loss`][] of the student logits `hidden @ weight.T`, with the LM head inside the loss.
+
+    Per chunk of `chunk_size` positions the logits are computed (in `hidden`'s dtype, as `CausalLM.unembed`),
+    the losses and their closed-form gradient taken, and the gradient pushed through the head at once:
+    `d_hidden = G @ W` per chunk and `d_weight = Σ_chunks Gᵀ @ h` (float32). The student's `[batch, seq, vocab]`
+    logits never exist whole, forward or backward: with a 152k vocabulary that is the largest tensor of a step.
+
+    **Arguments:** `hidden` is the student's final-normed hidden states (`CausalLM(..., output_logits=False)
+    .last_hidden`), `weight` its `unembedding_weight()`; the rest as [`kd_ce_loss`][].
+
+    **Returns:** as [`kd_ce_loss`][].
+    """
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if kd_weight < 0 or ce_weight < 0:
+        raise ConfigError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r} and {ce_weight!r}")
+    _check_chunk_size(chunk_size)
+    temperature = jax.lax.stop_gradient(_token_temperature(temperature, mask.shape))
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    valid = _as_valid(mask)
+    weighted, div, ce, agree, correct = _linear_kd_ce_sums(
+        hidden, weight, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
+        float(label_smoothing), chunk_size,
+    )
+    return _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct)

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 from .attention import attention_kl_loss, relation_loss
 from .eplb import LossBalancer, ProgressiveSchedule, balance
 from .features import FeatureProjections, mapped_feature_losses
-from .logits import align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, sparse_kd_loss
+from .logits import align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, linear_kd_ce_loss, sparse_kd_loss
 from .temperature import TemperatureSchedule, adaptive_temperature
 
 Pairs = tuple[tuple[int, int], ...]
@@ -87,6 +87,18 @@ class ObjectiveSpec:
         return ProgressiveSchedule(len(self.feature_pairs), num_stages=self.eplb_stages,
                                    stage_steps=self.eplb_stage_steps, ramp_steps=self.eplb_ramp_steps)
 
+    def fuses_logit_losses(self, teacher: "TeacherOutputs") -> bool:
+        """Whether KD and CE run as one fused loss (`kd_ce_loss` / `linear_kd_ce_loss`): dense forward-KL KD at a
+        scheduled temperature (the adaptive one reads the student's logits), `fused_logit_loss` on."""
+        return bool(self.fused_logit_loss and self.kd_weight > 0 and teacher.topk_values is None
+                    and teacher.logits is not None
+                    and (self.kd_kind == "forward_kl" or (self.kd_kind == "jsd" and self.jsd_beta == 0.0)))
+
+    def fuses_lm_head(self, teacher: "TeacherOutputs") -> bool:
+        """Whether the fused loss also takes the student's LM head (`linear_kd_ce_loss`), so that the student's
+        logits are never materialised: when the logits are not needed for anything else (adaptive temperature)."""
+        return self.fuses_logit_losses(teacher) and self.temperature_schedule != "adaptive"
+
     def with_feature_pairs(self, pairs: Pairs) -> "ObjectiveSpec":
         return dataclasses.replace(self, feature_pairs=tuple(tuple(p) for p in pairs))
 
@@ -125,9 +137,16 @@ def distill_loss(
     step: Int[Array, ""],
     projections: FeatureProjections | None,
     balancer: LossBalancer | None,
+    head_weight: Array | None = None,
 ):
     """**Returns:** `(loss, metrics, new_balancer)`; metrics are namespaced (`distill/kd`, `distill/ce`,
-    `distill/feature/layer_3`, `distill/temperature`, `eplb/...`)."""
+    `distill/feature/layer_3`, `distill/temperature`, `eplb/...`).
+
+    `student_out.logits` may be None when `spec.fuses_lm_head(teacher)`: the loss then unembeds
+    `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk."""
+    if student_out.logits is None and not (spec.fuses_lm_head(teacher) and head_weight is not None):
+        raise ValueError("distill_loss needs the student's logits, or its last_hidden and head_weight when the "
+                         "objective fuses the LM head (spec.fuses_lm_head)")
     metrics: dict[str, Array] = {}
     zero = jnp.zeros((), jnp.float32)
     s_logits = student_out.logits
@@ -146,13 +165,17 @@ def distill_loss(
 
     kd = zero
     ce = zero
-    fused = (spec.fused_logit_loss and spec.kd_weight > 0 and teacher.topk_values is None
-             and (spec.kd_kind == "forward_kl" or (spec.kd_kind == "jsd" and spec.jsd_beta == 0.0)))
+    fused = spec.fuses_logit_losses(teacher)
     if fused:
-        # KD and CE in one pass over the logits, with their closed-form gradient (see `kd_ce_loss`).
-        logit_loss, m = kd_ce_loss(s_logits, teacher.logits, labels, mask, temperature=temperature,
-                                   kd_weight=spec.kd_weight, ce_weight=spec.ce_weight,
-                                   label_smoothing=spec.label_smoothing, chunk_size=spec.chunk_size)
+        # KD and CE in one pass over the logits, with their closed-form gradient (see `kd_ce_loss`); without the
+        # student's logits, through its LM head too (`linear_kd_ce_loss`).
+        args = dict(temperature=temperature, kd_weight=spec.kd_weight, ce_weight=spec.ce_weight,
+                    label_smoothing=spec.label_smoothing, chunk_size=spec.chunk_size)
+        if s_logits is None:
+            logit_loss, m = linear_kd_ce_loss(student_out.last_hidden, head_weight, teacher.logits, labels, mask,
+                                              **args)
+        else:
+            logit_loss, m = kd_ce_loss(s_logits, teacher.logits, labels, mask, **args)
         metrics.update(m)
         kd, ce = m["distill/kd"], m.get("distill/ce", zero)
     elif spec.kd_weight > 0:

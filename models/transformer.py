@@ -87,12 +87,15 @@ class CausalLMOutput(eqx.Module):
       outputs of layers 0..L-2, and the *final-normed* output of layer L-1.
     - `attentions`: L entries `[batch, heads, seq, seq]`, per-head attention probabilities (float32).
     - `qkv`: L triples `(q [batch, heads, seq, head_dim], k, v [batch, kv_heads, seq, head_dim])`, after RoPE.
+    - `last_hidden`: the final-normed hidden states `[batch, seq, embed]`, returned instead of `logits` when the
+      caller unembeds them itself (`output_logits=False`, e.g. a loss fused with the LM head).
     """
 
-    logits: Float[Array, "batch seq vocab"]
+    logits: Float[Array, "batch seq vocab"] | None
     hidden_states: tuple[Array, ...] | None = None
     attentions: tuple[Array, ...] | None = None
     qkv: tuple[tuple[Array, Array, Array], ...] | None = None
+    last_hidden: Float[Array, "batch seq embed"] | None = None
 
 
 class LayerStackOutput(eqx.Module):
@@ -203,6 +206,7 @@ class CausalLM(eqx.Module):
         output_qkv: bool = False,
         remat: bool = False,
         attention_impl: str = "auto",
+        output_logits: bool = True,
     ) -> CausalLMOutput:
         """**Arguments:**
 
@@ -213,6 +217,8 @@ class CausalLM(eqx.Module):
         - `remat`: rematerialise each layer in the backward pass (`jax.checkpoint` per scan step).
         - `attention_impl`: `"auto"` (cuDNN flash attention on GPUs in bf16/fp16 when no attention probabilities
             are asked for, else XLA), `"xla"` or `"cudnn"`; see `models.attention.resolve_implementation`.
+        - `output_logits`: False returns the final-normed hidden states as `last_hidden` and no logits (the caller
+            applies `unembedding_weight()` itself).
 
         **Returns:** a `CausalLMOutput`.
         """
@@ -232,16 +238,22 @@ class CausalLM(eqx.Module):
             attentions = tuple(stack.attentions[i] for i in range(n))
         if output_qkv:
             qkv = tuple(tuple(t[i] for t in stack.qkv) for i in range(n))
+        if not output_logits:
+            return CausalLMOutput(logits=None, hidden_states=hidden_states, attentions=attentions, qkv=qkv,
+                                  last_hidden=normed)
         return CausalLMOutput(logits=self.unembed(normed), hidden_states=hidden_states, attentions=attentions,
                               qkv=qkv)
 
     def embed(self, input_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq embed"]:
         return self.model.embed_tokens(input_ids)
 
+    def unembedding_weight(self) -> Float[Array, "vocab embed"]:
+        """The LM head's `[vocab, embed]` matrix: `lm_head.weight`, or the embedding table when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def unembed(self, h: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
         """Logits from final-normed hidden states (the tied embedding table when there is no lm_head)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return jnp.einsum("bsd,vd->bsv", h, weight.astype(h.dtype))
+        return jnp.einsum("bsd,vd->bsv", h, self.unembedding_weight().astype(h.dtype))
 
     # ----------------------------------------------------------------------------- inspection and surgery
 

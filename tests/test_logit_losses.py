@@ -16,6 +16,7 @@ from distill.logits import (
     cross_entropy_loss,
     kd_ce_loss,
     kd_loss,
+    linear_kd_ce_loss,
     sparse_kd_loss,
     teacher_topk,
 )
@@ -539,3 +540,39 @@ def test_kd_ce_masked_garbage_bf16_and_validation():
         kd_ce_loss(s, t, labels, mask, temperature=0.0, kd_weight=1.0, ce_weight=1.0)
     with pytest.raises(ConfigError, match="kd_weight"):
         kd_ce_loss(s, t, labels, mask, temperature=1.0, kd_weight=-1.0, ce_weight=1.0)
+
+
+@pytest.mark.parametrize("tied_vocab", [V, V + 3])
+def test_linear_kd_ce_equals_unembed_then_kd_ce(tied_vocab):
+    """With the LM head inside the loss: the values and the gradients with respect to the hidden states and the
+    head equal those of `kd_ce_loss` on `hidden @ weight.T` (itself checked against torch above), for chunk
+    sizes that divide the sequence, that do not (padding), and none; in fp32 and bf16."""
+    rng = np.random.default_rng(41)
+    hidden = jnp.asarray(rng.normal(size=(B, S, 6)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(tied_vocab, 6)) * 0.7, jnp.float32)
+    _, t, mask = make_inputs(41)
+    labels = jnp.asarray(rng.integers(0, V, size=(B, S)))
+    t, mask = jnp.asarray(t), jnp.asarray(mask)
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+        for chunk in (None, 3, S):
+            def reference(h, w):
+                logits = jnp.einsum("bsd,vd->bsv", h.astype(dtype), w.astype(dtype))
+                return kd_ce_loss(logits, t, labels, mask, temperature=1.5, kd_weight=0.9, ce_weight=0.4,
+                                  label_smoothing=0.05, chunk_size=chunk)
+
+            def fused(h, w):
+                return linear_kd_ce_loss(h.astype(dtype), w, t, labels, mask, temperature=1.5, kd_weight=0.9,
+                                         ce_weight=0.4, label_smoothing=0.05, chunk_size=chunk)
+
+            grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+            (a, ma), (gha, gwa) = jax.jit(grad(reference))(hidden, weight)
+            (b, mb), (ghb, gwb) = jax.jit(grad(fused))(hidden, weight)
+            what = f"{jnp.dtype(dtype).name} chunk={chunk}"
+            np.testing.assert_allclose(b, a, rtol=tol, err_msg=what)
+            assert set(ma) == set(mb), what
+            for key in ma:
+                np.testing.assert_allclose(mb[key], ma[key], rtol=tol, atol=1e-7, err_msg=f"{what} {key}")
+            scale_h, scale_w = float(jnp.max(jnp.abs(gha))), float(jnp.max(jnp.abs(gwa)))
+            np.testing.assert_allclose(ghb, gha, rtol=tol, atol=tol * scale_h, err_msg=what)
+            np.testing.assert_allclose(gwb, gwa, rtol=tol, atol=tol * scale_w, err_msg=what)
+            assert gwb.dtype == weight.dtype

@@ -240,6 +240,59 @@ def test_run_of_nonfinite_steps_stops_the_run(assets, tmp_path, monkeypatch):
     assert seen == [(1, 1), (2, 2)], seen  # step 3 was queued when step 2's count was read, and nothing later
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_lm_head_step_matches_autodiff_step(tied):
+    """KD + CE fused with the student's LM head (the default) equals differentiating the separate losses on
+    materialised logits: the gradient of every student parameter, and the train step's loss, components and
+    gradient norm. (Not the updated parameters: AdamW's first step moves a parameter by ~lr·sign(g), so a
+    near-zero gradient turns rounding-level differences into visible ones.)"""
+    from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss
+    from models import ModelConfig, init_model
+    from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=4, qkv_bias=True,
+                      tie_word_embeddings=tied)
+    teacher = init_model(dataclasses.replace(cfg, hidden_size=24, head_dim=6, tie_word_embeddings=False),
+                         key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 48, (4, 9))
+    batch = {"input_ids": ids[:, :-1].astype(np.int32), "labels": ids[:, 1:].astype(np.int32),
+             "mask": np.ones((4, 8), np.int32)}
+    batch["mask"][1, :3] = 0
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    student = init_model(cfg, key=jax.random.key(1))
+    metrics, grads = [], []
+    for fused in (True, False):
+        spec = ObjectiveSpec(kd_weight=1.0, ce_weight=0.3, label_smoothing=0.1, temperature_start=2.0, chunk_size=3,
+                             fused_logit_loss=fused)
+        t_out = TeacherOutputs(logits=teacher(jbatch["input_ids"], attention_mask=jbatch["mask"]).logits)
+        assert spec.fuses_lm_head(t_out) == fused
+
+        # The objective as the step calls it: gradients with respect to every student parameter.
+        def loss(model, spec=spec, t_out=t_out):
+            fuse = spec.fuses_lm_head(t_out)
+            out = model(jbatch["input_ids"], attention_mask=jbatch["mask"], output_logits=not fuse)
+            head = model.unembedding_weight() if out.logits is None else None
+            return distill_loss(spec, out, t_out, jbatch["labels"], jbatch["mask"], jnp.asarray(0), None, None,
+                                head_weight=head)[0]
+
+        grads.append(eqx.filter_jit(eqx.filter_grad(loss))(student))
+        # And the whole step: loss, components, gradient norm.
+        optimizer, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.01,
+                                             grad_clip=1.0)
+        fresh = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, student)  # donated
+        state = init_state(fresh, None, None, optimizer, jax.random.key(2), ())
+        step = make_train_step(StepConfig(spec, jnp.float32, 1, False), optimizer, schedule)
+        _, m = step(teacher, state, dict(jbatch), None)
+        metrics.append({k: float(v) for k, v in m.items()})
+    assert set(metrics[0]) == set(metrics[1])
+    for key in metrics[1]:
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(*(jax.tree.leaves(eqx.filter(g, eqx.is_array)) for g in grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))))
+
+
 def _cli(*args, cwd=None):
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env,

@@ -90,11 +90,15 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
     def loss_fn(trainable, static, balancer, step, micro, t_out):
         student, projections = eqx.combine(trainable, static)
         student_c = cast_floating(student, cfg.compute_dtype)
+        # With the LM head fused into the loss the student's [batch, seq, vocab] logits are never built.
+        fuse_head = spec.fuses_lm_head(t_out)
         out = student_c(micro["input_ids"], attention_mask=micro["mask"], output_hidden_states=spec.uses_features,
                         output_attentions=spec.uses_attention and spec.attention_kind == "kl",
-                        output_qkv=spec.uses_attention and spec.attention_kind == "relation", remat=cfg.remat)
+                        output_qkv=spec.uses_attention and spec.attention_kind == "relation", remat=cfg.remat,
+                        output_logits=not fuse_head)
         loss, metrics, new_balancer = distill_loss(spec, out, t_out, micro["labels"], micro["mask"], step,
-                                                   projections, balancer)
+                                                   projections, balancer,
+                                                   head_weight=student_c.unembedding_weight() if fuse_head else None)
         return loss, (metrics, new_balancer)
 
     @eqx.filter_jit(donate="all-except-first")
