@@ -27,7 +27,9 @@ width and vocabulary divided by `tensor` where the rules shard them):
   (`attention_loss: kl`) are `L·b·H·S²` float32 per model on top.
 - logits: the student's `b·S·V` logits and their cotangent in `c`, plus four float32 `[b, chunk, V]` arrays for
   the loss (the softmaxes of both models and the gradient); `chunk` is `distillation_params.logit_chunk_size`
-  (all of `S` when unset, which is why long sequences want it set).
+  (all of `S` when unset, which is why long sequences want it set). When the LM head is fused into the KD + CE
+  loss (`fused_logit_loss`, forward KL, a scheduled temperature, a live teacher) only one chunk's logits and
+  gradient exist, plus the hidden states' gradient `b·S·D·c` and the head's float32 gradient `V·D·4`.
 - feature matching: two float32 `[b, S, teacher_hidden]` arrays per mapped pair (projected student, normalised
   teacher), saved for the backward pass.
 - teacher outputs: the teacher's logits (and its hidden states for feature matching, its attention maps or q/k/v
@@ -430,7 +432,17 @@ class _Planner:
 
         chunk = min(spec.chunk_size or S, S)
         s_vocab, t_vocab = local("vocab", s_cfg.vocab_size), local("vocab", t_cfg.vocab_size)
-        logits = 2 * b * S * s_vocab * c + 4 * b * chunk * max(s_vocab, t_vocab) * 4
+        # With the LM head fused into the KD + CE loss (resident or streamed teacher, forward KL, scheduled
+        # temperature) the student's logits are never whole: one chunk's logits and gradient in `c`, the hidden
+        # states' gradient and the head's fp32 gradient accumulator instead.
+        fused_head = (setup.loading != "cached" and spec.fused_logit_loss and spec.kd_weight > 0
+                      and spec.temperature_schedule != "adaptive"
+                      and (spec.kd_kind == "forward_kl" or (spec.kd_kind == "jsd" and spec.jsd_beta == 0.0)))
+        if fused_head:
+            logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c + s_vocab * s_cfg.hidden_size * 4
+                      + 4 * b * chunk * max(s_vocab, t_vocab) * 4)
+        else:
+            logits = 2 * b * S * s_vocab * c + 4 * b * chunk * max(s_vocab, t_vocab) * 4
         features = 2 * len(self.pairs) * b * S * t_cfg.hidden_size * 4 if spec.uses_features else 0
 
         # Teacher outputs: per micro-batch when the teacher runs in the step, for the whole step otherwise.
@@ -464,7 +476,8 @@ class _Planner:
             (f"student layers ({'remat: boundaries + 1 layer' if setup.remat else 'all layers saved'})",
              student_layers),
             ("attention scores + probs, fp32 (b·H·S²)", attention),
-            (f"logits + loss in fp32 chunks of {chunk} tokens", logits),
+            (f"{'LM head fused into the loss, ' if fused_head else ''}logits + loss in fp32 chunks of {chunk} tokens",
+             logits),
         ]
         if features:
             parts.append((f"feature matching ({len(self.pairs)} pairs, fp32)", features))
