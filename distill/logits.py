@@ -605,7 +605,13 @@ def _linear_kd_ce_fwd(hidden, weight, teacher, labels, temperature, valid, kd_we
         div, ce, agree, correct, grad = _kd_ce_tokens(logits, t, y, temp, v, kd_weight=kd_weight,
                                                       ce_weight=ce_weight, label_smoothing=label_smoothing)
         d_hidden = jnp.einsum("bsv,vd->bsd", grad, w)
-        d_weight = jnp.einsum("bsv,bsd->vd", grad, h, preferred_element_type=jnp.float32)
+        if h.dtype == jnp.float32:
+            # hᵀ·G as [embed, vocab], then a transpose of that small result: with the big gradient as the
+            # right-hand operand XLA keeps it row-major instead of writing a transposed copy of it (CPU: 44.6 ->
+            # 40.4 ms per demo step). Not for bf16: XLA's CPU dot has no bf16 x bf16 -> f32 in this operand order.
+            d_weight = jnp.einsum("bsd,bsv->dv", h, grad).T
+        else:
+            d_weight = jnp.einsum("bsv,bsd->vd", grad, h, preferred_element_type=jnp.float32)
         return (div, ce, agree, correct, d_hidden), d_weight
 
     arrays = (hidden, teacher, labels, temperature, valid)
