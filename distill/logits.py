@@ -489,6 +489,11 @@ def _kd_ce_tokens(student, teacher, labels, temperature, valid, *, kd_weight: fl
     if vocab < vocab_s:
         grad_kd = jnp.pad(grad_kd, [(0, 0)] * (grad_kd.ndim - 1) + [(0, vocab_s - vocab)])
 
+    # Metrics with one argmax (an index-carrying reduction, the costliest kind here) instead of three: the student's
+    # top-1 agrees with the teacher's when the teacher's logit there is the teacher's maximum.
+    s_top = jnp.argmax(x[..., :vocab], axis=-1)
+    agree = (jnp.take_along_axis(t, s_top[..., None], axis=-1)[..., 0] >= jnp.max(t, axis=-1)).astype(jnp.float32)
+
     grad = kd_weight * grad_kd
     ce = correct = jnp.zeros(x.shape[:-1], jnp.float32)
     if ce_weight > 0:
@@ -501,15 +506,16 @@ def _kd_ce_tokens(student, teacher, labels, temperature, valid, *, kd_weight: fl
             ce = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_q1, axis=-1)
         target = (1.0 - label_smoothing) * onehot + label_smoothing / vocab_s
         grad = grad + ce_weight * (jnp.exp(log_q1) - target)
-    grad = jnp.where(valid[..., None], grad, 0.0).astype(student.dtype)
-    # Metrics with one argmax (an index-carrying reduction, the costliest kind here) instead of three: the student's
-    # top-1 agrees with the teacher's when the teacher's logit there is the teacher's maximum.
-    s_top = jnp.argmax(x[..., :vocab], axis=-1)
-    agree = (jnp.take_along_axis(t, s_top[..., None], axis=-1)[..., 0] >= jnp.max(t, axis=-1)).astype(jnp.float32)
-    if ce_weight > 0:
         s_top_all = s_top if vocab == vocab_s else jnp.argmax(x, axis=-1)
         correct = (s_top_all == labels).astype(jnp.float32)
+    grad = jnp.where(valid[..., None], grad, 0.0).astype(student.dtype)
     return div, ce, agree, correct, grad
+
+
+def _kd_ce_sums_of(valid, kd_weight, ce_weight, div, ce, agree, correct):
+    """Sums over the valid tokens of the weighted loss and of each per-token value."""
+    weighted = kd_weight * div + ce_weight * ce
+    return tuple(jnp.sum(jnp.where(valid, a, 0.0)) for a in (weighted, div, ce, agree, correct))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -524,9 +530,7 @@ def _kd_ce_fwd(student, teacher, labels, temperature, valid, kd_weight, ce_weigh
                              label_smoothing=label_smoothing)
 
     div, ce, agree, correct, grad = chunked_map(tokens, (student, teacher, labels, temperature, valid), chunk_size)
-    weighted = kd_weight * div + ce_weight * ce
-    sums = tuple(jnp.sum(jnp.where(valid, a, 0.0)) for a in (weighted, div, ce, agree, correct))
-    return sums, grad
+    return _kd_ce_sums_of(valid, kd_weight, ce_weight, div, ce, agree, correct), grad
 
 
 def _kd_ce_bwd(kd_weight, ce_weight, label_smoothing, chunk_size, grad, cotangents):
@@ -567,19 +571,25 @@ def kd_ce_loss(
     `(loss, metrics)`: the weighted loss (differentiable) and `distill/kd`, `distill/top1_agreement`, and with
     `ce_weight > 0` `distill/ce`, `distill/accuracy` (values only; with `ce_weight == 0` no CE is computed).
     """
+    teacher_logits, temperature, valid = _kd_ce_inputs(teacher_logits, mask, temperature, kd_weight, ce_weight,
+                                                       label_smoothing, chunk_size)
+    weighted, div, ce, agree, correct = _kd_ce_sums(
+        student_logits, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
+        float(label_smoothing), chunk_size,
+    )
+    return _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct)
+
+
+def _kd_ce_inputs(teacher_logits, mask, temperature, kd_weight, ce_weight, label_smoothing, chunk_size):
+    """Checks the settings of [`kd_ce_loss`][] / [`linear_kd_ce_loss`][]; returns the stop-gradient teacher logits,
+    the per-token stop-gradient temperature and the boolean mask."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if kd_weight < 0 or ce_weight < 0:
         raise ConfigError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r} and {ce_weight!r}")
     _check_chunk_size(chunk_size)
     temperature = jax.lax.stop_gradient(_token_temperature(temperature, mask.shape))
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    valid = _as_valid(mask)
-    weighted, div, ce, agree, correct = _kd_ce_sums(
-        student_logits, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
-        float(label_smoothing), chunk_size,
-    )
-    return _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct)
+    return jax.lax.stop_gradient(teacher_logits), temperature, _as_valid(mask)
 
 
 def _kd_ce_result(valid, ce_weight, weighted, div, ce, agree, correct):
@@ -632,8 +642,7 @@ def _linear_kd_ce_fwd(hidden, weight, teacher, labels, temperature, valid, kd_we
         d_weight, per_token = jax.lax.scan(body, jnp.zeros(weight.shape, jnp.float32),
                                            tuple(_split_chunks(x, chunk_size) for x in arrays))
         div, ce, agree, correct, d_hidden = (_merge_chunks(y, seq) for y in per_token)
-    weighted = kd_weight * div + ce_weight * ce
-    sums = tuple(jnp.sum(jnp.where(valid, a, 0.0)) for a in (weighted, div, ce, agree, correct))
+    sums = _kd_ce_sums_of(valid, kd_weight, ce_weight, div, ce, agree, correct)
     return sums, (d_hidden, d_weight.astype(weight.dtype))
 
 
@@ -671,14 +680,8 @@ def linear_kd_ce_loss(
 
     **Returns:** as [`kd_ce_loss`][].
     """
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if kd_weight < 0 or ce_weight < 0:
-        raise ConfigError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r} and {ce_weight!r}")
-    _check_chunk_size(chunk_size)
-    temperature = jax.lax.stop_gradient(_token_temperature(temperature, mask.shape))
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    valid = _as_valid(mask)
+    teacher_logits, temperature, valid = _kd_ce_inputs(teacher_logits, mask, temperature, kd_weight, ce_weight,
+                                                       label_smoothing, chunk_size)
     weighted, div, ce, agree, correct = _linear_kd_ce_sums(
         hidden, weight, teacher_logits, labels, temperature, valid, float(kd_weight), float(ce_weight),
         float(label_smoothing), chunk_size,

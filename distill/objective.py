@@ -87,17 +87,16 @@ class ObjectiveSpec:
         return ProgressiveSchedule(len(self.feature_pairs), num_stages=self.eplb_stages,
                                    stage_steps=self.eplb_stage_steps, ramp_steps=self.eplb_ramp_steps)
 
-    def fuses_logit_losses(self, teacher: "TeacherOutputs") -> bool:
-        """Whether KD and CE run as one fused loss (`kd_ce_loss` / `linear_kd_ce_loss`): dense forward-KL KD at a
-        scheduled temperature (the adaptive one reads the student's logits), `fused_logit_loss` on."""
-        return bool(self.fused_logit_loss and self.kd_weight > 0 and teacher.topk_values is None
-                    and teacher.logits is not None
+    def fuses_logit_losses(self, dense_teacher: bool) -> bool:
+        """Whether KD and CE run as one fused loss (`kd_ce_loss` / `linear_kd_ce_loss`): forward-KL KD against
+        the teacher's full logits (`dense_teacher`: not a top-k cache), `fused_logit_loss` on."""
+        return bool(self.fused_logit_loss and self.kd_weight > 0 and dense_teacher
                     and (self.kd_kind == "forward_kl" or (self.kd_kind == "jsd" and self.jsd_beta == 0.0)))
 
-    def fuses_lm_head(self, teacher: "TeacherOutputs") -> bool:
+    def fuses_lm_head(self, dense_teacher: bool) -> bool:
         """Whether the fused loss also takes the student's LM head (`linear_kd_ce_loss`), so that the student's
         logits are never materialised: when the logits are not needed for anything else (adaptive temperature)."""
-        return self.fuses_logit_losses(teacher) and self.temperature_schedule != "adaptive"
+        return self.fuses_logit_losses(dense_teacher) and self.temperature_schedule != "adaptive"
 
     def with_feature_pairs(self, pairs: Pairs) -> "ObjectiveSpec":
         return dataclasses.replace(self, feature_pairs=tuple(tuple(p) for p in pairs))
@@ -116,6 +115,11 @@ class TeacherOutputs(eqx.Module):
     topk_values: Float[Array, "batch seq k"] | None = None
     topk_indices: Int[Array, "batch seq k"] | None = None
     tail_logsumexp: Float[Array, "batch seq"] | None = None
+
+    @property
+    def dense(self) -> bool:
+        """The teacher's full logits are here (not a top-k cache)."""
+        return self.logits is not None and self.topk_values is None
 
 
 def teacher_outputs(teacher, input_ids, mask, spec: ObjectiveSpec) -> TeacherOutputs:
@@ -142,9 +146,9 @@ def distill_loss(
     """**Returns:** `(loss, metrics, new_balancer)`; metrics are namespaced (`distill/kd`, `distill/ce`,
     `distill/feature/layer_3`, `distill/temperature`, `eplb/...`).
 
-    `student_out.logits` may be None when `spec.fuses_lm_head(teacher)`: the loss then unembeds
+    `student_out.logits` may be None when `spec.fuses_lm_head(teacher.dense)`: the loss then unembeds
     `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk."""
-    if student_out.logits is None and not (spec.fuses_lm_head(teacher) and head_weight is not None):
+    if student_out.logits is None and not (spec.fuses_lm_head(teacher.dense) and head_weight is not None):
         raise ValueError("distill_loss needs the student's logits, or its last_hidden and head_weight when the "
                          "objective fuses the LM head (spec.fuses_lm_head)")
     metrics: dict[str, Array] = {}
@@ -165,7 +169,7 @@ def distill_loss(
 
     kd = zero
     ce = zero
-    fused = spec.fuses_logit_losses(teacher)
+    fused = spec.fuses_logit_losses(teacher.dense)
     if fused:
         # KD and CE in one pass over the logits, with their closed-form gradient (see `kd_ce_loss`); without the
         # student's logits, through its LM head too (`linear_kd_ce_loss`).

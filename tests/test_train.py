@@ -267,11 +267,11 @@ def test_fused_lm_head_step_matches_autodiff_step(tied):
         spec = ObjectiveSpec(kd_weight=1.0, ce_weight=0.3, label_smoothing=0.1, temperature_start=2.0, chunk_size=3,
                              fused_logit_loss=fused)
         t_out = TeacherOutputs(logits=teacher(jbatch["input_ids"], attention_mask=jbatch["mask"]).logits)
-        assert spec.fuses_lm_head(t_out) == fused
+        assert spec.fuses_lm_head(t_out.dense) == fused
 
         # The objective as the step calls it: gradients with respect to every student parameter.
         def loss(model, spec=spec, t_out=t_out):
-            fuse = spec.fuses_lm_head(t_out)
+            fuse = spec.fuses_lm_head(t_out.dense)
             out = model(jbatch["input_ids"], attention_mask=jbatch["mask"], output_logits=not fuse)
             head = model.unembedding_weight() if out.logits is None else None
             return distill_loss(spec, out, t_out, jbatch["labels"], jbatch["mask"], jnp.asarray(0), None, None,

@@ -435,9 +435,7 @@ class _Planner:
         # With the LM head fused into the KD + CE loss (resident or streamed teacher, forward KL, scheduled
         # temperature) the student's logits are never whole: one chunk's logits and gradient in `c`, the hidden
         # states' gradient and the head's fp32 gradient accumulator instead.
-        fused_head = (setup.loading != "cached" and spec.fused_logit_loss and spec.kd_weight > 0
-                      and spec.temperature_schedule != "adaptive"
-                      and (spec.kd_kind == "forward_kl" or (spec.kd_kind == "jsd" and spec.jsd_beta == 0.0)))
+        fused_head = spec.fuses_lm_head(dense_teacher=setup.loading != "cached")
         if fused_head:
             logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c + s_vocab * s_cfg.hidden_size * 4
                       + 4 * b * chunk * max(s_vocab, t_vocab) * 4)

@@ -91,7 +91,7 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         student, projections = eqx.combine(trainable, static)
         student_c = cast_floating(student, cfg.compute_dtype)
         # With the LM head fused into the loss the student's [batch, seq, vocab] logits are never built.
-        fuse_head = spec.fuses_lm_head(t_out)
+        fuse_head = spec.fuses_lm_head(t_out.dense)
         out = student_c(micro["input_ids"], attention_mask=micro["mask"], output_hidden_states=spec.uses_features,
                         output_attentions=spec.uses_attention and spec.attention_kind == "kl",
                         output_qkv=spec.uses_attention and spec.attention_kind == "relation", remat=cfg.remat,
