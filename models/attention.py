@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -95,14 +96,14 @@ class Attention(eqx.Module):
             out = jnp.where(row_valid[:, 0, 0], out.reshape(b, s, h * hd), 0.0).astype(q.dtype)
             probs = None
         else:
-            out, probs = self._xla_attention(q, k, v, mask, row_valid)
+            out, probs = self._xla_attention(q, k, v, mask, row_valid, output_attentions)
         return AttentionOutput(
             output=self.o_proj(out),
             probs=probs.reshape(b, h, s, s) if output_attentions else None,  # head = kv · group + g
             qkv=(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if output_qkv else None,
         )
 
-    def _xla_attention(self, q, k, v, mask, row_valid):
+    def _xla_attention(self, q, k, v, mask, row_valid, need_probs):
         b, s = q.shape[:2]
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
         group = h // g
@@ -111,12 +112,55 @@ class Attention(eqx.Module):
         # (b, kv), and the scores [b, kv, group·s, s] need no transpose on the way into or out of the softmax.
         qt = q.reshape(b, s, g, group, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, group * s, hd)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
         mask = jnp.broadcast_to(mask, (b, 1, group, s, s)).reshape(b, 1, group * s, s)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(jnp.broadcast_to(row_valid, (b, 1, group, s, 1)).reshape(b, 1, group * s, 1), probs, 0.0)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vt)
+        row_valid = jnp.broadcast_to(row_valid, (b, 1, group, s, 1)).reshape(b, 1, group * s, 1)
+        scale = 1.0 / math.sqrt(hd)
+        if need_probs:  # differentiated through the probabilities too (attention-pattern losses)
+            probs = _probs(qt, kt, mask, row_valid, scale)
+            out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vt)
+        else:
+            out, probs = _attention_core(qt, kt, vt, mask, row_valid, scale), None
         out = out.reshape(b, g, group, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd)
         return out, probs
+
+
+def _probs(qt, kt, mask, row_valid, scale):
+    """Masked softmax of the scaled scores, float32, `[b, kv, group·s, s]`; rows with no valid key are zero."""
+    scores = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(row_valid, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_core(qt, kt, vt, mask, row_valid, scale):
+    """`softmax(q kᵀ·scale) v` over `[b, kv, queries, ·]` with its backward pass written out.
+
+    The forward's probabilities are the residual, and the two products that contract over the query axis,
+    `dK = dSᵀ q` and `dV = Pᵀ dO`, are computed as `(qᵀ dS)ᵀ` and `(dOᵀ P)ᵀ`: the small `[queries, head_dim]`
+    operand is transposed, never the `[queries, keys]` one. Autodiff's form ran in XLA's generic CPU dot emitter
+    at a tenth of the speed (demo-size distillation step on 2 CPU cores: 37.9 -> 36.1 ms)."""
+    return _attention_core_fwd(qt, kt, vt, mask, row_valid, scale)[0]
+
+
+def _attention_core_fwd(qt, kt, vt, mask, row_valid, scale):
+    probs = _probs(qt, kt, mask, row_valid, scale)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(vt.dtype), vt)
+    return out, (qt, kt, vt, probs)
+
+
+def _attention_core_bwd(scale, residuals, d_out):
+    qt, kt, vt, probs = residuals
+    f32 = jnp.float32
+    d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out, vt, preferred_element_type=f32)
+    # Softmax backward: dS = P ⊙ (dP - rowsum(P ⊙ dP)); masked keys and empty rows have P = 0, so dS = 0 there.
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True)) * scale
+    d_scores_c = d_scores.astype(qt.dtype)
+    d_q = jnp.einsum("bkqs,bksd->bkqd", d_scores_c, kt, preferred_element_type=f32)
+    d_k = jnp.einsum("bkdq,bkqs->bkds", jnp.swapaxes(qt, -1, -2), d_scores_c, preferred_element_type=f32)
+    d_v = jnp.einsum("bkdq,bkqs->bkds", jnp.swapaxes(d_out, -1, -2), probs.astype(vt.dtype),
+                     preferred_element_type=f32)
+    return (d_q.astype(qt.dtype), jnp.swapaxes(d_k, -1, -2).astype(kt.dtype),
+            jnp.swapaxes(d_v, -1, -2).astype(vt.dtype), None, None)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)

@@ -11,9 +11,55 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig, rope_inv_freq
+
+
+LINEAR_OUTPUT = "linear_output"
+"""`checkpoint_name` of every [`linear`][] product, for remat policies that keep them (see `run_layers`)."""
+
+
+def linear(x: Float[Array, "*batch in"], weight: Float[Array, "out in"]) -> Float[Array, "*batch out"]:
+    """`x @ weight.T`, named [`LINEAR_OUTPUT`][] for remat policies.
+
+    On XLA's CPU backend the product's backward pass is written out ([`_cpu_linear`][]); elsewhere it is the plain
+    einsum and autodiff."""
+    if jax.default_backend() == "cpu":
+        y = _cpu_linear(x, weight)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, weight)
+    return checkpoint_name(y, LINEAR_OUTPUT)
+
+
+@jax.custom_vjp
+def _cpu_linear(x, weight):
+    """`x @ weight.T` whose weight gradient `dyᵀ x` transposes the smaller of the two token-major operands.
+
+    Autodiff leaves the choice to XLA, whose CPU backend copies `dy` into `[out, tokens]` whatever the widths; when
+    `in < out` (q/k/v, gate and up projections) transposing `x` instead and the `[in, out]` result after is less
+    copying (demo-size distillation step on 2 CPU cores: 37.7 -> 34.6 ms)."""
+    return jnp.einsum("...i,oi->...o", x, weight)
+
+
+def _cpu_linear_fwd(x, weight):
+    return _cpu_linear(x, weight), (x, weight)
+
+
+def _cpu_linear_bwd(residuals, dy):
+    x, weight = residuals
+    d_in, d_out = x.shape[-1], dy.shape[-1]
+    dx = jnp.einsum("...o,oi->...i", dy, weight)
+    x2, dy2 = x.reshape(-1, d_in), dy.reshape(-1, d_out)
+    if d_in < d_out:
+        d_weight = jnp.einsum("in,no->io", x2.T, dy2).T
+    else:
+        d_weight = jnp.einsum("on,ni->oi", dy2.T, x2)
+    return dx, d_weight.astype(weight.dtype)
+
+
+_cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
 
 
 class Linear(eqx.Module):
@@ -29,7 +75,7 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((out_features,), jnp.float32) if use_bias else None
 
     def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
-        y = jnp.einsum("...i,oi->...o", x, self.weight.astype(x.dtype))
+        y = linear(x, self.weight.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         return y

@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .attention import Attention
 from .config import ModelConfig
-from .layers import Embedding, Linear, RMSNorm, rotary_tables
+from .layers import LINEAR_OUTPUT, Embedding, Linear, RMSNorm, rotary_tables
 
 
 class MLP(eqx.Module):
@@ -159,8 +159,9 @@ def run_layers(
     # only the weight matmuls' outputs are, and the attention scores and elementwise work are recomputed. Storing
     # every residual of the body into the scan's stacked buffers cost more than recomputing them (d=512 student on
     # CPU: forward+backward 799 ms saving everything, 697 ms with this policy, 714 ms with full remat).
-    policy = jax.checkpoint_policies.nothing_saveable if remat else \
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    policies = jax.checkpoint_policies
+    policy = policies.nothing_saveable if remat else policies.save_from_both_policies(
+        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(LINEAR_OUTPUT))
     step = jax.checkpoint(step, prevent_cse=False, policy=policy)
     h, (inputs, probs, qkv) = jax.lax.scan(step, h, params)
     return LayerStackOutput(hidden=h, layer_inputs=inputs, attentions=probs, qkv=qkv)
