@@ -94,6 +94,10 @@ class BenchSize:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    def gemm_shape(self) -> tuple[int, int, int]:
+        """`(m, k, n)` of the teacher's MLP up-projection over the step's tokens: its most common matmul."""
+        return self.tokens, self.teacher.hidden_size, self.teacher.intermediate_size
+
     def flops_per_step(self) -> float:
         """Teacher forward (×1) + student forward and backward (×3), from `ModelConfig.flops_per_token`."""
         per_token = self.teacher.flops_per_token(self.seq) + 3 * self.student.flops_per_token(self.seq)
@@ -182,30 +186,40 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def gemm_rate_jax(m: int, k: int, n: int, repeats: int, dtype, weight_layout: bool = True) -> float:
+    """FLOP/s of the best of `repeats` jitted `[m, k] @ [k, n]` products (2mkn FLOPs each). With `weight_layout`
+    the right operand is stored `[n, k]` and contracted on its last axis, as a `Linear` weight is."""
+    x = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    w = jax.random.normal(jax.random.key(1), (n, k) if weight_layout else (k, n), dtype)
+    product = jax.jit(lambda x, w: jnp.einsum("mk,nk->mn" if weight_layout else "mk,kn->mn", x, w))
+    product(x, w).block_until_ready()
+    return 2 * m * k * n / min(timed(lambda: product(x, w).block_until_ready()) for _ in range(repeats))
+
+
 def matmul_peak_jax(n: int, repeats: int, dtype) -> float:
     """FLOP/s of the best of `repeats` jitted `n×n @ n×n` products (2n³ FLOPs each)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    return 2 * n**3 / min(timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
+    return gemm_rate_jax(n, n, n, repeats, dtype, weight_layout=False)
+
+
+def gemm_rate_torch(m: int, k: int, n: int, repeats: int, dtype: str, device: str = "cpu",
+                    weight_layout: bool = True) -> float:
+    """`gemm_rate_jax` for torch (`x @ w.T` with `weight_layout`, as `nn.Linear`)."""
+    import torch
+
+    x = torch.randn(m, k, dtype=getattr(torch, dtype), device=device)
+    w = torch.randn((n, k) if weight_layout else (k, n), dtype=getattr(torch, dtype), device=device)
+
+    def product():  # CUDA launches are asynchronous: synchronise before reading the clock
+        x @ w.T if weight_layout else x @ w
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    product()
+    return 2 * m * k * n / min(timed(product) for _ in range(repeats))
 
 
 def matmul_peak_torch(n: int, repeats: int, dtype: str, device: str = "cpu") -> float:
-    import torch
-
-    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
-    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
-    if device == "cpu":
-        a @ b
-        return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
-
-    def product():  # CUDA launches are asynchronous: synchronise before reading the clock
-        a @ b
-        torch.cuda.synchronize()
-
-    product()
-    return 2 * n**3 / min(timed(product) for _ in range(repeats))
+    return gemm_rate_torch(n, n, n, repeats, dtype, device, weight_layout=False)
 
 
 def attention_kernel(size: BenchSize, dtype: str) -> str:
@@ -441,6 +455,7 @@ def torch_worker(size: str, batch: int, seq: int, dtype: str, steps: int, warmup
         for b in batches[:warmup]:
             runner.step(b)
     out = time_runner(runner, batches[warmup:], max(3, steps))
+    out["gemm_rate"] = gemm_rate_torch(*bench.gemm_shape(), 20, dtype, device)
     return {**out, "matmul_peak": peak, "threads": torch.get_num_threads(), **mem.phases["torch step"],
             "resettable": mem.resettable,
             "process_peak_mb": mem.overall_peak() / MB, "torch_version": torch.__version__}
@@ -505,7 +520,8 @@ def time_jax(size: BenchSize, dtype: str, steps: int, warmup: int, mem: PhaseMem
         runner = JaxRunner(size, dtype)
         for batch in batches[:warmup]:
             runner.step(batch)
-    return time_runner(runner, batches[warmup:], max(3, steps))
+    out = time_runner(runner, batches[warmup:], max(3, steps))
+    return {**out, "gemm_rate": gemm_rate_jax(*size.gemm_shape(), 20, DTYPES[dtype])}
 
 
 def bench_size(size: BenchSize, dtype: str, steps: int, warmup: int, with_torch: bool, mem: PhaseMemory,
@@ -704,6 +720,8 @@ def step_rows(size: BenchSize, r: dict, peak: float, torch_r: dict | None, dtype
             Row(s, "vishwam MFU", 100 * flops / r["step_s"] / peak, "%", "model FLOPs per step / step time / JAX "
                 f"matmul peak; loss {r['first_loss']:.3f} → {r['last_loss']:.3f}, {r['skipped']} skipped"),
         ]
+        if "gemm_rate" in r:
+            rows.append(gemm_row(size, "JAX", r["gemm_rate"], peak))
     if torch_r is not None and "error" in torch_r:
         rows.append(Row(s, "torch step", float("nan"), "ms", f"FAILED: {torch_r['error']}"))
     elif torch_r is not None:
@@ -718,10 +736,20 @@ def step_rows(size: BenchSize, r: dict, peak: float, torch_r: dict | None, dtype
             Row(s, "torch MFU", 100 * flops / torch_r["step_s"] / peak, "%",
                 f"same FLOPs / JAX matmul peak; loss {torch_r['first_loss']:.3f} → {torch_r['last_loss']:.3f}"),
         ]
+        if "gemm_rate" in torch_r:
+            rows.append(gemm_row(size, "torch", torch_r["gemm_rate"], peak))
         if tps is not None:
             rows.append(Row(s, "ratio vishwam / torch", tps / t_tps, "×", "tokens/s over tokens/s (medians); "
                             f"best-step ratio {torch_r['best_step_s'] / r['best_step_s']:.2f}×"))
     return rows
+
+
+def gemm_row(size: BenchSize, framework: str, rate: float, peak: float) -> Row:
+    """One framework's matmul rate at the step's most common shape, against the JAX square-matmul peak."""
+    m, k, n = size.gemm_shape()
+    scale, unit = flops_unit(peak)
+    return Row(size.name, f"{framework} matmul at the teacher's MLP shape", rate / scale, unit,
+               f"`x @ W.T`, x {m}×{k}, W {n}×{k}, best of 20; {100 * rate / peak:.0f}% of the JAX square peak")
 
 
 def hwm(resettable: bool) -> str:
