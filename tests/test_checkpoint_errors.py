@@ -165,3 +165,24 @@ def test_full_load_peak_memory_is_bounded(tmp_path):
     assert int(nbytes) > 40e6
     print(f"extra peak RSS / checkpoint bytes = {float(ratio):.3f}")
     assert float(ratio) <= 1.3, out.stdout
+
+
+def test_failed_open_never_closes_a_reused_descriptor(tmp_path):
+    """A shard whose header fails to parse closes its descriptor once: collecting the failed object later must
+    not close whichever file has reused that descriptor number since."""
+    import gc
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    errors = []
+    for _ in range(3):
+        try:
+            SafetensorsFile(bad)
+        except CheckpointError as e:
+            errors.append(e)  # its traceback keeps the half-built object alive
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"payload")
+    with open(other, "rb") as f:  # on the descriptor number the failed opens used
+        errors.clear()
+        gc.collect()
+        assert f.read() == b"payload"

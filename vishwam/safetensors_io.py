@@ -65,7 +65,9 @@ class SafetensorsFile:
         try:
             self.tensors, self.metadata, self._data_start = self._parse_header()
         except Exception:
-            os.close(self._fd)
+            # Through `close`, which marks the descriptor closed: a bare `os.close` left `__del__` to close the same
+            # number again later, by then possibly another file's.
+            self.close()
             raise
 
     def _parse_header(self):
