@@ -34,6 +34,34 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, need_probs
     return implementation
 
 
+class CausalMask(eqx.Module):
+    """Causal attention over each row's valid keys: query `i` sees key `j` when `j <= i` and `key_valid[b, j]`.
+
+    Only the `[batch, seq]` validity is held; the `[seq, seq]` pattern is built where it is used, from iotas
+    that XLA fuses into the masking of the scores. (A materialised `[batch, 1, 1, seq, seq]` mask, read by every
+    layer, cost about a third of the attention forward on CPU.)"""
+
+    key_valid: Bool[Array, "batch seq"]
+
+    def dense(self) -> Bool[Array, "batch 1 1 seq seq"]:
+        s = self.key_valid.shape[-1]
+        return jnp.tril(jnp.ones((s, s), bool))[None, None, None] & self.key_valid[:, None, None, None, :]
+
+    def grouped(self, group: int, start: int = 0, stop: int | None = None) -> Bool[Array, "batch 1 queries keys"]:
+        """The mask of queries `[start, stop)` stacked `group` times along the query axis against keys
+        `[0, stop)`: `[b, 1, group·(stop - start), stop]` (the keys after `stop` are all masked for them)."""
+        b, s = self.key_valid.shape
+        stop = s if stop is None else stop
+        shape = (group, stop - start, stop)
+        query = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + start
+        key = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
+        return ((key <= query)[None] & self.key_valid[:, None, None, :stop]).reshape(b, 1, group * (stop - start), stop)
+
+    def row_valid(self) -> Bool[Array, "batch seq"]:
+        """Whether query `i` sees any key: false at left-pad positions before a row's first real token."""
+        return jnp.cumsum(self.key_valid.astype(jnp.int32), axis=-1) > 0
+
+
 class AttentionOutput(eqx.Module):
     """What one attention block returns: its output, and the per-head probabilities and q/k/v when asked."""
 
@@ -73,7 +101,7 @@ class Attention(eqx.Module):
         x: Float[Array, "batch seq embed"],
         cos: Float[Array, "batch seq head_dim"],
         sin: Float[Array, "batch seq head_dim"],
-        mask: Bool[Array, "batch 1 1 seq seq"],
+        mask: CausalMask,
         *,
         output_attentions: bool = False,
         output_qkv: bool = False,
@@ -90,10 +118,10 @@ class Attention(eqx.Module):
 
         impl = resolve_implementation(implementation, q.dtype, hd, output_attentions)
         # A query row with no valid key (a left-pad position) attends to nothing rather than uniformly.
-        row_valid = jnp.any(mask, axis=-1, keepdims=True)  # [b, 1, 1, s, 1]
+        row_valid = mask.row_valid()
         if impl == "cudnn":
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], implementation="cudnn")
-            out = jnp.where(row_valid[:, 0, 0], out.reshape(b, s, h * hd), 0.0).astype(q.dtype)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, 0], implementation="cudnn")
+            out = jnp.where(row_valid[..., None], out.reshape(b, s, h * hd), 0.0).astype(q.dtype)
             probs = None
         else:
             out, probs = self._xla_attention(q, k, v, mask, row_valid, output_attentions)
@@ -110,18 +138,43 @@ class Attention(eqx.Module):
         # Query heads grouped under the kv head they share, each group's queries stacked along the query axis:
         # q [b, kv, group·s, hd] against k, v [b, kv, s, hd]. Both products are then plain batched matmuls over
         # (b, kv), and the scores [b, kv, group·s, s] need no transpose on the way into or out of the softmax.
-        qt = q.reshape(b, s, g, group, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, group * s, hd)
+        q5 = q.reshape(b, s, g, group, hd).transpose(0, 2, 3, 1, 4)  # [b, kv, group, s, hd]
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        mask = jnp.broadcast_to(mask, (b, 1, group, s, s)).reshape(b, 1, group * s, s)
-        row_valid = jnp.broadcast_to(row_valid, (b, 1, group, s, 1)).reshape(b, 1, group * s, 1)
         scale = 1.0 / math.sqrt(hd)
         if need_probs:  # differentiated through the probabilities too (attention-pattern losses)
-            probs = _probs(qt, kt, mask, row_valid, scale)
-            out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vt)
+            probs = _probs(q5.reshape(b, g, group * s, hd), kt, mask.grouped(group), _stacked(row_valid, group),
+                           scale)
+            out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vt).reshape(b, g, group, s, hd)
         else:
-            out, probs = _attention_core(qt, kt, vt, mask, row_valid, scale), None
-        out = out.reshape(b, g, group, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd)
-        return out, probs
+            # Causal blocks: the queries of block i read only the keys up to the block's end, skipping the masked
+            # upper triangle, (n - 1) / 2n of the scores (2 CPU cores: demo step 33.7 -> 31.3 ms with four
+            # blocks of 32, d512 step 1202 -> 1151 ms with eight).
+            n = _causal_blocks(s)
+            size = s // n
+            parts = []
+            for i in range(n):
+                lo, hi = i * size, (i + 1) * size
+                part = _attention_core(q5[:, :, :, lo:hi].reshape(b, g, group * size, hd), kt[:, :, :hi],
+                                       vt[:, :, :hi], mask.grouped(group, lo, hi),
+                                       _stacked(row_valid[:, lo:hi], group), scale)
+                parts.append(part.reshape(b, g, group, size, hd))
+            out, probs = jnp.concatenate(parts, axis=3) if n > 1 else parts[0], None
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd), probs
+
+
+def _causal_blocks(seq: int) -> int:
+    """How many query blocks causal attention splits `seq` into: blocks of at least 32 queries, at most 8, an
+    exact divisor of `seq` (1 when none is)."""
+    n = min(8, seq // 32)
+    while n > 1 and seq % n:
+        n -= 1
+    return max(n, 1)
+
+
+def _stacked(row_valid, group):
+    """`[b, s]` row validity for queries stacked `group` times: `[b, 1, group·s, 1]`."""
+    b, s = row_valid.shape
+    return jnp.broadcast_to(row_valid[:, None, None, :, None], (b, 1, group, s, 1)).reshape(b, 1, group * s, 1)
 
 
 def _probs(qt, kt, mask, row_valid, scale):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .attention import Attention
+from .attention import Attention, CausalMask
 from .config import ModelConfig
 from .layers import LINEAR_OUTPUT, Embedding, Linear, RMSNorm, rotary_tables
 
@@ -112,8 +112,9 @@ def prepare_inputs(
     input_ids: Int[Array, "batch seq"],
     attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     position_ids: Int[Array, "batch seq"] | None = None,
-) -> tuple[Bool[Array, "batch 1 1 seq seq"], Float[Array, "batch seq head_dim"], Float[Array, "batch seq head_dim"]]:
-    """The boolean attention mask (causal and key padding) and the RoPE tables for a batch.
+) -> tuple[CausalMask, Float[Array, "batch seq head_dim"], Float[Array, "batch seq head_dim"]]:
+    """The attention mask (causal over each row's real tokens, see [`CausalMask`][]) and the RoPE tables for a
+    batch.
 
     Without `position_ids`, positions count the real tokens of each row (`cumsum(mask) - 1`), so a left-padded
     row gets the same positions, and so the same outputs, as the unpadded sequence. (transformers' forward
@@ -126,10 +127,8 @@ def prepare_inputs(
         valid = attention_mask.astype(bool)
     if position_ids is None:
         position_ids = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    mask = causal[None, None, None] & valid[:, None, None, None, :]
     cos, sin = rotary_tables(config, position_ids)
-    return mask, cos, sin
+    return CausalMask(valid), cos, sin
 
 
 def run_layers(
@@ -137,7 +136,7 @@ def run_layers(
     h: Float[Array, "batch seq embed"],
     cos: Float[Array, "batch seq head_dim"],
     sin: Float[Array, "batch seq head_dim"],
-    mask: Bool[Array, "batch 1 1 seq seq"],
+    mask: CausalMask,
     *,
     output_hidden_states: bool = False,
     output_attentions: bool = False,

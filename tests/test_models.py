@@ -351,3 +351,34 @@ def test_linear_backward_matches_autodiff(widths):
         want = jax.grad(lambda x, w: jnp.sum(jnp.einsum("...i,oi->...o", x, w) * cot), argnums=(0, 1))(x, w)
         for a, r in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_block_counts():
+    from models.attention import _causal_blocks
+
+    assert [_causal_blocks(s) for s in (7, 31, 32, 64, 96, 128, 100, 256, 4096, 200)] == [1, 1, 1, 2, 3, 4, 2, 8, 8, 5]
+
+
+def test_causal_blocks_equal_one_block(monkeypatch):
+    """Attention split into causal query blocks (seq 128: four) gives the single block's logits and gradients,
+    left padding included."""
+    import models.attention
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qkv_bias=True)
+    model = init_model(cfg, key=jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    ids = jax.random.randint(jax.random.key(2), (2, 128), 0, 64)
+    mask = jnp.ones((2, 128), jnp.int32).at[0, :37].set(0)
+
+    def run(p):
+        logits = eqx.combine(p, static)(ids, attention_mask=mask).logits
+        return jnp.sum(jnp.where(mask[..., None] > 0, jnp.sin(logits), 0.0)), logits
+
+    assert models.attention._causal_blocks(128) == 4
+    (_, blocked), g_blocked = jax.value_and_grad(run, has_aux=True)(params)
+    monkeypatch.setattr(models.attention, "_causal_blocks", lambda seq: 1)
+    (_, single), g_single = jax.value_and_grad(run, has_aux=True)(params)
+    np.testing.assert_allclose(blocked, single, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_blocked), jax.tree.leaves(g_single)):  # fp32 sums in another order
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
