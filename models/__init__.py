@@ -18,7 +18,7 @@ from .transformer import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "Attention", "AttentionOutput", "CausalLM", "CausalMask", "CausalLMOutput", "DecoderLayer", "Embedding",
-    "LayerStackOutput", "Linear", "MLP", "ModelConfig", "RMSNorm", "RopeScaling", "Transformer", "cast_floating",
-    "init_model", "prepare_inputs", "run_layers", "stack_layers",
+    "ARCHITECTURES", "Attention", "AttentionOutput", "CausalLM", "CausalMask", "CausalLMOutput", "DecoderLayer",
+    "Embedding", "LayerStackOutput", "Linear", "MLP", "ModelConfig", "RMSNorm", "RopeScaling", "Transformer",
+    "cast_floating", "init_model", "prepare_inputs", "run_layers", "stack_layers",
 ]

@@ -158,7 +158,7 @@ class Attention(eqx.Module):
                                        vt[:, :, :hi], mask.grouped(group, lo, hi),
                                        _stacked(row_valid[:, lo:hi], group), scale)
                 parts.append(part.reshape(b, g, group, size, hd))
-            out, probs = jnp.concatenate(parts, axis=3) if n > 1 else parts[0], None
+            out, probs = jnp.concatenate(parts, axis=3), None
         return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd), probs
 
 
