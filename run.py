@@ -33,11 +33,11 @@ def main(argv: list[str]) -> int:
         # Cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.training.dry_run:
-        from vishwam.planner import print_plan
+        from vishwam.fit import print_plan
 
         print_plan(cfg)
         return 0
-    from vishwam.trainer import train
+    from vishwam.loop import train
 
     train(cfg)
     return 0

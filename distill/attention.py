@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from vishwam.errors import ConfigError
+from .errors import ConfigError
 
 TokenMask = Bool[Array, "batch seq"] | Int[Array, "batch seq"] | Float[Array, "batch seq"]
 

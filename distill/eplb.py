@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from vishwam.errors import ConfigError
+from .errors import ConfigError
 
 from .features import FeatureProjections, Projection
 from .mapping import Pairs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from vishwam.errors import ConfigError
+from .errors import ConfigError
 
 STRATEGIES = ("uniform", "seed", "last_k", "explicit")
 
@@ -175,6 +175,29 @@ def seed_attention_layers(*, student_layers: int, teacher_layers: int, k: int | 
     _check_injective("seed", student_layers, teacher_layers)
     tail = _seed_tail(student_layers, k)
     return seed_layer_mapping(student_layers=student_layers, teacher_layers=teacher_layers, k=k)[-tail:]
+
+
+def attention_pairs(pairs: Pairs, attention_layers: Sequence[int], *, strategy: str, k: int | None,
+                    student_layers: int, teacher_layers: int) -> Pairs:
+    """The pairs whose attention is matched.
+
+    `attention_layers` (the config's `distillation_params.attention_layers`) names student layers; each is paired
+    with its teacher layer in `pairs`, or, when the mapping leaves it out, with its `uniform` teacher layer.
+    Without `attention_layers`: the `seed` strategy's final layers (`seed_attention_layers`), else the last pair.
+    """
+    if attention_layers:
+        teacher_of = dict(pairs)
+        uniform = dict(layer_mapping("uniform", student_layers=student_layers, teacher_layers=teacher_layers))
+        for s in attention_layers:
+            if not 0 <= s < student_layers:
+                raise ConfigError(f"config key 'distillation_params.attention_layers' names student layer {s}, "
+                                  f"out of range for {student_layers} layers")
+        chosen = tuple((s, teacher_of.get(s, uniform[s])) for s in attention_layers)
+    elif strategy == "seed":
+        chosen = seed_attention_layers(student_layers=student_layers, teacher_layers=teacher_layers, k=k)
+    else:
+        chosen = tuple(pairs[-1:])
+    return validate_pairs(chosen, student_layers=student_layers, teacher_layers=teacher_layers)
 
 
 def _seed_tail(student_layers: int, k: int | None) -> int:

@@ -11,8 +11,9 @@
 - A: attention-pattern KL (GQA-aware teacher-head grouping) or MiniLMv2 q/k/v relations over the attention
   pairs, averaged.
 
-`ObjectiveSpec` is static (hashable: it keys the jit cache); the arrays it needs at run time (projections, the
-balancer's running magnitudes) live in the train state and come in as arguments.
+`Objective` is built from the `distillation_params` config section as it is (`Objective.build`); it is static
+(hashable: it keys the jit cache), and the arrays it needs at run time (projections, the balancer's running
+magnitudes) live in the train state and come in as arguments.
 """
 
 from __future__ import annotations
@@ -25,87 +26,129 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .attention import attention_kl_loss, relation_loss
+from .config import DistillationParams
 from .eplb import LossBalancer, ProgressiveSchedule, balance
 from .features import FeatureProjections, mapped_feature_losses
 from .logits import align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, linear_kd_ce_loss, sparse_kd_loss
+from .mapping import attention_pairs, layer_mapping
 from .temperature import TemperatureSchedule, adaptive_temperature
 
 Pairs = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveSpec:
-    """Everything static about the objective."""
+class Objective:
+    """The objective of a run: the `distillation_params` config section as it is, plus what it resolves to for a
+    pair of models (the layer pairs) and a run length (the temperature schedule's horizon).
 
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    feature_weight: float = 0.0
-    attention_weight: float = 0.0
-    kd_kind: str = "forward_kl"
-    jsd_beta: float = 0.5
-    temperature_schedule: str = "constant"  # constant | linear | cosine | adaptive
-    temperature_start: float = 2.0
-    temperature_end: float = 1.0
-    temperature_min: float = 0.5
-    temperature_max: float = 4.0
-    total_steps: int = 1
-    label_smoothing: float = 0.0
-    chunk_size: int | None = None
-    fused_logit_loss: bool = True  # forward-KL KD + CE through `kd_ce_loss` (closed-form gradient)
+    Static and hashable (it keys the jit cache); the arrays the objective needs at run time (projections, the
+    balancer's running magnitudes) live in the train state and come in as arguments. The loss weights, kinds and
+    settings are read from `params` where they are used, never copied into fields of their own.
+
+    **Fields:**
+
+    - `params`: the `DistillationParams` section (validated when it was built).
+    - `feature_pairs`: the layer mapping, `(student_layer, teacher_layer)` pairs shallow to deep. It is the
+        static copy of `TrainState.mapping` (the checkpointed one, which EPLB re-mapping rewrites): the loss
+        indexes hidden states by these layer numbers, so they must be known when the step is traced.
+    - `attention_pairs`: the pairs whose attention is matched.
+    - `total_steps`: the run length (`training.max_steps`), over which the temperature schedule runs.
+    """
+
+    params: DistillationParams = dataclasses.field(default_factory=DistillationParams)
     feature_pairs: Pairs = ()
-    feature_kind: str = "mse"
-    feature_normalize: bool = True
     attention_pairs: Pairs = ()
-    attention_kind: str = "kl"  # kl | relation
-    head_mapping: str = "group_average"
-    relation_heads: int = 8
-    eplb: bool = False
-    eplb_stages: int = 1
-    eplb_stage_steps: int = 0
-    eplb_ramp_steps: int = 0
-    eplb_balance: bool = True
+    total_steps: int = 1
+
+    @classmethod
+    def build(cls, params: DistillationParams, *, student_layers: int, teacher_layers: int,
+              total_steps: int) -> "Objective":
+        """The objective of `params` for a student and a teacher of these depths: the layer mapping of
+        `params.layer_mapping` and the attention pairs (`distill.mapping.attention_pairs`), checked against the
+        depths; with EPLB on, the stage settings checked too."""
+        lm = params.layer_mapping
+        pairs = layer_mapping(lm.strategy, student_layers=student_layers, teacher_layers=teacher_layers, k=lm.k,
+                              pairs=lm.pairs or None)
+        attention = attention_pairs(pairs, params.attention_layers, strategy=lm.strategy, k=lm.k,
+                                    student_layers=student_layers, teacher_layers=teacher_layers)
+        objective = cls(params, tuple(pairs), tuple(attention), total_steps)
+        if objective.uses_eplb:
+            objective.progressive()  # raises ConfigError for impossible stage settings, before anything runs
+        return objective
 
     @property
     def uses_features(self) -> bool:
-        return self.feature_weight > 0 and len(self.feature_pairs) > 0
+        return self.params.feature_weight > 0 and len(self.feature_pairs) > 0
 
     @property
     def uses_attention(self) -> bool:
-        return self.attention_weight > 0 and len(self.attention_pairs) > 0
+        return self.params.attention_weight > 0 and len(self.attention_pairs) > 0
+
+    @property
+    def uses_eplb(self) -> bool:
+        """EPLB stages, balances and re-maps the feature pairs, so it is on only when feature matching is."""
+        return self.params.eplb.enabled and self.uses_features
+
+    @property
+    def eplb_stages(self) -> int:
+        """The number of EPLB stages: `eplb.num_stages`, but never more than there are mapped pairs (each stage
+        switches on at least one pair, so with fewer pairs than stages every pair is a stage of its own)."""
+        return min(self.params.eplb.num_stages, len(self.feature_pairs))
+
+    @property
+    def balances(self) -> bool:
+        """Whether EPLB's loss balancer runs (and a `LossBalancer` is part of the train state)."""
+        return self.uses_eplb and self.params.eplb.balance
+
+    @property
+    def adaptive_temperature(self) -> bool:
+        return self.params.temperature.schedule == "adaptive"
 
     @property
     def needs_teacher_logits(self) -> bool:
-        return self.kd_weight > 0 or self.temperature_schedule == "adaptive"
+        return self.params.kd_weight > 0 or self.adaptive_temperature
 
-    def schedule(self) -> TemperatureSchedule | None:
-        if self.temperature_schedule == "adaptive":
-            return None
-        return TemperatureSchedule(self.temperature_schedule, self.temperature_start, self.temperature_end,
-                                   max(self.total_steps, 1))
+    def model_outputs(self) -> dict[str, bool]:
+        """The keyword arguments that make a model (student or teacher) return what this objective reads."""
+        attention = self.uses_attention
+        return dict(output_hidden_states=self.uses_features,
+                    output_attentions=attention and self.params.attention_loss == "kl",
+                    output_qkv=attention and self.params.attention_loss == "relation")
+
+    def schedule(self) -> TemperatureSchedule:
+        """The KD temperature over steps; with the adaptive schedule, the constant `start` it falls back to when
+        there are no teacher logits to adapt to."""
+        t = self.params.temperature
+        if self.adaptive_temperature:
+            return TemperatureSchedule("constant", t.start, t.start, 1)
+        return TemperatureSchedule(t.schedule, t.start, t.end, max(self.total_steps, 1))
 
     def progressive(self) -> ProgressiveSchedule:
-        return ProgressiveSchedule(len(self.feature_pairs), num_stages=self.eplb_stages,
-                                   stage_steps=self.eplb_stage_steps, ramp_steps=self.eplb_ramp_steps)
+        e = self.params.eplb
+        return ProgressiveSchedule(len(self.feature_pairs), num_stages=self.eplb_stages, stage_steps=e.stage_steps,
+                                   ramp_steps=e.ramp_steps)
 
     def fuses_logit_losses(self, dense_teacher: bool) -> bool:
         """Whether KD and CE run as one fused loss (`kd_ce_loss` / `linear_kd_ce_loss`): forward-KL KD against
         the teacher's full logits (`dense_teacher`: not a top-k cache), `fused_logit_loss` on."""
-        return bool(self.fused_logit_loss and self.kd_weight > 0 and dense_teacher
-                    and (self.kd_kind == "forward_kl" or (self.kd_kind == "jsd" and self.jsd_beta == 0.0)))
+        p = self.params
+        forward_kl = p.kd_loss == "forward_kl" or (p.kd_loss == "jsd" and p.jsd_beta == 0.0)
+        return bool(p.fused_logit_loss and p.kd_weight > 0 and dense_teacher and forward_kl)
 
     def fuses_lm_head(self, dense_teacher: bool) -> bool:
         """Whether the fused loss also takes the student's LM head (`linear_kd_ce_loss`), so that the student's
         logits are never materialised: when the logits are not needed for anything else (adaptive temperature)."""
-        return self.fuses_logit_losses(dense_teacher) and self.temperature_schedule != "adaptive"
+        return self.fuses_logit_losses(dense_teacher) and not self.adaptive_temperature
 
-    def with_feature_pairs(self, pairs: Pairs) -> "ObjectiveSpec":
-        return dataclasses.replace(self, feature_pairs=tuple(tuple(p) for p in pairs))
+    def with_feature_pairs(self, pairs: Pairs) -> "Objective":
+        return dataclasses.replace(self, feature_pairs=tuple(tuple(map(int, p)) for p in pairs))
 
 
 class TeacherOutputs(eqx.Module):
     """What the objective needs from the teacher for one batch (each None when unused).
 
-    `topk_values/topk_indices/tail_logsumexp` replace `logits` when the teacher runs from a top-k cache.
+    `topk_values/topk_indices/tail_logsumexp` replace `logits` when the teacher runs from a top-k cache, which
+    also holds the teacher's log-probability of each label (`label_logprob`, for evaluation).
     """
 
     logits: Float[Array, "batch seq vocab"] | None = None
@@ -115,6 +158,7 @@ class TeacherOutputs(eqx.Module):
     topk_values: Float[Array, "batch seq k"] | None = None
     topk_indices: Int[Array, "batch seq k"] | None = None
     tail_logsumexp: Float[Array, "batch seq"] | None = None
+    label_logprob: Float[Array, "batch seq"] | None = None
 
     @property
     def dense(self) -> bool:
@@ -122,18 +166,17 @@ class TeacherOutputs(eqx.Module):
         return self.logits is not None and self.topk_values is None
 
 
-def teacher_outputs(teacher, input_ids, mask, spec: ObjectiveSpec) -> TeacherOutputs:
-    """Run a resident teacher for the objective (under stop_gradient: the teacher is never differentiated)."""
+def teacher_outputs(teacher, input_ids, mask, objective: Objective, **call) -> TeacherOutputs:
+    """Run a teacher for the objective (under stop_gradient: the teacher is never differentiated); `call` goes to
+    the teacher's `__call__` (e.g. `attention_impl`)."""
     teacher = jax.lax.stop_gradient(teacher)
-    out = teacher(input_ids, attention_mask=mask, output_hidden_states=spec.uses_features,
-                  output_attentions=spec.uses_attention and spec.attention_kind == "kl",
-                  output_qkv=spec.uses_attention and spec.attention_kind == "relation")
+    out = teacher(input_ids, attention_mask=mask, **objective.model_outputs(), **call)
     return jax.lax.stop_gradient(TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states,
                                                 attentions=out.attentions, qkv=out.qkv))
 
 
 def distill_loss(
-    spec: ObjectiveSpec,
+    objective: Objective,
     student_out,
     teacher: TeacherOutputs,
     labels: Int[Array, "batch seq"],
@@ -146,35 +189,35 @@ def distill_loss(
     """**Returns:** `(loss, metrics, new_balancer)`; metrics are namespaced (`distill/kd`, `distill/ce`,
     `distill/feature/layer_3`, `distill/temperature`, `eplb/...`).
 
-    `student_out.logits` may be None when `spec.fuses_lm_head(teacher.dense)`: the loss then unembeds
+    `student_out.logits` may be None when `objective.fuses_lm_head(teacher.dense)`: the loss then unembeds
     `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk."""
-    if student_out.logits is None and not (spec.fuses_lm_head(teacher.dense) and head_weight is not None):
+    if student_out.logits is None and not (objective.fuses_lm_head(teacher.dense) and head_weight is not None):
         raise ValueError("distill_loss needs the student's logits, or its last_hidden and head_weight when the "
-                         "objective fuses the LM head (spec.fuses_lm_head)")
+                         "objective fuses the LM head (Objective.fuses_lm_head)")
+    p = objective.params
     metrics: dict[str, Array] = {}
     zero = jnp.zeros((), jnp.float32)
     s_logits = student_out.logits
 
     # Temperature: scheduled over training progress, or per token from the two models' confidence.
-    if spec.temperature_schedule == "adaptive" and teacher.logits is not None:
+    if objective.adaptive_temperature and teacher.logits is not None:
         s, t = align_vocab(s_logits, teacher.logits)
-        temperature = adaptive_temperature(s, t, base=spec.temperature_start, min_t=spec.temperature_min,
-                                           max_t=spec.temperature_max, chunk_size=spec.chunk_size)
+        temperature = adaptive_temperature(s, t, base=p.temperature.start, min_t=p.temperature.min,
+                                           max_t=p.temperature.max, chunk_size=p.logit_chunk_size)
         valid = mask.astype(jnp.float32)
         metrics["distill/temperature"] = jnp.sum(temperature * valid) / jnp.maximum(jnp.sum(valid), 1.0)
     else:
-        schedule = spec.schedule() or TemperatureSchedule("constant", spec.temperature_start, spec.temperature_start, 1)
-        temperature = schedule(step)
+        temperature = objective.schedule()(step)
         metrics["distill/temperature"] = temperature
 
     kd = zero
     ce = zero
-    fused = spec.fuses_logit_losses(teacher.dense)
+    fused = objective.fuses_logit_losses(teacher.dense)
     if fused:
         # KD and CE in one pass over the logits, with their closed-form gradient (see `kd_ce_loss`); without the
         # student's logits, through its LM head too (`linear_kd_ce_loss`).
-        args = dict(temperature=temperature, kd_weight=spec.kd_weight, ce_weight=spec.ce_weight,
-                    label_smoothing=spec.label_smoothing, chunk_size=spec.chunk_size)
+        args = dict(temperature=temperature, kd_weight=p.kd_weight, ce_weight=p.ce_weight,
+                    label_smoothing=p.label_smoothing, chunk_size=p.logit_chunk_size)
         if s_logits is None:
             logit_loss, m = linear_kd_ce_loss(student_out.last_hidden, head_weight, teacher.logits, labels, mask,
                                               **args)
@@ -182,61 +225,64 @@ def distill_loss(
             logit_loss, m = kd_ce_loss(s_logits, teacher.logits, labels, mask, **args)
         metrics.update(m)
         kd, ce = m["distill/kd"], m.get("distill/ce", zero)
-    elif spec.kd_weight > 0:
+    elif p.kd_weight > 0:
         if teacher.topk_values is not None:
             kd, m = sparse_kd_loss(s_logits, teacher.topk_values, teacher.topk_indices, teacher.tail_logsumexp, mask,
-                                   temperature=temperature, chunk_size=spec.chunk_size)
+                                   temperature=temperature, chunk_size=p.logit_chunk_size)
         else:
-            kd, m = kd_loss(s_logits, teacher.logits, mask, temperature=temperature, kind=spec.kd_kind,
-                            beta=spec.jsd_beta, chunk_size=spec.chunk_size)
+            kd, m = kd_loss(s_logits, teacher.logits, mask, temperature=temperature, kind=p.kd_loss,
+                            beta=p.jsd_beta, chunk_size=p.logit_chunk_size)
         metrics.update(m)
 
-    if spec.ce_weight > 0 and not fused:
-        ce, m = cross_entropy_loss(s_logits, labels, mask, label_smoothing=spec.label_smoothing,
-                                   chunk_size=spec.chunk_size)
+    if p.ce_weight > 0 and not fused:
+        ce, m = cross_entropy_loss(s_logits, labels, mask, label_smoothing=p.label_smoothing,
+                                   chunk_size=p.logit_chunk_size)
         metrics.update(m)
 
     feature = zero
     new_balancer = balancer
-    if spec.uses_features:
+    if objective.uses_features:
         pair_losses, m = mapped_feature_losses(
-            student_out.hidden_states, teacher.hidden_states, mask, spec.feature_pairs, projections,
-            kind=spec.feature_kind, normalize=spec.feature_normalize,
+            student_out.hidden_states, teacher.hidden_states, mask, objective.feature_pairs, projections,
+            kind=p.feature_loss, normalize=p.feature_normalize,
         )
         metrics.update(m)
-        if spec.eplb:
-            weights = spec.progressive().weights(step)
-            if spec.eplb_balance and balancer is not None:
+        if objective.uses_eplb:
+            weights = objective.progressive().weights(step)
+            if objective.balances and balancer is not None:
                 feature, new_balancer, m = balance(balancer, pair_losses, weights, kd)
                 metrics.update(m)
             else:
                 feature = jnp.sum(weights * pair_losses) / jnp.maximum(jnp.sum(weights), 1.0)
-            for p in range(len(spec.feature_pairs)):
-                metrics[f"eplb/stage_weight/pair_{p}"] = weights[p]
+            for i in range(len(objective.feature_pairs)):
+                metrics[f"eplb/stage_weight/pair_{i}"] = weights[i]
         else:
             feature = jnp.mean(pair_losses)
         metrics["distill/feature"] = feature
 
     attention = zero
-    if spec.uses_attention:
+    if objective.uses_attention:
         losses = []
-        for s_layer, t_layer in spec.attention_pairs:
+        for s_layer, t_layer in objective.attention_pairs:
             prefix = f"distill/attention/layer_{s_layer}"
-            if spec.attention_kind == "kl":
+            if p.attention_loss == "kl":
                 loss, m = attention_kl_loss(student_out.attentions[s_layer], teacher.attentions[t_layer], mask,
-                                            head_mapping=spec.head_mapping, prefix=prefix)
+                                            head_mapping=p.attention_head_mapping, prefix=prefix)
             else:
                 loss, m = relation_loss(student_out.qkv[s_layer], teacher.qkv[t_layer], mask,
-                                        num_relation_heads=spec.relation_heads, prefix=prefix)
+                                        num_relation_heads=p.relation_heads, prefix=prefix)
             losses.append(loss)
             metrics.update(m)
         attention = jnp.mean(jnp.stack(losses))
         metrics["distill/attention"] = attention
 
     if not fused:
-        logit_loss = spec.kd_weight * kd + spec.ce_weight * ce
-    total = logit_loss + spec.feature_weight * feature + spec.attention_weight * attention
+        logit_loss = p.kd_weight * kd + p.ce_weight * ce
+    total = logit_loss + p.feature_weight * feature + p.attention_weight * attention
     metrics["distill/kd"] = kd
     metrics["distill/ce"] = ce
     metrics["loss"] = total
     return total, metrics, new_balancer
+
+
+__all__ = ["Objective", "TeacherOutputs", "distill_loss", "teacher_outputs"]

@@ -31,8 +31,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models import CausalLM, ModelConfig, prepare_inputs
-from vishwam.errors import ConfigError
-from vishwam.pytree import path_name
+from .errors import ConfigError
+from models.pytree import path_name
 
 from .mapping import layer_mapping, validate_pairs
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from distill.logits import align_vocab, chunked_map
-from vishwam.errors import ConfigError
+from .errors import ConfigError
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 

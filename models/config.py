@@ -15,7 +15,9 @@ import dataclasses
 import math
 from typing import Any
 
-from vishwam.errors import ConfigError
+import numpy as np
+
+from .errors import ConfigError
 
 # model_type -> the `architectures` entry transformers expects in config.json.
 ARCHITECTURES = {
@@ -262,8 +264,6 @@ class ModelConfig:
 
 def rope_inv_freq(config: ModelConfig):
     """Inverse RoPE frequencies `[head_dim // 2]` (numpy float64), with `linear` or `llama3` scaling applied."""
-    import numpy as np
-
     dim = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     s = config.rope_scaling

@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .attention import Attention, CausalMask
 from .config import ModelConfig
 from .layers import LINEAR_OUTPUT, Embedding, Linear, RMSNorm, rotary_tables
+from .pytree import summary
 
 
 class MLP(eqx.Module):
@@ -301,8 +302,6 @@ def cast_floating(tree, dtype):
 
 
 def _repr(self: CausalLM) -> str:
-    from vishwam.pytree import summary
-
     c = self.config
     title = (f"CausalLM({c.architecture}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads "
              f"{c.num_attention_heads}/{c.num_key_value_heads} kv, head_dim {c.head_dim}, mlp {c.intermediate_size}, "

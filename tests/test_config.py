@@ -6,14 +6,13 @@ import textwrap
 import pytest
 
 from vishwam.cli import load_config, parse_args, run_main
+from distill.config import LayerMappingConfig, TemperatureConfig
 from vishwam.config import (
     DataConfig,
     DistillationConfig,
     DistillationParams,
-    LayerMappingConfig,
     RunConfig,
     TeacherConfig,
-    TemperatureConfig,
     TrainingConfig,
     config_to_dict,
     save_config,

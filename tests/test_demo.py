@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vishwam.cli import load_config
-from vishwam.trainer import Run
+from vishwam.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

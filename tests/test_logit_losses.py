@@ -1,4 +1,4 @@
-"""Known-answer tests for distill/logits.py against float64 numpy references (and torch for cross-entropy)."""
+"""Known-answer tests for distill/logits/ against float64 numpy references (and torch for cross-entropy)."""
 
 import functools
 
@@ -491,15 +491,16 @@ def test_kd_ce_matches_torch_autograd(teacher_vocab):
 def test_kd_ce_equals_separate_losses_and_objective_paths():
     """The fused loss gives the values and gradient of `kd_loss` + `cross_entropy_loss` (autodiff), and the
     objective takes either path with the same result."""
-    from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss
+    from distill.config import DistillationParams, TemperatureConfig
+    from distill.objective import Objective, TeacherOutputs, distill_loss
     from models import CausalLMOutput
 
     s, t, mask = make_inputs(33, teacher_vocab=V - 2)
     labels = jnp.asarray(np.random.default_rng(33).integers(0, V, size=(B, S)))
 
     def objective(x, fused, ce_weight):
-        spec = ObjectiveSpec(kd_weight=0.8, ce_weight=ce_weight, temperature_start=2.0, label_smoothing=0.1,
-                             fused_logit_loss=fused)
+        spec = Objective(DistillationParams(kd_weight=0.8, ce_weight=ce_weight, temperature=TemperatureConfig(start=2.0),
+                                            label_smoothing=0.1, fused_logit_loss=fused))
         loss, metrics, _ = distill_loss(spec, CausalLMOutput(logits=x), TeacherOutputs(logits=jnp.asarray(t)),
                                         labels, jnp.asarray(mask), jnp.asarray(0), None, None)
         return loss, metrics

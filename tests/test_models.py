@@ -16,7 +16,7 @@ from hf_fixtures import hf_config, left_padded_batch, make_hf_model, save_hf
 import vishwam
 from models import ModelConfig, init_model, prepare_inputs
 from vishwam.checkpoint import hf_names
-from vishwam.pytree import named_leaves
+from models.pytree import named_leaves
 
 TOL = 1e-4
 

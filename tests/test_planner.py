@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models import CausalLM, ModelConfig
-from vishwam import planner
+from vishwam import fit, planner, specs
 from vishwam.checkpoint import LazyCheckpoint, hf_names
 from vishwam.cli import load_config
 from vishwam.errors import CheckpointError, ConfigError
@@ -35,7 +35,7 @@ def _no_capacity_override(monkeypatch):
 
 @pytest.fixture(scope="module")
 def teacher():
-    return planner.resolve_teacher_config("Qwen/Qwen2.5-32B")
+    return specs.resolve_architecture("Qwen/Qwen2.5-32B")
 
 
 def _cfg(*overrides):
@@ -100,9 +100,9 @@ def test_bundled_qwen_32b_architecture_and_param_counts(teacher):
 
 def test_teacher_config_resolution(tmp_path):
     local = _write_checkpoint(tmp_path / "local", TINY, weights=False)
-    assert planner.resolve_teacher_config(str(local)) == TINY  # a local directory's config.json first
+    assert specs.resolve_architecture(str(local)) == TINY  # a local directory's config.json first
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model") as info:  # offline hub: one line
-        planner.resolve_teacher_config("no-such-org/no-such-model")
+        specs.resolve_architecture("no-such-org/no-such-model")
     assert "\n" not in str(info.value)
 
 
@@ -175,7 +175,7 @@ def test_no_fit_names_streamed_loading(teacher):
     assert plan.fits is False and "NO (short by" in plan.render()
     with pytest.raises(ConfigError, match=r"switch distillation.teacher_model.loading to streamed would need "
                                           r"[\d.]+ GiB/device") as info:
-        planner.check_fits(plan, cfg)
+        fit.check_fits(plan, cfg)
     assert "\n" not in str(info.value)
 
 
@@ -184,22 +184,22 @@ def test_no_fit_names_a_mesh(teacher):
     plan = planner.plan(cfg, teacher, device_bytes=80 * 2**30)
     assert plan.fits is False
     with pytest.raises(ConfigError, match=r"set parallelism.data=1, parallelism.fsdp=8 \(8 devices\) would need"):
-        planner.check_fits(plan, cfg)
+        fit.check_fits(plan, cfg)
 
 
 def test_nothing_fits_names_the_closest(teacher):
     cfg = _cfg()
     plan = planner.plan(cfg, teacher, device_bytes=2**30)
     with pytest.raises(ConfigError, match=r"nothing tried fits: the closest, .+, would still need [\d.]+ GiB"):
-        planner.check_fits(plan, cfg)
+        fit.check_fits(plan, cfg)
 
 
 def test_unknown_capacity_is_not_checked(teacher, capsys):
     cfg = _cfg()  # 8 devices planned on a host with fewer (and CPUs report no memory limit)
     plan = planner.plan(cfg, teacher, device_count=1)
     assert plan.capacity is None and plan.fits is None
-    planner.check_fits(plan, cfg)  # does not raise
-    assert planner.print_plan_summary(cfg, teacher).total_bytes == plan.total_bytes
+    fit.check_fits(plan, cfg)  # does not raise
+    assert fit.print_plan_summary(cfg, teacher).total_bytes == plan.total_bytes
     assert "GiB/device" in capsys.readouterr().err
     assert planner.plan(cfg, teacher, device_bytes=BIG).fits is True
 

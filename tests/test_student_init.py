@@ -18,7 +18,7 @@ from distill.student_init import (
 )
 from models import CausalLM, ModelConfig
 from vishwam.errors import ConfigError
-from vishwam.pytree import path_name
+from models.pytree import path_name
 
 SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8)

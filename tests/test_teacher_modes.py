@@ -14,7 +14,8 @@ import vishwam
 from distill.logits import teacher_topk
 from vishwam.data import PackedDataset
 from vishwam.errors import DataError
-from vishwam.teacher import StreamedTeacher, TeacherCache, build_cache
+from vishwam.streamed import StreamedTeacher
+from vishwam.teacher_cache import TeacherCache, build_cache
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_checksum_mismatch_is_named(small_cache):
 
 
 def test_interrupted_build_resumes_without_redoing_finished_shards(teacher_dir, tmp_path, monkeypatch):
-    import vishwam.teacher as T
+    import vishwam.teacher_cache as T
 
     teacher = vishwam.load_pretrained(teacher_dir)
     data = PackedDataset(np.random.default_rng(2).integers(2, 96, 48 * 9).astype(np.int32), 8)

@@ -21,7 +21,7 @@ import transformers
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
 from vishwam.cli import load_config
-from vishwam.trainer import Run
+from vishwam.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"tokens_per_sec", "peak_rss_gb"}
@@ -149,7 +149,7 @@ def test_sigkill_during_checkpoint_save_resumes_exactly(assets, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.argv = ["run.py", "--config", {str(config)!r}]
-        import vishwam.trainer as t
+        import vishwam.resume as t
         original = t.Checkpointer.save
         def save(self, step, state, meta):
             original(self, step, state, meta)
@@ -206,7 +206,7 @@ def test_nonfinite_step_is_skipped_and_counted(assets, tmp_path):
 
     optimizer, schedule = make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0,
                                          grad_clip=1.0)
-    step = make_train_step(StepConfig(r.spec, jnp.float32, 1, False), optimizer, schedule)
+    step = make_train_step(StepConfig(r.objective, jnp.float32, 1, False), optimizer, schedule)
     batch = {k: jnp.asarray(v) for k, v in r.train_data.batch(np.arange(4)).items()}
     logits = jnp.zeros((4, 16, 96)).at[1, 3, 5].set(jnp.nan)
     before = jax.tree.map(np.asarray, eqx.filter(state.student, eqx.is_array))
@@ -223,13 +223,14 @@ def test_run_of_nonfinite_steps_stops_the_run(assets, tmp_path, monkeypatch):
     `max_nonfinite_steps` in a row are seen (read one step behind the queued step), not silently at max_steps."""
     from vishwam.errors import VishwamError
 
-    original = Run.teacher_runner
+    original = Run.open_teacher
 
     def nan_teacher(self):
-        teacher, fn = original(self)
-        return jax.tree.map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, teacher), fn
+        source = original(self)
+        source.model = jax.tree.map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, source.model)
+        return source
 
-    monkeypatch.setattr(Run, "teacher_runner", nan_teacher)
+    monkeypatch.setattr(Run, "open_teacher", nan_teacher)
     r = Run(load_config(str(write_config(assets, tmp_path / "nanrun")), [
         "--training.max-nonfinite-steps", "2", "--training.max-steps", "8", "--training.save-every", "100",
         "--distillation-params.eplb.enabled", "false", "--distillation.student-model.init", "random"]))
@@ -246,7 +247,8 @@ def test_fused_lm_head_step_matches_autodiff_step(tied):
     materialised logits: the gradient of every student parameter, and the train step's loss, components and
     gradient norm. (Not the updated parameters: AdamW's first step moves a parameter by ~lr·sign(g), so a
     near-zero gradient turns rounding-level differences into visible ones.)"""
-    from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss
+    from distill.config import DistillationParams, TemperatureConfig
+    from distill.objective import Objective, TeacherOutputs, distill_loss
     from models import ModelConfig, init_model
     from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
 
@@ -264,8 +266,9 @@ def test_fused_lm_head_step_matches_autodiff_step(tied):
     student = init_model(cfg, key=jax.random.key(1))
     metrics, grads = [], []
     for fused in (True, False):
-        spec = ObjectiveSpec(kd_weight=1.0, ce_weight=0.3, label_smoothing=0.1, temperature_start=2.0, chunk_size=3,
-                             fused_logit_loss=fused)
+        spec = Objective(DistillationParams(kd_weight=1.0, ce_weight=0.3, label_smoothing=0.1,
+                                            temperature=TemperatureConfig(start=2.0), logit_chunk_size=3,
+                                            fused_logit_loss=fused))
         t_out = TeacherOutputs(logits=teacher(jbatch["input_ids"], attention_mask=jbatch["mask"]).logits)
         assert spec.fuses_lm_head(t_out.dense) == fused
 

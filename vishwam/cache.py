@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import sys
 
+from .build import prepare
+from .cli import parse_args, run_main
+from .errors import ConfigError
+from .teachers import build_caches
+from .tracking import log
+
 
 def main(argv: list[str]) -> int:
-    from .cli import parse_args
-    from .errors import ConfigError
-    from .trainer import Run
-
     cfg, _ = parse_args(argv)
     if not cfg.distillation.teacher_model.cache_dir:
         raise ConfigError("config key 'distillation.teacher_model.cache_dir' is required to build a teacher cache")
-    Run(cfg).build_caches(always=True)  # resumable: finished shards whose checksums match are kept
+    run = prepare(cfg)
+    # Resumable: finished shards whose checksums match are kept.
+    build_caches(cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size, mesh=run.mesh, log=log,
+                 always=True)
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import run_main
-
     sys.exit(run_main(main))

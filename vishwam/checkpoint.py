@@ -21,12 +21,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from huggingface_hub import snapshot_download
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from models import CausalLM, DecoderLayer, ModelConfig
+from models.pytree import named_leaves
 
 from .errors import CheckpointError, ConfigError
-from .pytree import named_leaves
 from .safetensors_io import SafetensorsFile, aligned_empty, write_file
 from .sharding import RULES, param_sharding
 
@@ -64,8 +66,6 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     if not looks_like_hub_id:
         raise CheckpointError(f"checkpoint directory not found: {text}")
     try:
-        from huggingface_hub import snapshot_download
-
         local = snapshot_download(
             text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=10
         )
@@ -308,8 +308,6 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype=None, mesh: Mesh | None
 def _host_array(x) -> np.ndarray:
     """A numpy copy of a (possibly sharded, possibly multi-host) array."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 

@@ -1,24 +1,19 @@
-"""User-facing errors.
+"""User-facing errors: every one the project raises, in one namespace.
 
-A :class:`VishwamError` is a mistake in what the user gave us (a path, a shard, a config key, an architecture,
-a layer mapping, data). `run.py` turns it into one line on stderr and exit status 2; the message must name the
-culprit (file, key or tensor) on its own, without the traceback.
+`ConfigError` and the base `VishwamError` are defined in `models.errors`, `DataError` in `distill.errors` (the
+lowest layer that raises each); this module adds `CheckpointError` and re-exports them all. `run.py` turns any
+`VishwamError` into one line on stderr and exit status 2; the message must name the culprit (file, key or
+tensor) on its own, without the traceback.
 """
 
 from __future__ import annotations
 
-
-class VishwamError(Exception):
-    """A user error: bad input that the user can fix. The message names the file, key or tensor."""
+from distill.errors import DataError
+from models.errors import ConfigError, VishwamError
 
 
 class CheckpointError(VishwamError):
     """A checkpoint directory, index, shard or tensor is missing, truncated, corrupt or of the wrong shape."""
 
 
-class ConfigError(VishwamError):
-    """A config key is unknown, ill-typed, or describes an impossible architecture or mapping."""
-
-
-class DataError(VishwamError):
-    """A data file is missing, unreadable, or holds token ids the models cannot take."""
+__all__ = ["CheckpointError", "ConfigError", "DataError", "VishwamError"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 
 def _status_field(field: str) -> int:
     try:
@@ -11,8 +13,6 @@ def _status_field(field: str) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

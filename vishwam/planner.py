@@ -41,91 +41,41 @@ width and vocabulary divided by `tensor` where the rules shard them):
 - the teacher's own forward working set (one layer; it is never differentiated) is freed before the student's
   forward begins, so the peak counts `max(teacher forward, student part)`, not their sum.
 
-Checked against XLA's `memory_analysis()` of the compiled step for a small float32 model on CPU, with and
-without remat and logit chunks: activations plus gradients come out 5-20% above XLA's temporary buffers. (The
-CPU backend upcasts bfloat16 work to float32, so it is no reference for bfloat16 runs.)
+Weights, optimizer state and gradients are exact; activations are estimates on the high side (XLA fuses and
+reuses buffers): 5-20% above XLA's temporary buffers of the compiled step for a small float32 model on CPU,
+with and without remat and logit chunks (CPU upcasts bfloat16, so it is no reference for bfloat16 runs).
 
-XLA fuses and reuses buffers, so the activation figures are estimates, deliberately on the high side; weights,
-optimizer state and gradients are exact up to the optimizer's scalar step count.
-
-Capacity per device: the `device_bytes` argument, else `$VISHWAM_DEVICE_MEMORY` (e.g. `80GiB`, for planning a
-machine this is not), else the accelerator's `memory_stats()["bytes_limit"]`, else this host's RAM divided by
-its local device count when the mesh fits on this host. Otherwise (planning an 8-device mesh on a 1-CPU laptop)
-the capacity is unknown and `fits` is None: the plan is printed and not checked.
-
-The teacher's architecture for a hub id comes from `vishwam/assets/architectures/<org>--<name>.json` when the
-weights are not local, so a dry run works offline. Those files are the public `config.json` of the model —
-its architecture only, no weights.
+Capacity: `device_bytes`, else `vishwam.capacity.device_capacity`. Whether a plan fits, and what would make it
+fit: `vishwam.fit`. Architectures: `vishwam.specs` (bundled for hub ids, so a dry run works offline).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 import equinox as eqx
 import jax
 import numpy as np
 
+from distill.features import FeatureProjections
 from models import CausalLM, ModelConfig
+from models.pytree import named_leaves
 
-from .checkpoint import LazyCheckpoint, hub_failure, read_config, resolve_checkpoint_dir
-from .config import RunConfig
-from .errors import CheckpointError, ConfigError
-from .pytree import named_leaves
+from . import specs
+from .checkpoint import LazyCheckpoint
+from .config import ParallelismConfig, RunConfig
+from .capacity import device_capacity
 from .sharding import RULES, logical_axes, spec_for
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-ARCHITECTURES_DIR = Path(__file__).parent / "assets" / "architectures"
 #: Shard size assumed for a streamed teacher whose shard files are not local (transformers' default
 #: `max_shard_size="5GB"`).
 DEFAULT_SHARD_BYTES = 5 * 10**9
 _LAYERS = "model.layers."
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-# ------------------------------------------------------------------------------------------------ configs
-
-
-def resolve_teacher_config(path: str) -> ModelConfig:
-    """The teacher's architecture: a local directory's `config.json`; else the bundled architecture file for a
-    hub id (`Qwen/Qwen2.5-32B` -> `assets/architectures/Qwen--Qwen2.5-32B.json`); else the hub id's
-    `config.json` alone from the hub (never the weights), whose failure is a one-line `CheckpointError`."""
-    local = Path(path).expanduser()
-    hub_id = not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
-    if not hub_id:
-        return read_config(resolve_checkpoint_dir(path))  # a directory, or the error that names the path
-    bundled = ARCHITECTURES_DIR / (path.replace("/", "--") + ".json")
-    if bundled.is_file():
-        return ModelConfig.from_hf(json.loads(bundled.read_text()), source=str(bundled))
-    try:
-        from huggingface_hub import hf_hub_download
-
-        config_file = hf_hub_download(path, "config.json", etag_timeout=10)
-    except Exception as e:  # offline, unreachable, gated or missing repo: one clear line
-        raise CheckpointError(
-            f"checkpoint {path!r} is not a local directory, vishwam bundles no architecture for it, and the Hugging "
-            f"Face hub could not provide its config.json ({hub_failure(e)})"
-        ) from None
-    return read_config(Path(config_file).parent)
-
-
-def _student_config(cfg: RunConfig, teacher: ModelConfig) -> ModelConfig:
-    if cfg.distillation.student_model.init == "path":
-        return resolve_teacher_config(cfg.distillation.student_model.path)  # its own config sets the shape
-    from .trainer import student_config  # lazily: the trainer imports the planner too
-
-    return student_config(cfg, teacher)
 
 
 @functools.lru_cache(maxsize=16)
@@ -137,34 +87,13 @@ def abstract_model(config: ModelConfig) -> CausalLM:
 # ---------------------------------------------------------------------------------------------- sharding
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshShape:
-    """Stands in for a `jax.sharding.Mesh` where only the axis sizes matter (`spec_for` reads `.shape`), so a
-    mesh with more devices than this host has can be planned."""
-
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-
-    @property
-    def shape(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-
-    @property
-    def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
-
-    def __str__(self) -> str:
-        return f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
-
-
-def _axis_shards(logical: str, size: int, mesh: MeshShape) -> int:
+def _axis_shards(logical: str, size: int, mesh: ParallelismConfig) -> int:
     """How many ways an activation axis is split (the same rule `spec_for` applies to weights)."""
     spec = spec_for((logical,), (size,), mesh)  # type: ignore[arg-type]
     return size // _per_device_shape(spec, (size,), mesh)[0]
 
 
-def _per_device_shape(spec, shape, mesh: MeshShape) -> tuple[int, ...]:
+def _per_device_shape(spec, shape, mesh: ParallelismConfig) -> tuple[int, ...]:
     out = []
     for entry, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
@@ -172,7 +101,7 @@ def _per_device_shape(spec, shape, mesh: MeshShape) -> tuple[int, ...]:
     return tuple(out)
 
 
-def tree_bytes(tree, mesh: MeshShape, dtype: str | None = None, rules=RULES) -> tuple[int, int]:
+def tree_bytes(tree, mesh: ParallelismConfig, dtype: str | None = None, rules=RULES) -> tuple[int, int]:
     """`(total bytes, bytes on one device)` of the array leaves of `tree` (arrays or ShapeDtypeStructs), each
     sharded by `rules` on `mesh`; `dtype` overrides the leaves' own dtype."""
     total = per_device = 0
@@ -186,7 +115,7 @@ def tree_bytes(tree, mesh: MeshShape, dtype: str | None = None, rules=RULES) -> 
     return total, per_device
 
 
-def _split_layers(tree, num_layers: int, mesh: MeshShape, dtype: str) -> tuple[int, int]:
+def _split_layers(tree, num_layers: int, mesh: ParallelismConfig, dtype: str) -> tuple[int, int]:
     """Per-device bytes of `(one decoder layer, everything outside the layers)` of a model skeleton."""
     layers = outside = 0
     for name, leaf in named_leaves(tree):
@@ -207,7 +136,7 @@ class Setup:
     """The knobs of a run that the plan depends on (alternatives are tried by changing these)."""
 
     loading: str
-    mesh: MeshShape
+    mesh: ParallelismConfig
     batch_size: int
     grad_accum_steps: int
     seq_len: int
@@ -216,7 +145,7 @@ class Setup:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Setup":
         p, tr = cfg.parallelism, cfg.training
-        return cls(cfg.distillation.teacher_model.loading, MeshShape(p.data, p.fsdp, p.tensor), tr.batch_size,
+        return cls(cfg.distillation.teacher_model.loading, p, tr.batch_size,
                    tr.grad_accum_steps, tr.seq_len, tr.remat)
 
     @property
@@ -318,48 +247,19 @@ def _arch(c: ModelConfig) -> str:
             f"vocab {c.vocab_size}")
 
 
-def _parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _UNITS:
-        raise ConfigError(f"VISHWAM_DEVICE_MEMORY={text!r} is not a size such as 80GiB or 96GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def device_capacity(mesh_devices: int, device_count: int | None = None) -> tuple[int | None, str]:
-    """`(bytes per device, where that came from)` for a mesh of `mesh_devices` devices (see module docstring)."""
-    env = os.environ.get("VISHWAM_DEVICE_MEMORY")
-    if env:
-        return _parse_bytes(env), "VISHWAM_DEVICE_MEMORY"
-    devices = jax.local_devices()
-    try:
-        stats = devices[0].memory_stats()
-    except Exception:  # backends without memory statistics
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{devices[0].device_kind} bytes_limit"
-    count = device_count or len(devices)
-    if mesh_devices > count:
-        return None, f"the mesh needs {mesh_devices} devices, this host has {count} {devices[0].platform}"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // count, f"host RAM / {count} local {devices[0].platform} device(s)"
-
-
-class _Planner:
+class Planner:
     """Everything fixed across the alternatives tried: the two architectures and the objective's shape."""
 
     def __init__(self, cfg: RunConfig, teacher_config: ModelConfig):
-        from .trainer import build_spec
-
         self.cfg = cfg
         self.t_config = teacher_config
-        self.s_config = _student_config(cfg, teacher_config)
-        self.spec, self.pairs = build_spec(cfg, self.s_config, teacher_config)
+        self.s_config = specs.student_config(cfg, teacher_config)
+        self.spec = specs.objective(cfg, self.s_config, teacher_config)
+        self.pairs = self.spec.feature_pairs
         self.teacher = abstract_model(teacher_config)
         self.student = abstract_model(self.s_config)
         self.projections = None
         if self.spec.uses_features:
-            from distill.features import FeatureProjections
-
             self.projections = eqx.filter_eval_shape(FeatureProjections, self.pairs, self.s_config.hidden_size,
                                                      teacher_config.hidden_size, key=jax.random.key(0))
         self._group_layers: int | None = None
@@ -378,7 +278,7 @@ class _Planner:
                 finally:
                     ckpt.close()
             else:
-                per_layer, _ = _split_layers(self.teacher, n, MeshShape(), t.dtype)
+                per_layer, _ = _split_layers(self.teacher, n, ParallelismConfig(), t.dtype)
                 per_shard = max(1, DEFAULT_SHARD_BYTES // max(1, per_layer))
                 self._group_layers = min(n, t.max_resident_shards * per_shard)
         return self._group_layers
@@ -421,8 +321,8 @@ class _Planner:
             student_layers = boundary + (L + 1) * layer_set(s_cfg, c)
             attention = (L + 1) * scores(s_cfg, saved)
         attention += b * S * S  # the boolean mask
-        attn_kl = spec.uses_attention and spec.attention_kind == "kl"
-        attn_rel = spec.uses_attention and spec.attention_kind == "relation"
+        outputs = spec.model_outputs()
+        attn_kl, attn_rel = outputs["output_attentions"], outputs["output_qkv"]
         qkv = lambda m, nbytes: b * S * (local("heads", m.num_attention_heads)  # noqa: E731
                                          + 2 * local("kv_heads", m.num_key_value_heads)) * m.head_dim * nbytes
         if attn_kl:
@@ -430,7 +330,7 @@ class _Planner:
         if attn_rel:
             attention += L * qkv(s_cfg, c)
 
-        chunk = min(spec.chunk_size or S, S)
+        chunk = min(spec.params.logit_chunk_size or S, S)
         s_vocab, t_vocab = local("vocab", s_cfg.vocab_size), local("vocab", t_cfg.vocab_size)
         # With the LM head fused into the KD + CE loss (resident or streamed teacher, forward KL, scheduled
         # temperature) the student's logits are never whole: one chunk's logits and gradient in `c`, the hidden
@@ -447,7 +347,7 @@ class _Planner:
         tb_rows = b if setup.loading == "resident" else b * setup.grad_accum_steps
         k = self.cfg.distillation.teacher_model.top_k
         if setup.loading == "cached":
-            teacher_out = tb_rows * S * (8 * k + 4)
+            teacher_out = tb_rows * S * (8 * k + 8)  # top-k values and ids, tail logsumexp, label log-prob
         else:
             teacher_out = tb_rows * S * t_vocab * tb if spec.needs_teacher_logits else 0
             if spec.uses_features:
@@ -464,7 +364,7 @@ class _Planner:
         if tr.compute_dtype != tr.param_dtype:
             weights += tree_bytes(self.student, mesh, tr.compute_dtype)[1]
         if mesh.fsdp > 1:
-            gathered = MeshShape(tensor=mesh.tensor)
+            gathered = ParallelismConfig(tensor=mesh.tensor)
             weights += 2 * _split_layers(self.student, L, gathered, tr.compute_dtype)[0]
             if setup.loading != "cached":
                 weights += 2 * _split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
@@ -509,7 +409,7 @@ class _Planner:
         if setup.loading == "streamed":
             notes.append(f"streamed teacher holds {self.streamed_layers()} of {self.t_config.num_hidden_layers} "
                          f"layers at once (max_resident_shards={t.max_resident_shards})")
-        if self.spec.chunk_size is None and setup.seq_len >= 1024:
+        if self.spec.params.logit_chunk_size is None and setup.seq_len >= 1024:
             notes.append("distillation_params.logit_chunk_size is unset: the loss holds all logits in fp32 at once")
         return MemoryPlan(
             teacher_bytes=teacher, student_bytes=student, projection_bytes=projections, optimizer_bytes=optimizer,
@@ -517,7 +417,7 @@ class _Planner:
             capacity=capacity, capacity_source=source, fits=None if capacity is None else total <= capacity,
             setup=setup, teacher_config=self.t_config, student_config=self.s_config, teacher_name=t.path,
             teacher_dtype=t.dtype, param_dtype=tr.param_dtype, compute_dtype=tr.compute_dtype,
-            teacher_total_bytes=tree_bytes(self.teacher, MeshShape(), t.dtype)[0],
+            teacher_total_bytes=tree_bytes(self.teacher, ParallelismConfig(), t.dtype)[0],
             student_total_bytes=student_total, notes=tuple(notes),
         )
 
@@ -529,122 +429,20 @@ def plan(cfg: RunConfig, teacher_config: ModelConfig | None = None, *, device_co
     **Arguments:**
 
     - `cfg`: the run config.
-    - `teacher_config`: the teacher's architecture; default `resolve_teacher_config(teacher path)`.
+    - `teacher_config`: the teacher's architecture; default `specs.resolve_architecture(teacher path)`.
     - `device_count`: devices on this host (default: JAX's local device count), for the host-RAM capacity.
     - `device_bytes`: bytes one device holds (default: see `device_capacity`).
 
     **Returns:** a `MemoryPlan`.
     """
     if teacher_config is None:
-        teacher_config = resolve_teacher_config(cfg.distillation.teacher_model.path)
+        teacher_config = specs.resolve_architecture(cfg.distillation.teacher_model.path)
     setup = Setup.from_config(cfg)
     if device_bytes is not None:
         capacity, source = int(device_bytes), "given"
     else:
         capacity, source = device_capacity(setup.mesh.size, device_count)
-    return _Planner(cfg, teacher_config).plan(setup, capacity, source)
+    return Planner(cfg, teacher_config).plan(setup, capacity, source)
 
 
-# ---------------------------------------------------------------------------------------------- checking
-
-
-def _meshes(devices: int) -> Iterator[MeshShape]:
-    """Every `(data, fsdp, tensor)` with this many devices, most fsdp first, then least tensor."""
-    shapes = [MeshShape(d, f, devices // (d * f)) for d in range(1, devices + 1) for f in range(1, devices + 1)
-              if devices % (d * f) == 0]
-    yield from sorted(shapes, key=lambda m: (-m.fsdp, m.tensor))
-
-
-def _alternatives(cfg: RunConfig, setup: Setup, uses_teacher_states: bool) -> Iterator[tuple[str, Setup]]:
-    """Changes to try, least disruptive first: remat, streaming the teacher, another mesh over the same devices,
-    smaller micro-batches, a cached teacher, then more devices."""
-
-    def valid(s: Setup) -> bool:
-        micro = s.batch_size // s.grad_accum_steps
-        return s.batch_size % s.grad_accum_steps == 0 and micro % (s.mesh.data * s.mesh.fsdp) == 0
-
-    def mesh_text(m: MeshShape) -> str:
-        changed = [f"parallelism.{k}={v}" for k, v in m.shape.items() if v != setup.mesh.shape[k]]
-        return f"set {', '.join(changed)} ({m.size} devices)"
-
-    base = setup
-    if not setup.remat:
-        base = dataclasses.replace(setup, remat=True)
-        yield "set training.remat to true", base
-    loadings = [setup.loading] + (["streamed"] if setup.loading == "resident" else [])
-    for loading in loadings[1:]:
-        yield f"switch distillation.teacher_model.loading to {loading}", dataclasses.replace(base, loading=loading)
-    for loading in loadings:
-        for mesh in _meshes(setup.mesh.size):
-            alt = dataclasses.replace(base, mesh=mesh, loading=loading)
-            if mesh != setup.mesh and valid(alt):
-                how = "" if loading == setup.loading else f" with loading {loading}"
-                yield f"{mesh_text(mesh)}{how}", alt
-    for loading in loadings:
-        accum = setup.grad_accum_steps * 2
-        while accum <= setup.batch_size:
-            alt = dataclasses.replace(base, grad_accum_steps=accum, loading=loading)
-            if valid(alt):
-                how = "" if loading == setup.loading else f" and loading {loading}"
-                yield f"set training.grad_accum_steps={accum}{how} (micro-batches of {setup.batch_size // accum})", alt
-            accum *= 2
-    if setup.loading != "cached" and not uses_teacher_states:
-        yield ("switch distillation.teacher_model.loading to cached (precompute the top-k cache first)",
-               dataclasses.replace(base, loading="cached"))
-    for factor in (2, 4, 8, 16, 32):
-        for loading in loadings:
-            for mesh in _meshes(setup.mesh.size * factor):
-                alt = dataclasses.replace(base, mesh=mesh, loading=loading)
-                if valid(alt):
-                    how = "" if loading == setup.loading else f" with loading {loading}"
-                    yield f"{mesh_text(mesh)}{how}", alt
-                    break  # the most-fsdp valid mesh of this size
-
-
-def check_fits(plan: MemoryPlan, cfg: RunConfig) -> None:
-    """Raise `ConfigError` with one line naming a change that would fit when `plan` does not fit.
-
-    Alternatives are tried in the order of `_alternatives` (remat, streamed teacher, mesh over the same devices,
-    more gradient accumulation, cached teacher, more devices); the first that fits is named, or, when none does,
-    the one that comes closest. A plan whose capacity is unknown is not checked.
-    """
-    if plan.fits is not False:
-        return
-    planner = _Planner(cfg, plan.teacher_config)  # cheap: the abstract models are cached
-    head = (f"memory plan: {plan.total_bytes / GiB:.2f} GiB/device needed with parallelism {plan.setup.mesh} and "
-            f"teacher loading {plan.setup.loading}, but a device holds {plan.capacity / GiB:.2f} GiB "
-            f"({plan.capacity_source})")
-    best: tuple[int, str] | None = None
-    uses_states = planner.spec.uses_features or planner.spec.uses_attention
-    for text, setup in _alternatives(cfg, plan.setup, uses_states):
-        need = planner.plan(setup, plan.capacity, plan.capacity_source).total_bytes
-        if need <= plan.capacity:
-            raise ConfigError(f"{head}; {text} would need {need / GiB:.2f} GiB/device")
-        if best is None or need < best[0]:
-            best = (need, text)
-    if best is None:
-        raise ConfigError(f"{head}; no alternative to try")
-    raise ConfigError(f"{head}; nothing tried fits: the closest, {best[1]}, would still need "
-                      f"{best[0] / GiB:.2f} GiB/device")
-
-
-def print_plan(cfg: RunConfig, file: TextIO | None = None) -> MemoryPlan:
-    """The dry run: resolve the teacher's architecture, print the plan's table, raise `ConfigError` if it does
-    not fit (see `check_fits`)."""
-    result = plan(cfg)
-    print(result.render(), file=file or sys.stdout, flush=True)
-    check_fits(result, cfg)
-    return result
-
-
-def print_plan_summary(cfg: RunConfig, teacher_config: ModelConfig, file: TextIO | None = None) -> MemoryPlan:
-    """Print the plan's two-line summary (process 0 only) to `file` (default stderr), before a run."""
-    result = plan(cfg, teacher_config)
-    if jax.process_index() == 0:
-        print(result.summary(), file=file or sys.stderr, flush=True)
-    return result
-
-
-__all__ = ["MemoryPlan", "MeshShape", "Setup", "plan", "check_fits", "print_plan", "print_plan_summary",
-           "resolve_teacher_config", "device_capacity", "tree_bytes", "abstract_model", "DEFAULT_SHARD_BYTES"]
-
+__all__ = ["DEFAULT_SHARD_BYTES", "GiB", "MemoryPlan", "Setup", "abstract_model", "plan", "tree_bytes"]

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError
+from .files import atomic_write
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -220,13 +221,14 @@ def write_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metad
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays:
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def dtype_name(dtype: np.dtype) -> str:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models.pytree import named_leaves
+
 from .errors import ConfigError
-from .pytree import named_leaves
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -115,8 +117,6 @@ def tree_shardings(tree, mesh: Mesh, rules=RULES):
 
 def shard_tree(tree, mesh: Mesh, rules=RULES):
     """Place every array leaf of `tree` by the rule table (non-array leaves untouched)."""
-    import equinox as eqx
-
     arrays, static = eqx.partition(tree, eqx.is_array)
     placed = jax.device_put(arrays, tree_shardings(arrays, mesh, rules))
     return eqx.combine(placed, static)
@@ -128,3 +128,9 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
     names = (target,) if isinstance(target, str) else tuple(target or ())
     names = tuple(n for n in names if n in mesh.shape)
     return NamedSharding(mesh, PartitionSpec(names if names else None, *([None] * (ndim - 1))))
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """A host batch as global arrays: every process holds the same global batch (a pure function of seed and
+    step) and hands JAX the slice each of its devices owns."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

@@ -1,4 +1,4 @@
-"""The train state, the optimizer, and the jitted distillation and evaluation steps."""
+"""The train state, the optimizer, and the jitted distillation step."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from jaxtyping import Array, Int
 
 from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
-from distill.logits import align_vocab
-from distill.objective import ObjectiveSpec, TeacherOutputs, distill_loss, teacher_outputs
+from distill.objective import Objective, distill_loss, teacher_outputs
 from models import CausalLM, cast_floating
 
 
 class TrainState(eqx.Module):
     """Everything a step changes, as one pytree (checkpointed whole).
 
-    `student` and `projections` are trained; `balancer` holds EPLB's running loss magnitudes; `mapping` is the
-    current layer mapping (EPLB re-mapping rewrites it); `nonfinite` counts consecutive skipped steps.
+    `student` and `projections` are trained; `balancer` holds EPLB's running loss magnitudes; `key` is the run's
+    random key (the raw key data; `rng(purpose)` derives a key from it); `mapping` is the current layer mapping,
+    the checkpointed record that EPLB re-mapping rewrites and a resumed run reads the objective's pairs back from;
+    `nonfinite` counts consecutive skipped steps.
     """
 
     step: Int[Array, ""]
@@ -38,6 +39,15 @@ class TrainState(eqx.Module):
     @property
     def trainable(self):
         return eqx.filter((self.student, self.projections), eqx.is_inexact_array)
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The layer mapping as host integers."""
+        return tuple((int(a), int(b)) for a, b in jax.device_get(self.mapping))
+
+    def rng(self, purpose: int) -> Array:
+        """A key for one use (`purpose`, e.g. the step of an EPLB re-mapping) derived from the run's key."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.key), purpose)
 
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
@@ -70,10 +80,15 @@ def _tree_select(pred, on_true, on_false):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    spec: ObjectiveSpec
+    """What the train step is traced for: the objective, the student's compute dtype, micro-batches per step,
+    per-layer remat, and the attention implementation of both models (`models.attention`: "auto", "xla",
+    "cudnn")."""
+
+    objective: Objective
     compute_dtype: object
     grad_accum_steps: int
     remat: bool
+    attention_impl: str = "auto"
 
 
 def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, schedule, state_shardings=None):
@@ -85,19 +100,18 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
     into `grad_accum_steps` micro-batches scanned with gradients summed in float32. A non-finite loss or
     gradient norm leaves the parameters and optimizer state untouched and counts the skip.
     """
-    spec = cfg.spec
+    objective = cfg.objective
     accum = cfg.grad_accum_steps
+    impl = cfg.attention_impl
 
     def loss_fn(trainable, static, balancer, step, micro, t_out):
         student, projections = eqx.combine(trainable, static)
         student_c = cast_floating(student, cfg.compute_dtype)
         # With the LM head fused into the loss the student's [batch, seq, vocab] logits are never built.
-        fuse_head = spec.fuses_lm_head(t_out.dense)
-        out = student_c(micro["input_ids"], attention_mask=micro["mask"], output_hidden_states=spec.uses_features,
-                        output_attentions=spec.uses_attention and spec.attention_kind == "kl",
-                        output_qkv=spec.uses_attention and spec.attention_kind == "relation", remat=cfg.remat,
-                        output_logits=not fuse_head)
-        loss, metrics, new_balancer = distill_loss(spec, out, t_out, micro["labels"], micro["mask"], step,
+        fuse_head = objective.fuses_lm_head(t_out.dense)
+        out = student_c(micro["input_ids"], attention_mask=micro["mask"], **objective.model_outputs(),
+                        remat=cfg.remat, output_logits=not fuse_head, attention_impl=impl)
+        loss, metrics, new_balancer = distill_loss(objective, out, t_out, micro["labels"], micro["mask"], step,
                                                    projections, balancer,
                                                    head_weight=student_c.unembedding_weight() if fuse_head else None)
         return loss, (metrics, new_balancer)
@@ -115,7 +129,7 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         def micro_step(carry, inputs):
             micro, t_out = inputs
             if t_out is None:
-                t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], spec)
+                t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], objective, attention_impl=impl)
             balancer = state.balancer if carry is None else carry[1]
             (_, (metrics, balancer)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
                 params, static, balancer, state.step, micro, t_out
@@ -136,7 +150,8 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             first = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
             if first[1] is None:
-                first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], spec))
+                first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], objective,
+                                                   attention_impl=impl))
             metric_shapes = eqx.filter_eval_shape(loss_fn, params, static, state.balancer, state.step, *first)[1][0]
             metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
             (grads, balancer, metrics), _ = jax.lax.scan(
@@ -168,33 +183,4 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
     return step_fn
 
 
-def make_eval_step(spec: ObjectiveSpec, compute_dtype):
-    """Sums over one eval batch: student and teacher NLL, KL(teacher || student) at T=1, top-1 agreement."""
-
-    @eqx.filter_jit
-    def eval_fn(teacher, student, batch, teacher_logits):
-        student = cast_floating(student, compute_dtype)
-        mask = batch["mask"].astype(jnp.float32)
-        s_logits = student(batch["input_ids"], attention_mask=batch["mask"]).logits
-        if teacher_logits is None:
-            teacher_logits = teacher(batch["input_ids"], attention_mask=batch["mask"]).logits
-        s_full = s_logits.astype(jnp.float32)
-        s, t = align_vocab(s_full, teacher_logits.astype(jnp.float32))
-
-        def nll(logits):
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-
-        s_logp, t_logp = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
-        kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
-        agree = (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32)
-        return {
-            "student_nll": jnp.sum(nll(s_full) * mask), "teacher_nll": jnp.sum(nll(teacher_logits.astype(jnp.float32)) * mask),
-            "kl": jnp.sum(kl * mask), "agree": jnp.sum(agree * mask), "tokens": jnp.sum(mask),
-        }
-
-    return eval_fn
-
-
-__all__ = ["TrainState", "StepConfig", "TeacherOutputs", "init_state", "make_optimizer", "make_train_step",
-           "make_eval_step"]
+__all__ = ["StepConfig", "TrainState", "init_state", "make_optimizer", "make_train_step"]

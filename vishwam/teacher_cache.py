@@ -1,9 +1,6 @@
-"""Teachers bigger than memory: streamed execution and an offline cache of teacher outputs.
+"""The offline cache of a teacher's outputs, for teachers too big or too slow to run in the loop.
 
-- `StreamedTeacher` runs the forward pass layer group by layer group, each group touching a bounded number of
-  safetensors shards. The next group is read on a background thread while the current one computes, and a
-  group is released once used. Embeddings, final norm and head stay resident.
-- `TeacherCache` is a directory of sharded safetensors files, one row per training window: the teacher's top-k
+`TeacherCache` is a directory of sharded safetensors files, one row per training window: the teacher's top-k
   logits (values, indices) and the logsumexp of the other logits (so the tail mass is known), plus the label
   log-probability for evaluation and, when feature matching is on, the mapped layers' hidden states. An index
   records each shard's checksum; shards are written atomically, and an interrupted build resumes after the
@@ -12,10 +9,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,101 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill.logits import teacher_topk
-from distill.objective import ObjectiveSpec, TeacherOutputs
-from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
+from distill.objective import TeacherOutputs
+from models import CausalLM
 
-from .checkpoint import LazyCheckpoint
 from .errors import DataError
+from .files import atomic_write
 from .safetensors_io import SafetensorsFile, write_file
 
 CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------- streamed
-
-
-@eqx.filter_jit
-def _run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
-    return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
-                      output_qkv=qkv)
-
-
-@eqx.filter_jit
-def _embed(embed, config, ids, attention_mask):
-    mask, cos, sin = prepare_inputs(config, ids, attention_mask)
-    return embed(ids), mask, cos, sin
-
-
-@eqx.filter_jit
-def _head(norm, head_weight, h):
-    normed = norm(h)
-    return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
-
-
-class StreamedTeacher:
-    """A teacher run from disk group by group (at most `max_resident_shards` shard files' layers resident).
-
-    With prefetching, the group being computed and the next one being read are both resident, so groups are
-    formed with half the shard budget each (at least one shard); with `max_resident_shards=1` there is no
-    prefetch. Outputs equal the resident teacher's (the same ops on the same values).
-    """
-
-    def __init__(self, lazy: LazyCheckpoint, *, dtype, max_resident_shards: int, mesh=None):
-        self.lazy, self.dtype, self.mesh = lazy, dtype, mesh
-        self.config = lazy.config
-        self.prefetch = max_resident_shards >= 2
-        budget = max_resident_shards // 2 if self.prefetch else 1
-        self.groups = lazy.layer_groups(budget)
-        self.embed = lazy.load_embed(dtype, mesh)
-        self.norm = lazy.load_final_norm(dtype, mesh)
-        head = lazy.load_lm_head(dtype, mesh)
-        self.head_weight = self.embed.weight if head is None else head.weight
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-prefetch")
-        self.max_groups_resident = 0
-
-    def _load(self, group):
-        return self.lazy.load_layers(*group, dtype=self.dtype, mesh=self.mesh)
-
-    def __call__(self, input_ids, attention_mask=None, *, output_hidden_states=False, output_attentions=False,
-                 output_qkv=False):
-        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask)
-        hidden, attns, qkvs = [], [], []
-        pending = self._pool.submit(self._load, self.groups[0]) if self.prefetch else None
-        for g, group in enumerate(self.groups):
-            layers = pending.result() if pending is not None else self._load(group)
-            nxt = None
-            if self.prefetch and g + 1 < len(self.groups):
-                nxt = self._pool.submit(self._load, self.groups[g + 1])
-                self.max_groups_resident = max(self.max_groups_resident, 2)
-            else:
-                self.max_groups_resident = max(self.max_groups_resident, 1)
-            out = _run_group(layers, h, cos, sin, mask, output_hidden_states, output_attentions, output_qkv)
-            h = out.hidden
-            if output_hidden_states:
-                hidden.extend(out.layer_inputs[i] for i in range(group[1] - group[0]))
-            if output_attentions:
-                attns.extend(out.attentions[i] for i in range(group[1] - group[0]))
-            if output_qkv:
-                qkvs.extend(tuple(t[i] for t in out.qkv) for i in range(group[1] - group[0]))
-            jax.block_until_ready(h)
-            del layers, out  # release this group before the one after next is read
-            pending = nxt
-        normed, logits = _head(self.norm, self.head_weight, h)
-        return CausalLMOutput(
-            logits=logits, hidden_states=tuple(hidden) + (normed,) if output_hidden_states else None,
-            attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,
-        )
-
-    def outputs(self, batch, spec: ObjectiveSpec) -> TeacherOutputs:
-        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]),
-                   output_hidden_states=spec.uses_features,
-                   output_attentions=spec.uses_attention and spec.attention_kind == "kl",
-                   output_qkv=spec.uses_attention and spec.attention_kind == "relation")
-        return TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
-                              qkv=out.qkv)
-
-    def close(self):
-        self._pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -134,9 +42,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_index(directory: Path, index: dict):
-    tmp = directory / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, directory / "index.json")
+    atomic_write(directory / "index.json", json.dumps(index, indent=1))
 
 
 @eqx.filter_jit
@@ -290,9 +196,13 @@ class TeacherCache:
             hidden = tuple(cached.get(i, filler) for i in range(num_teacher_layers + 1))
         return TeacherOutputs(topk_values=jnp.asarray(rows["topk_values"]),
                               topk_indices=jnp.asarray(rows["topk_indices"]),
-                              tail_logsumexp=jnp.asarray(rows["tail_logsumexp"]), hidden_states=hidden)
+                              tail_logsumexp=jnp.asarray(rows["tail_logsumexp"]),
+                              label_logprob=jnp.asarray(rows["label_logprob"]), hidden_states=hidden)
 
     def close(self):
         for f in self._open.values():
             f.close()
         self._open.clear()
+
+
+__all__ = ["CACHE_VERSION", "TeacherCache", "build_cache", "cache_complete"]

@@ -1,0 +1,234 @@
+"""The objective's config sections, and the machinery every config section of a run shares.
+
+`DistillationParams` (the YAML section `distillation_params`) with its nested `temperature`, `layer_mapping` and
+`eplb` sections is what `distill.objective.Objective` is built from, as it is: the objective reads these fields,
+it does not restate them. Each section checks its own values in `__post_init__` (skipped inside `unvalidated()`,
+so that `vishwam.cli` can build a config in layers and validate once at the end) and raises a
+:class:`~models.errors.ConfigError` that names the dotted key (`distillation_params.kd_weight`).
+
+`Section` is the base of every section, here and in `vishwam.config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+from typing import Literal
+
+from .errors import ConfigError
+
+# parse_args builds the YAML layer and runs tyro with checks off, then validates the final config once.
+_VALIDATE: contextvars.ContextVar[bool] = contextvars.ContextVar("vishwam_config_validate", default=True)
+
+
+@contextlib.contextmanager
+def unvalidated() -> Iterator[None]:
+    """Within this block, constructing a config section skips its checks (for building configs in layers)."""
+    token = _VALIDATE.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE.reset(token)
+
+
+def config_error(key: str, message: str) -> ConfigError:
+    error = ConfigError(f"config key '{key}' {message}")
+    error.key = key  # type: ignore[attr-defined]  # lets the CLI add the file the key came from
+    return error
+
+
+class Section:
+    """Shared checking for config sections. `_path` is the section's dotted path in the YAML."""
+
+    _path = ""
+
+    def __post_init__(self) -> None:
+        if _VALIDATE.get():
+            self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise config_error(self._key(name), f"must be > 0, got {value}")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise config_error(self._key(name), f"must be >= 0, got {value}")
+
+    def validate(self) -> None:
+        """Check this section and every section nested in it; raise `ConfigError` naming the first bad key."""
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if isinstance(value, Section):
+                value.validate()
+        self._check()
+
+
+# -------------------------------------------------------------------------------------------- distillation params
+
+
+@dataclasses.dataclass(frozen=True)
+class TemperatureConfig(Section):
+    """The softmax temperature of the KD loss and its schedule over training."""
+
+    _path = "distillation_params.temperature"
+
+    schedule: Literal["constant", "linear", "cosine", "adaptive"] = "constant"
+    """'constant': start; 'linear'/'cosine': start -> end over max_steps; 'adaptive': per token, in [min, max]."""
+    start: float = 2.0
+    """Temperature at step 0 (the constant value for schedule=constant)."""
+    end: float = 1.0
+    """Temperature at the last step, for linear and cosine."""
+    min: float = 0.5
+    """Lower bound for schedule=adaptive."""
+    max: float = 4.0
+    """Upper bound for schedule=adaptive."""
+
+    def _check(self) -> None:
+        self._positive("start", "end", "min", "max")
+        if self.min > self.max:
+            raise config_error(self._key("min"), f"must be <= {self._key('max')} ({self.max}), got {self.min}")
+        if self.schedule == "adaptive" and not self.min <= self.start <= self.max:
+            raise config_error(self._key("start"), f"must lie in [min, max] = [{self.min}, {self.max}] for the adaptive "
+                        f"schedule, got {self.start}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMappingConfig(Section):
+    """Which teacher layer each student layer is matched with (for init from the teacher and feature losses)."""
+
+    _path = "distillation_params.layer_mapping"
+
+    strategy: Literal["uniform", "seed", "last_k", "explicit"] = "uniform"
+    """'uniform': spread evenly; 'seed': dense at the bottom, top to top; 'last_k': last k; 'explicit': pairs."""
+    k: int | None = None
+    """Pairs for strategy=last_k (required there); final pairs for strategy=seed (optional); unused otherwise."""
+    pairs: tuple[tuple[int, int], ...] = ()
+    """With strategy=explicit: (student_layer, teacher_layer) pairs, 0-based. Flag form: --...pairs 0 0 1 3."""
+
+    def _check(self) -> None:
+        self._positive("k")
+        if self.strategy == "last_k" and self.k is None:
+            raise config_error(self._key("k"), "is required for strategy 'last_k'")
+        if self.k is not None and self.strategy not in ("last_k", "seed"):
+            raise config_error(self._key("k"), f"is only used with strategies 'last_k' and 'seed', not '{self.strategy}'")
+        if self.strategy == "explicit" and not self.pairs:
+            raise config_error(self._key("pairs"), "must list (student, teacher) layer pairs for strategy 'explicit'")
+        if self.strategy != "explicit" and self.pairs:
+            raise config_error(self._key("pairs"), f"is only used with strategy 'explicit', but strategy is "
+                        f"'{self.strategy}'")
+        for i, (student, teacher) in enumerate(self.pairs):
+            if student < 0 or teacher < 0:
+                raise config_error(f"{self._key('pairs')}[{i}]", f"must hold layer indices >= 0, got {[student, teacher]}")
+        students = [student for student, _ in self.pairs]
+        if len(set(students)) != len(students):
+            raise config_error(self._key("pairs"), "maps a student layer more than once")
+
+
+@dataclasses.dataclass(frozen=True)
+class EPLBConfig(Section):
+    """EPLB: mapped layer pairs switched on in stages, their losses balanced, the mapping re-derived by CKA."""
+
+    _path = "distillation_params.eplb"
+
+    enabled: bool = False
+    """Turn EPLB on."""
+    num_stages: int = 3
+    """Number of stages the mapped pairs are switched on in, shallow to deep."""
+    stage_steps: int = 100
+    """Steps between the starts of consecutive stages."""
+    ramp_steps: int = 50
+    """Steps over which a pair's weight rises from 0 to 1 (0: a step)."""
+    balance: bool = True
+    """Divide each pair's loss by a running estimate of its magnitude."""
+    target_ratio: float = 0.5
+    """With balance: the intermediate losses sum to target_ratio x the KD loss."""
+    ema_decay: float = 0.99
+    """Decay of the running loss magnitudes, in [0, 1)."""
+    remap: bool = True
+    """Re-derive the mapping by student/teacher layer similarity (linear CKA)."""
+    probe_batches: int = 1
+    """Batches used to measure layer similarity when remapping."""
+
+    def _check(self) -> None:
+        self._positive("num_stages", "stage_steps", "probe_batches")
+        self._non_negative("ramp_steps")
+        self._positive("target_ratio")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise config_error(self._key("ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationParams(Section):
+    """The distillation loss: its components, their weights and their settings."""
+
+    _path = "distillation_params"
+
+    kd_weight: float = 1.0
+    """Weight of the logit distillation loss (kd_loss)."""
+    ce_weight: float = 0.0
+    """Weight of the cross-entropy loss on the data's next tokens."""
+    feature_weight: float = 0.0
+    """Weight of the hidden-state (feature) loss over mapped layers."""
+    attention_weight: float = 0.0
+    """Weight of the attention-map loss over attention_layers."""
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
+    """Logit loss: KL(teacher||student), KL(student||teacher), generalised Jensen-Shannon, or total variation."""
+    jsd_beta: float = 0.5
+    """Mixture weight of the generalised JSD, in [0, 1]."""
+    temperature: TemperatureConfig = dataclasses.field(default_factory=TemperatureConfig)
+    """Softmax temperature of the KD loss and its schedule."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss, in [0, 1)."""
+    logit_chunk_size: int | None = None
+    """Compute the logit losses over chunks of this many tokens to bound memory. None: all at once."""
+    fused_logit_loss: bool = True
+    """Forward-KL KD and CE in one pass with their closed-form gradient (distill.logits.kd_ce_loss); false
+    differentiates the separate losses instead (same values). Other KD losses and a top-k cache never fuse."""
+    layer_mapping: LayerMappingConfig = dataclasses.field(default_factory=LayerMappingConfig)
+    """How student layers are matched with teacher layers."""
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    """Loss between the hidden states of mapped layers."""
+    feature_normalize: bool = True
+    """Normalise hidden states before the feature loss."""
+    attention_layers: tuple[int, ...] = ()
+    """Student layers whose attention is matched, 0-based. Empty: derived from the layer mapping."""
+    attention_loss: Literal["kl", "relation"] = "kl"
+    """'kl': KL between attention maps; 'relation': MiniLM-style self-attention relations."""
+    attention_head_mapping: Literal["group_average", "head_wise"] = "group_average"
+    """How teacher heads meet student heads: average teacher heads in groups, or match head by head."""
+    relation_heads: int = 8
+    """Number of relation heads for attention_loss=relation."""
+    eplb: EPLBConfig = dataclasses.field(default_factory=EPLBConfig)
+    """Staged progressive distillation."""
+
+    def _check(self) -> None:
+        weights = ("kd_weight", "ce_weight", "feature_weight", "attention_weight")
+        self._non_negative(*weights)
+        if not any(getattr(self, name) > 0 for name in weights):
+            raise config_error(self._key("kd_weight"), "and the other loss weights are all 0: nothing to train on")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise config_error(self._key("jsd_beta"), f"must be in [0, 1], got {self.jsd_beta}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise config_error(self._key("label_smoothing"), f"must be in [0, 1), got {self.label_smoothing}")
+        self._positive("logit_chunk_size", "relation_heads")
+        for i, layer in enumerate(self.attention_layers):
+            if layer < 0:
+                raise config_error(f"{self._key('attention_layers')}[{i}]", f"must be a layer index >= 0, got {layer}")
+        if len(set(self.attention_layers)) != len(self.attention_layers):
+            raise config_error(self._key("attention_layers"), "lists a layer more than once")
+
+
+__all__ = ["DistillationParams", "EPLBConfig", "LayerMappingConfig", "Section", "TemperatureConfig",
+           "config_error", "unvalidated"]

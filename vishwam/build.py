@@ -1,0 +1,166 @@
+"""Building a run from its config: what it will run (before any weight is read), then its parts.
+
+`prepare(cfg)` opens the teacher lazily (config, index and every shard header validated, nothing read), derives
+the student's architecture and the objective (`vishwam.specs`), loads and packs the data, makes the mesh, and
+checks the memory plan, so that every mistake a config can hold stops the run before anything big is loaded.
+`build_state(run, teacher)` then initialises the student (randomly, pruned from the teacher, or from a
+checkpoint), the feature projections, EPLB's balancer and the optimizer into one sharded `TrainState`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from distill.eplb import LossBalancer
+from distill.features import FeatureProjections
+from distill.objective import Objective
+from distill.student_init import init_student_from_teacher
+from models import CausalLM, ModelConfig, cast_floating, init_model
+from models.pytree import count_parameters
+
+from . import data as data_lib
+from . import specs
+from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
+from .config import RunConfig
+from .errors import ConfigError
+from .fit import check_fits, print_plan_summary
+from .sharding import batch_sharding, make_mesh, tree_shardings
+from .teachers import TeacherSource, check_cacheable
+from .tracking import log
+from .train_state import TrainState, init_state, make_optimizer
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run as far as it is known before any weight is read."""
+
+    cfg: RunConfig
+    mesh: jax.sharding.Mesh
+    lazy_teacher: LazyCheckpoint
+    teacher_config: ModelConfig
+    student_config: ModelConfig
+    objective: Objective
+    train_data: data_lib.PackedDataset
+    eval_data: data_lib.PackedDataset | None
+    batch_sharding: jax.sharding.NamedSharding
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.training.output_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary both models share (token ids beyond it are a data error)."""
+        return min(self.student_config.vocab_size, self.teacher_config.vocab_size)
+
+    @property
+    def splits(self) -> dict[str, data_lib.PackedDataset]:
+        return {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
+
+
+def setup_distributed(cfg: RunConfig) -> None:
+    d = cfg.distributed
+    if d.num_processes > 1 or d.coordinator_address:
+        if not d.coordinator_address:
+            raise ConfigError("config key 'distributed.coordinator_address' is required when num_processes > 1")
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+
+
+def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
+    """The train and eval token streams, tokenized with the teacher's tokenizer unless pre-tokenized."""
+    tr, d = cfg.training, cfg.data
+    tokenizer = d.tokenizer or (str(teacher.directory / "tokenizer.json")
+                                if (teacher.directory / "tokenizer.json").is_file() else None)
+    eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
+    train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos)
+    eval_tokens = None
+    if d.eval:
+        eval_tokens = data_lib.load_token_stream(d.eval, tokenizer, eos)
+    elif d.eval_fraction > 0:
+        train_tokens, eval_tokens = data_lib.split_eval(train_tokens, d.eval_fraction)
+    data_lib.check_vocab(train_tokens, vocab, "data.train")
+    train = data_lib.PackedDataset(train_tokens, tr.seq_len, name="data.train")
+    if eval_tokens is None:
+        return train, None
+    data_lib.check_vocab(eval_tokens, vocab, "data.eval")
+    return train, data_lib.PackedDataset(eval_tokens, tr.seq_len, name="data.eval")
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Everything about the run that needs no weights (see the module docstring); raises the one-line errors."""
+    setup_distributed(cfg)
+    p = cfg.parallelism
+    mesh = make_mesh(p.data, p.fsdp, p.tensor)
+    lazy = open_pretrained(cfg.distillation.teacher_model.path)
+    t_config = lazy.config
+    s_config = specs.student_config(cfg, t_config)
+    objective = specs.objective(cfg, s_config, t_config)
+    if cfg.distillation.teacher_model.loading == "cached":
+        check_cacheable(cfg)
+    train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
+    return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh))
+
+
+def check_memory(run: Prepared) -> None:
+    """Print the plan's summary and stop (one line) before allocating what cannot fit."""
+    check_fits(print_plan_summary(run.cfg, run.teacher_config), run.cfg)
+
+
+def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
+    """The student before training, in `training.param_dtype`: random, pruned from the teacher (which is loaded
+    once for it when the source holds no model), or read from `student_model.path`."""
+    cfg, s = run.cfg, run.cfg.distillation.student_model
+    param_dtype = specs.DTYPES[cfg.training.param_dtype]
+    if s.init == "path":
+        return load_pretrained(s.path, dtype=param_dtype)
+    if s.init == "random":
+        return cast_floating(init_model(run.student_config, key=key), param_dtype)
+    model = teacher.model if teacher.kind == "resident" else run.lazy_teacher.load(
+        dtype=specs.DTYPES[cfg.distillation.teacher_model.dtype], mesh=run.mesh)  # pruning needs the whole teacher
+    probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
+                                    batch_size=min(8, cfg.training.batch_size))
+    student = init_student_from_teacher(
+        cast_floating(model, jnp.float32), run.student_config,
+        pairs=specs.init_layer_pairs(run.student_config, run.teacher_config),
+        probe_ids=jnp.asarray(probe["input_ids"]), probe_mask=jnp.asarray(probe["mask"]), key=key)
+    return cast_floating(student, param_dtype)
+
+
+def optimizer_of(cfg: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    tr = cfg.training
+    return make_optimizer(learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, total_steps=tr.max_steps,
+                          weight_decay=tr.weight_decay, grad_clip=tr.grad_clip)
+
+
+def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation):
+    """**Returns:** `(state, shardings)`: the initial `TrainState`, every array leaf placed by the rule table on
+    the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target)."""
+    cfg, objective = run.cfg, run.objective
+    param_dtype = specs.DTYPES[cfg.training.param_dtype]
+    k_student, k_proj, k_state = jax.random.split(jax.random.key(cfg.training.seed), 3)
+    student = init_student(run, teacher, k_student)
+    log(f"student: {run.student_config.architecture} {count_parameters(student) / 1e6:.2f}M params "
+        f"({cfg.distillation.student_model.init} init), mapping {list(objective.feature_pairs)}")
+    projections = None
+    if objective.uses_features:
+        projections = cast_floating(FeatureProjections(objective.feature_pairs, run.student_config.hidden_size,
+                                                       run.teacher_config.hidden_size, key=k_proj), param_dtype)
+    balancer = None
+    if objective.balances:
+        e = cfg.distillation_params.eplb
+        balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
+    state = init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs)
+    arrays, static = eqx.partition(state, eqx.is_array)
+    shardings = tree_shardings(arrays, run.mesh)
+    return eqx.combine(jax.device_put(arrays, shardings), static), shardings
+
+
+__all__ = ["Prepared", "build_state", "check_memory", "init_student", "optimizer_of", "prepare",
+           "setup_distributed"]

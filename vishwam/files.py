@@ -1,0 +1,44 @@
+"""Atomic file writes: the one way this project writes a file that a reader, or a crash, may catch half-done.
+
+The content goes to a temporary file with a unique name (`mkstemp`: unique across processes and threads) in the
+destination's directory and is renamed over the destination, so readers see the old file or the new one, never
+a mix, and two writers never share a temporary file. The result gets the mode an ordinary `open(path, "w")`
+would give it (0666 less the umask), not `mkstemp`'s 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `content` (text, bytes, or a function that writes to a binary file) to `path` atomically."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["atomic_write"]

@@ -1,0 +1,148 @@
+"""The training loop: get batch -> step -> log -> maybe evaluate, save, re-map; then export the student.
+
+`train(cfg)` is what `run.py` calls. `Run(cfg)` prepares the run (`vishwam.build.prepare`: everything that needs
+no weights, so config mistakes stop it at once) and `Run.train()` runs the loop; `on_step(step, state)`, when
+set, is called after every step (tests stop runs with it). Each part is its own module: the teacher source
+(`vishwam.teachers`), the jitted step (`vishwam.train_state`), evaluation (`vishwam.evaluation`), checkpoints
+(`vishwam.resume`), tracking (`vishwam.tracking`) and EPLB re-mapping (`vishwam.remap`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from . import build
+from .config import RunConfig, config_to_dict, save_config
+from .checkpoint import save_pretrained
+from .data import batch_for_step
+from .errors import VishwamError
+from .evaluation import evaluate
+from .memory import peak_rss_bytes
+from .remap import probe_batch, remap, remap_steps
+from .resume import Checkpointer
+from .sharding import global_batch
+from .specs import DTYPES
+from .teachers import TeacherSource, open_teacher
+from .tracking import Progress, Tracker, log
+from .train_state import StepConfig, make_train_step
+
+
+class Run:
+    """A configured distillation run. `Run(cfg).train()` does the whole job."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.on_step = None
+        self.prepared = build.prepare(cfg)
+        self.objective = self.prepared.objective
+        self.state = None
+
+    @property
+    def train_data(self):
+        return self.prepared.train_data
+
+    def open_teacher(self) -> TeacherSource:
+        run = self.prepared
+        return open_teacher(self.cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size,
+                            mesh=run.mesh, log=log)
+
+    def train(self) -> dict:
+        cfg, tr, run = self.cfg, self.cfg.training, self.prepared
+        if jax.process_index() == 0:
+            run.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.out / "config.yaml")
+        build.check_memory(run)
+        teacher = self.open_teacher()
+        log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
+            f"from {run.lazy_teacher.directory} ({teacher.kind})")
+        optimizer, schedule = build.optimizer_of(cfg)
+        state, shardings = build.build_state(run, teacher, optimizer)
+        ckpt = Checkpointer(run.out / "checkpoints", tr.keep_checkpoints)
+        start = 0
+        if ckpt.latest() is not None:
+            state, _ = ckpt.restore(ckpt.latest(), state, shardings)
+            start = int(state.step)
+            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
+            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
+        tracker = Tracker(cfg, run.out, start)
+        if self.objective.uses_features:
+            tracker.log_mapping(start, self.objective.feature_pairs)
+
+        compute_dtype = DTYPES[tr.compute_dtype]
+        make_step = lambda objective: make_train_step(  # noqa: E731
+            StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
+        train_step = make_step(self.objective)
+        remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
+        evaluate_at = lambda step: evaluate(  # noqa: E731
+            state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+            micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches, compute_dtype=compute_dtype,
+            batch_sharding=run.batch_sharding, out_dir=run.out, log=log)
+        bar = Progress(start, tr.max_steps)
+        t0 = t_last = time.perf_counter()
+        tok_since, last_eval, pending = 0, None, None
+        try:
+            for step in range(start, tr.max_steps):
+                if step in remaps and step > 0:
+                    state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
+                                       param_dtype=DTYPES[tr.param_dtype], log=log)
+                    self.objective = self.objective.with_feature_pairs(state.pairs)
+                    tracker.log_mapping(step, self.objective.feature_pairs, sim)
+                    train_step = make_step(self.objective)
+                batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=tr.batch_size)
+                t_out = teacher.outputs(batch)
+                batch.pop("window")
+                state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
+                tok_since += tr.batch_size * tr.seq_len
+                done = step + 1
+                # The run of non-finite steps is read one step behind, once the next step is queued: reading this
+                # step's would wait for it to finish before the next batch is even made, idling the device.
+                if pending is not None:
+                    _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
+                pending = (done, metrics["nonfinite_run"])
+                if done % tr.log_every == 0 or done == tr.max_steps:
+                    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    host["tokens_per_sec"] = tok_since / max(now - t_last, 1e-9)
+                    host["skipped_total"] = int(state.skipped)
+                    host["temperature"] = host.get("distill/temperature", float("nan"))
+                    host["peak_rss_gb"] = peak_rss_bytes() / 2**30
+                    t_last, tok_since = now, 0
+                    tracker.log(done, host)
+                    bar.update(done, host)
+                if run.eval_data is not None and (done % tr.eval_every == 0 or done == tr.max_steps):
+                    last_eval = evaluate_at(done)
+                    tracker.log(done, last_eval, context="eval")
+                if done % tr.save_every == 0 or done == tr.max_steps:
+                    ckpt.save(done, state, {"step": done, "config": config_to_dict(cfg)})
+                if self.on_step is not None:
+                    self.on_step(done, state)
+            if pending is not None:
+                _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
+            if tr.max_steps == start and run.eval_data is not None:
+                last_eval = evaluate_at(start)
+        finally:
+            bar.close()
+            ckpt.close()
+            tracker.close()
+            teacher.close()
+        student_dir = run.out / "student"
+        save_pretrained(state.student, student_dir, tokenizer_from=run.lazy_teacher.directory)
+        log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
+        self.state = state
+        return {"eval": last_eval, "state": state}
+
+
+def _check_nonfinite(at_step: int, run_length, *, limit: int) -> None:
+    if int(run_length) >= limit:
+        raise VishwamError(f"{int(run_length)} non-finite steps in a row at step {at_step} (loss or gradient is "
+                           "NaN/inf): lower training.learning_rate or check the data")
+
+
+def train(cfg: RunConfig) -> dict:
+    """The whole job of `python run.py --config C`: prepare, train, evaluate, export."""
+    return Run(cfg).train()
+
+
+__all__ = ["Run", "train"]

@@ -1,0 +1,146 @@
+"""Where a run's teacher comes from, behind one interface: resident, streamed, or cached.
+
+The loop and evaluation ask a `TeacherSource` two things per batch, and never which kind it is:
+
+- `in_step`: the teacher pytree to pass into the jitted step, which then runs the teacher itself (a resident
+  teacher), or None;
+- `outputs(batch, split)`: the teacher's outputs computed ahead of the step (`TeacherOutputs`: a streamed
+  teacher's forward pass, or rows read from the offline cache), or None when the step runs the teacher.
+
+`model` is the teacher as a callable model, for probes that run it on their own batch (EPLB re-mapping); a cached
+teacher has none. `open_teacher` builds the source that `distillation.teacher_model.loading` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from distill.objective import Objective, TeacherOutputs
+from models import CausalLM
+
+from .checkpoint import LazyCheckpoint
+from .config import RunConfig
+from .data import PackedDataset
+from .errors import ConfigError
+from .specs import DTYPES
+from .streamed import StreamedTeacher
+from .teacher_cache import TeacherCache, build_cache, cache_complete
+
+
+class TeacherSource:
+    """A resident teacher: the whole model on the mesh, run inside the jitted step."""
+
+    kind = "resident"
+
+    def __init__(self, model: CausalLM | StreamedTeacher | None):
+        self.model = model
+
+    @property
+    def in_step(self) -> CausalLM | None:
+        return self.model if self.kind == "resident" else None
+
+    def outputs(self, batch: dict[str, np.ndarray], split: str = "train") -> TeacherOutputs | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Streamed(TeacherSource):
+    """A teacher run from disk group by group ahead of each step (`vishwam.streamed.StreamedTeacher`)."""
+
+    kind = "streamed"
+
+    def __init__(self, model: StreamedTeacher, objective: Objective):
+        super().__init__(model)
+        self.objective = objective
+
+    def outputs(self, batch, split="train"):
+        return self.model.outputs(batch, self.objective)
+
+    def close(self):
+        self.model.close()
+
+
+class Cached(TeacherSource):
+    """A teacher read from its offline cache (`vishwam.teacher_cache`), one `TeacherCache` per data split."""
+
+    kind = "cached"
+
+    def __init__(self, caches: dict[str, TeacherCache], num_teacher_layers: int):
+        super().__init__(None)
+        self.caches, self.num_teacher_layers = caches, num_teacher_layers
+
+    def outputs(self, batch, split="train"):
+        return self.caches[split].outputs(batch, self.num_teacher_layers)
+
+    def close(self):
+        for cache in self.caches.values():
+            cache.close()
+
+
+def check_cacheable(cfg: RunConfig) -> None:
+    """A top-k cache holds logits (and mapped hidden states): the objectives that need more are config errors."""
+    p = cfg.distillation_params
+    bad = None
+    if p.attention_weight > 0:
+        bad = "distillation_params.attention_weight > 0 (attention maps are not cached)"
+    elif p.kd_loss != "forward_kl" and p.kd_weight > 0:
+        bad = f"distillation_params.kd_loss={p.kd_loss!r} (a top-k cache supports forward_kl)"
+    elif p.temperature.schedule == "adaptive":
+        bad = "distillation_params.temperature.schedule='adaptive' (needs full teacher logits)"
+    if bad:
+        raise ConfigError(f"config key 'distillation.teacher_model.loading' = 'cached' cannot be used with {bad}")
+
+
+def cached_layers(objective: Objective) -> tuple[int, ...]:
+    """The teacher layers whose hidden states a cache must hold (the mapped ones, with feature matching on)."""
+    return tuple(sorted({t for _, t in objective.feature_pairs})) if objective.uses_features else ()
+
+
+def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
+                 vocab_size: int, mesh, log: Callable[[str], None], always: bool = False) -> dict[str, dict]:
+    """Build (or finish) the teacher cache of every split; the teacher is loaded once, only if a split needs it.
+    Without `always`, a split whose index already covers all its windows is left as it is (its shards'
+    checksums are verified when read). Returns each built split's index."""
+    t = cfg.distillation.teacher_model
+    todo = {split: data for split, data in splits.items()
+            if always or not cache_complete(Path(t.cache_dir) / split)}  # missing or interrupted
+    if not todo:
+        return {}
+    teacher = lazy.load(dtype=DTYPES[t.dtype], mesh=mesh)
+    built = {}
+    for split, data in todo.items():
+        directory = Path(t.cache_dir) / split
+        log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
+        built[split] = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab_size,
+                                   hidden_layers=cached_layers(objective), meta={"teacher": str(lazy.directory)},
+                                   log=log)
+        log(f"teacher cache {split}: {data.num_windows} windows, {len(built[split]['shards'])} shard(s), "
+            f"{built[split]['bytes_per_token']:.0f} bytes per token")
+    return built
+
+
+def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
+                 vocab_size: int, mesh, log: Callable[[str], None]) -> TeacherSource:
+    """The teacher source `distillation.teacher_model.loading` names, ready to use (a missing or unfinished
+    cache is built first)."""
+    t = cfg.distillation.teacher_model
+    dtype = DTYPES[t.dtype]
+    if t.loading == "resident":
+        return TeacherSource(lazy.load(dtype=dtype, mesh=mesh))
+    if t.loading == "streamed":
+        return Streamed(StreamedTeacher(lazy, dtype=dtype, max_resident_shards=t.max_resident_shards, mesh=mesh),
+                        objective)
+    build_caches(cfg, lazy, splits, objective, vocab_size=vocab_size, mesh=mesh, log=log)
+    caches = {split: TeacherCache(Path(t.cache_dir) / split, seq_len=data.seq_len, top_k=t.top_k,
+                                  num_windows=data.num_windows, hidden_layers=cached_layers(objective))
+              for split, data in splits.items()}
+    return Cached(caches, lazy.config.num_hidden_layers)
+
+
+__all__ = ["Cached", "Streamed", "TeacherSource", "build_caches", "cached_layers", "check_cacheable",
+           "open_teacher"]

@@ -1,0 +1,112 @@
+"""What a run reports while it runs: `metrics.jsonl`, the Aim run, the progress line and the log.
+
+Process 0 alone writes; the other processes' trackers do nothing. Tracking never takes down a run: an Aim repo
+that cannot be opened is a warning, and the run goes on with `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from .config import RunConfig, config_to_dict
+from .files import atomic_write
+
+
+def log(msg: str) -> None:
+    """A line on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """metrics.jsonl always (process 0), plus an Aim run when `tracking.aim` is on."""
+
+    def __init__(self, cfg: RunConfig, out: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = out / "metrics.jsonl"
+        self.run = None
+        if not self.enabled:
+            return
+        self._truncate(resume_step)
+        if cfg.tracking.aim:
+            try:
+                import aim  # heavy, and only wanted with tracking.aim on: imported here
+
+                repo = cfg.tracking.repo or str(out)
+                self.run = aim.Run(repo=repo, experiment=cfg.tracking.experiment)
+                self.run["hparams"] = json.loads(json.dumps(config_to_dict(cfg)))
+            except Exception as e:  # tracking must never take down a run
+                log(f"warning: Aim tracking disabled ({type(e).__name__}: {e})")
+                self.run = None
+
+    def _truncate(self, resume_step: int):
+        """On resume, drop lines logged after the checkpoint, so the file equals an uninterrupted run's."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= resume_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break
+        atomic_write(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, step: int, metrics: dict, context: str = "train"):
+        if not self.enabled:
+            return
+        if context == "train":
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.run.track(v, name=k.replace("/", "."), step=step, context={"subset": context})
+
+    def log_mapping(self, step: int, pairs, similarity=None):
+        """Record the layer mapping (at start and at every EPLB re-mapping) in the Aim run."""
+        if self.run is not None:
+            history = self.run.get("mapping_history", None) or []
+            entry = {"step": step, "pairs": [list(map(int, p)) for p in pairs]}
+            if similarity is not None:
+                entry["cka"] = np.round(np.asarray(similarity), 4).tolist()
+            self.run["mapping_history"] = history + [entry]
+
+    def close(self):
+        if self.run is not None:
+            self.run.close()
+
+
+class Progress:
+    """A progress bar (tqdm on a terminal, plain log lines otherwise) with step, loss, tokens/s and ETA."""
+
+    def __init__(self, start: int, total: int):
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.bar = None
+        if jax.process_index() == 0 and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=start, desc="distill", dynamic_ncols=True)
+
+    def update(self, step: int, m: dict):
+        desc = f"loss {m['loss']:.4f} | {m['tokens_per_sec']:.0f} tok/s"
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(desc)
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        log(f"step {step}/{self.total} | {desc} | eta {eta:.0f}s")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["Progress", "Tracker", "log"]
