@@ -1,6 +1,6 @@
 """On a GPU: what cuDNN attention and the fused KD + CE loss each buy in the `gpu` benchmark step.
 
-Builds the step of `python -m vishwam.bench --size gpu` (bf16) three ways in one process — as shipped (cuDNN
+Builds the step of `python -m benchmarks.bench --size gpu` (bf16) three ways in one process — as shipped (cuDNN
 attention, fused loss), with XLA attention, and with the autodiff loss — and times each the same way as the bench
 (median of `--steps` steps after warm-up, `block_until_ready`), interleaving the variants round by round.
 """
@@ -8,11 +8,13 @@ attention, fused loss), with XLA attention, and with the autodiff loss — and t
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from vishwam import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
+from benchmarks import bench  # noqa: E402
 
 
 def main() -> int:
@@ -25,21 +27,15 @@ def main() -> int:
     args = p.parse_args()
     size = bench.resolve_size("gpu", args.batch, args.seq, args.shrink)
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; batch {size.batch} × seq {size.seq}")
-    base = bench.SPEC
     variants = {}
     for name, attention, fused in (("cudnn attention + fused loss", "auto", True),
                                    ("xla attention + fused loss", "xla", True),
                                    ("cudnn attention + autodiff loss", "auto", False)):
-        bench.SPEC = dataclasses.replace(base, fused_logit_loss=fused)
+        params = dataclasses.replace(bench.PARAMS, fused_logit_loss=fused)
         try:
-            if attention == "xla":
-                with bench.xla_attention():
-                    variants[name] = bench.JaxRunner(size, "bfloat16")
-            else:
-                variants[name] = bench.JaxRunner(size, "bfloat16")
+            variants[name] = bench.JaxRunner(size, "bfloat16", attention_impl=attention, params=params)
         except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others
             print(f"{name}: failed to build: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        bench.SPEC = base
         print(f"built {name}", flush=True)
     batches = [bench.random_batch(size, seed) for seed in range(args.steps + 1)]
     times = {name: [] for name in variants}

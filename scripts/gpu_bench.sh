@@ -4,7 +4,7 @@
 # outputs/gpu_bench, git-ignored) and prints the markdown table last.
 #
 # 1. machine and versions (nvidia-smi, python, jax, torch, jax.devices());
-# 2. `python -m vishwam.bench --size gpu --dtype bfloat16` (Qwen2.5-0.5B-shaped student under a Qwen2.5-1.5B-shaped
+# 2. `python -m benchmarks.bench --size gpu --dtype bfloat16` (Qwen2.5-0.5B-shaped student under a Qwen2.5-1.5B-shaped
 #    teacher, batch 8 × seq 1024): the torch step first in its own process, then the vishwam step;
 # 3. only if a side failed in pass 2 (an out-of-memory, say) and time is left: the same at batch 4, so that both
 #    frameworks are still compared at one shape (gpu_bench_b4.json / .log).
@@ -47,8 +47,8 @@ EOF
 bench() {
   local tag=$1 batch=$2 limit=$3
   echo
-  echo "=== python -m vishwam.bench --size gpu --dtype bfloat16 --batch $batch (limit ${limit} s)"
-  timeout -k 10 "$limit" "$PYTHON" -m vishwam.bench --size gpu --dtype bfloat16 --batch "$batch" --steps 10 \
+  echo "=== python -m benchmarks.bench --size gpu --dtype bfloat16 --batch $batch (limit ${limit} s)"
+  timeout -k 10 "$limit" "$PYTHON" -m benchmarks.bench --size gpu --dtype bfloat16 --batch "$batch" --steps 10 \
     --warmup 2 --torch-timeout "$((limit / 2))" --json "$OUT/$tag.json" ${BENCH_EXTRA_ARGS:-} 2>&1 \
     | tee "$OUT/$tag.log"
   local rc=$?

@@ -1,4 +1,4 @@
-"""Throughput, compile-time, memory and checkpoint-load benchmarks: `python -m vishwam.bench`.
+"""Throughput, compile-time, memory and checkpoint-load benchmarks: `python -m benchmarks.bench`.
 
 What one run measures (vishwam in this process; PyTorch and each checkpoint load in child processes, so that
 neither framework's idle threads nor earlier phases' memory skew the other's figures):
@@ -42,24 +42,29 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill.objective import ObjectiveSpec, teacher_outputs
+from distill.config import DistillationParams, TemperatureConfig
+from distill.objective import Objective, teacher_outputs
 from models import ModelConfig, init_model
-
-from .checkpoint import open_pretrained, save_pretrained
-from .memory import peak_rss_bytes, rss_bytes
-from .train_state import StepConfig, init_state, make_optimizer, make_train_step
+from vishwam.checkpoint import open_pretrained, save_pretrained
+from vishwam.memory import peak_rss_bytes, rss_bytes
+from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MB = 1e6
+#: The repository root (this file is `benchmarks/bench.py`): the torch child process imports `benchmarks.bench`
+#: from here.
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The objective both frameworks compute: forward KL at T=2 (scaled by T²) + 0.5 · cross-entropy.
-SPEC = ObjectiveSpec(kd_weight=1.0, ce_weight=0.5, kd_kind="forward_kl", temperature_start=2.0)
+PARAMS = DistillationParams(kd_weight=1.0, ce_weight=0.5, kd_loss="forward_kl",
+                            temperature=TemperatureConfig(start=2.0))
 OPTIMIZER = {"learning_rate": 3e-4, "warmup_steps": 0, "total_steps": 1000, "weight_decay": 0.01, "grad_clip": 1.0}
 
 
@@ -80,15 +85,15 @@ class BenchSize:
     student: ModelConfig
     batch: int
     seq: int
-    #: `ObjectiveSpec.chunk_size` for this size: sequence positions per chunk of the fp32 logit losses.
+    #: `DistillationParams.logit_chunk_size` for this size: sequence positions per chunk of the fp32 logit losses.
     chunk_size: int | None = None
     #: Sized for one accelerator: torch (on CUDA when available) is timed before JAX starts, the matmul peak uses
     #: `ACCEL_MATMUL_N`, and the checkpoint-load and compile-vs-depth phases are skipped. Not part of `--size all`.
     accelerator: bool = False
 
-    @property
-    def spec(self) -> ObjectiveSpec:
-        return dataclasses.replace(SPEC, chunk_size=self.chunk_size)
+    def objective(self, params: DistillationParams | None = None) -> Objective:
+        """The objective of `params` (default `PARAMS`) with this size's `logit_chunk_size`."""
+        return Objective(dataclasses.replace(params or PARAMS, logit_chunk_size=self.chunk_size))
 
     @property
     def tokens(self) -> int:
@@ -255,16 +260,18 @@ def random_batch(size: BenchSize, seed: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------- vishwam
 
 
-def build_jax_step(size: BenchSize, dtype: str, key):
-    """Teacher, train state and the jitted step, assembled as `vishwam.trainer.Run.train` does (single device:
-    no mesh, no state shardings). Params are fp32; the teacher is stored and the step computes in `dtype`."""
+def build_jax_step(size: BenchSize, dtype: str, key, attention_impl: str = "auto",
+                   params: DistillationParams | None = None):
+    """Teacher, train state and the jitted step, assembled as `vishwam.loop.Run.train` does (single device:
+    no mesh, no state shardings). Params are fp32; the teacher is stored and the step computes in `dtype`;
+    both models run `attention_impl` (`models.attention`); `params` defaults to `PARAMS`."""
     k_teacher, k_student, k_state = jax.random.split(key, 3)
     teacher = init_model(size.teacher, key=k_teacher, dtype=DTYPES[dtype])
     student = init_model(size.student, key=k_student, dtype=jnp.float32)
     optimizer, schedule = make_optimizer(**OPTIMIZER)
     state = init_state(student, None, None, optimizer, k_state, ())
-    step = make_train_step(StepConfig(size.spec, DTYPES[dtype], grad_accum_steps=1, remat=False), optimizer,
-                           schedule)
+    step = make_train_step(StepConfig(size.objective(params), DTYPES[dtype], grad_accum_steps=1, remat=False,
+                                      attention_impl=attention_impl), optimizer, schedule)
     return teacher, state, step
 
 
@@ -290,17 +297,20 @@ def compile_step(step, teacher, state, batch) -> dict[str, float]:
 
 
 class JaxRunner:
-    """The vishwam step for one size, compiled ahead of time; `step` and `teacher_forward` return seconds."""
+    """The vishwam step for one size, compiled ahead of time; `step` and `teacher_forward` return seconds.
+    `attention_impl` and `params` go to `build_jax_step`."""
 
-    def __init__(self, size: BenchSize, dtype: str):
-        self.teacher, self.state, step = build_jax_step(size, dtype, jax.random.key(0))
+    def __init__(self, size: BenchSize, dtype: str, attention_impl: str = "auto",
+                 params: DistillationParams | None = None):
+        self.teacher, self.state, step = build_jax_step(size, dtype, jax.random.key(0), attention_impl, params)
         times = compile_step(step, self.teacher, self.state, random_batch(size, 0))
         self.compiled = times.pop("compiled")
         self.compile_times = times
         self.losses: list[float] = []
         # The teacher forward alone, as the step runs it, to say where the step's time goes.
-        spec = size.spec
-        self._forward = eqx.filter_jit(lambda t, ids, mask: teacher_outputs(t, ids, mask, spec).logits)
+        objective = size.objective(params)
+        self._forward = eqx.filter_jit(
+            lambda t, ids, mask: teacher_outputs(t, ids, mask, objective, attention_impl=attention_impl).logits)
 
     def step(self, batch: dict[str, np.ndarray]) -> float:
         inputs = device_batch(batch)
@@ -375,7 +385,7 @@ class TorchRunner:
     def _loss(self, ids, labels):
         import torch.nn.functional as F
 
-        torch, temperature = self.torch, SPEC.temperature_start
+        torch, temperature = self.torch, PARAMS.temperature.start
         with torch.no_grad(), self.autocast():
             t_logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
         with self.autocast():
@@ -385,7 +395,7 @@ class TorchRunner:
         log_p = F.log_softmax(t_logits / temperature, dim=-1).reshape(-1, v)
         kd = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
         ce = F.cross_entropy(s_logits.reshape(-1, v), labels.reshape(-1))
-        return SPEC.kd_weight * kd + SPEC.ce_weight * ce
+        return PARAMS.kd_weight * kd + PARAMS.ce_weight * ce
 
     def step(self, batch: dict[str, np.ndarray]) -> float:
         # The batch is on the device before the clock starts, as in `JaxRunner.step`.
@@ -466,7 +476,7 @@ def torch_worker(size: str, batch: int, seq: int, dtype: str, steps: int, warmup
 # question, and gives its memory figures a clean baseline.
 _TORCH_SCRIPT = """
 import json, sys
-from vishwam.bench import torch_worker
+from benchmarks.bench import torch_worker
 print(json.dumps(torch_worker(**json.loads(sys.argv[1]))))
 """
 
@@ -480,12 +490,14 @@ def error_line(text: str) -> str:
 
 def run_torch(size: BenchSize, dtype: str, steps: int, warmup: int, matmul_n: int, threads: int | None = None,
               device: str = "auto", shrink: bool = False, timeout: float | None = None) -> dict:
-    """`torch_worker` in a child process. The child sees only the CPU as a JAX platform, so that importing
-    vishwam there can never claim GPU memory. **Returns:** its figures, or `{"error": ..., "stderr": ...}` when it
-    failed or ran past `timeout` seconds (the failure is logged, not raised, so the vishwam figures survive)."""
+    """`torch_worker` in a child process, which imports `benchmarks.bench` from `ROOT` (put first on its
+    PYTHONPATH). The child sees only the CPU as a JAX platform, so that importing vishwam there can never claim GPU
+    memory. **Returns:** its figures, or `{"error": ..., "stderr": ...}` when it failed or ran past `timeout`
+    seconds (the failure is logged, not raised, so the vishwam figures survive)."""
     args = {"size": size.name, "batch": size.batch, "seq": size.seq, "dtype": dtype, "steps": steps,
             "warmup": warmup, "matmul_n": matmul_n, "threads": threads, "device": device, "shrink": shrink}
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
     try:
         out = subprocess.run([sys.executable, "-c", _TORCH_SCRIPT, json.dumps(args)], capture_output=True,
                              text=True, check=False, env=env, timeout=timeout)
@@ -499,25 +511,12 @@ def run_torch(size: BenchSize, dtype: str, steps: int, warmup: int, matmul_n: in
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def xla_attention():
-    """Within: the models' `attention_impl="auto"` resolves to XLA's einsum attention, never cuDNN (the fallback
-    when the cuDNN kernel fails on an accelerator)."""
-    from models import attention
-
-    original = attention.resolve_implementation
-    attention.resolve_implementation = lambda implementation, *a, **kw: original(
-        "xla" if implementation == "auto" else implementation, *a, **kw)
-    try:
-        yield
-    finally:
-        attention.resolve_implementation = original
-
-
-def time_jax(size: BenchSize, dtype: str, steps: int, warmup: int, mem: PhaseMemory, batches: list) -> dict:
-    """The vishwam side of `bench_size`: build, compile and `warmup` steps in one memory phase, then the timing."""
+def time_jax(size: BenchSize, dtype: str, steps: int, warmup: int, mem: PhaseMemory, batches: list,
+             attention_impl: str = "auto") -> dict:
+    """The vishwam side of `bench_size`: build, compile and `warmup` steps in one memory phase, then the timing.
+    `attention_impl` is both models' attention (`"xla"`: the fallback when cuDNN fails on an accelerator)."""
     with mem.phase(f"{size.name}: vishwam step"):
-        runner = JaxRunner(size, dtype)
+        runner = JaxRunner(size, dtype, attention_impl)
         for batch in batches[:warmup]:
             runner.step(batch)
     out = time_runner(runner, batches[warmup:], max(3, steps))
@@ -551,8 +550,7 @@ def bench_size(size: BenchSize, dtype: str, steps: int, warmup: int, with_torch:
             log(f"[{size.name}] once more with XLA's attention instead of cuDNN ...")
             gc.collect()
             try:
-                with xla_attention():
-                    r = time_jax(size, dtype, steps, warmup, mem, batches)
+                r = time_jax(size, dtype, steps, warmup, mem, batches, attention_impl="xla")
                 results = {"vishwam": {**r, "attention": f"xla (cuDNN failed: {error[:120]})"}}
             except Exception:  # noqa: BLE001 - reported as the failure it is
                 log(f"warning: [{size.name}] failed with XLA's attention too:\n{traceback.format_exc()[-4000:]}")
@@ -757,7 +755,7 @@ def hwm(resettable: bool) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vishwam.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=[*SIZES, "all"], default="demo",
                    help=f"teacher/student pair; `all` = {', '.join(ALL)} (`gpu` is for one 80 GB accelerator)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after --warmup)")

@@ -1,4 +1,4 @@
-"""Benchmark the teacher loading modes: `python -m vishwam.bench_teacher [--json PATH]`.
+"""Benchmark the teacher loading modes: `python -m benchmarks.bench_teacher [--json PATH]`.
 
 1. Peak memory of one teacher forward pass, resident vs streamed, on a ~600 MB fp32 teacher saved in 8 shards,
    streamed with `max_resident_shards=2`. Each mode runs in a fresh subprocess; the figure is the process's
@@ -25,7 +25,7 @@ _CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import vishwam
     from vishwam.memory import peak_rss_bytes
-    from vishwam.teacher import StreamedTeacher
+    from vishwam.streamed import StreamedTeacher
     jnp.zeros(1).block_until_ready()
     import vishwam.checkpoint
     base = peak_rss_bytes()
@@ -87,7 +87,7 @@ def memory_comparison(workdir: Path) -> dict:
 
 def cache_throughput(workdir: Path, steps: int) -> dict:
     from vishwam.cli import load_config
-    from vishwam.trainer import Run
+    from vishwam.loop import Run
 
     root = Path(__file__).resolve().parents[1]
     cfg_path = root / "configs" / "distill.yaml"

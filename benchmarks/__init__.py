@@ -1,0 +1,3 @@
+"""Benchmarks of vishwam: `python -m benchmarks.bench` (the step vs PyTorch + transformers) and
+`python -m benchmarks.bench_teacher` (teacher loading modes), run from the repository root. torch and
+transformers are imported only here, never by the library."""
