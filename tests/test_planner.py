@@ -199,7 +199,7 @@ def test_unknown_capacity_is_not_checked(teacher, capsys):
     plan = planner.plan(cfg, teacher, device_count=1)
     assert plan.capacity is None and plan.fits is None
     fit.check_fits(plan, cfg)  # does not raise
-    assert fit.print_plan_summary(cfg, teacher).total_bytes == plan.total_bytes
+    assert fit.check_and_summarize(cfg, teacher).total_bytes == plan.total_bytes
     assert "GiB/device" in capsys.readouterr().err
     assert planner.plan(cfg, teacher, device_bytes=BIG).fits is True
 

@@ -29,7 +29,7 @@ from . import specs
 from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
 from .config import RunConfig
 from .errors import ConfigError
-from .fit import check_fits, print_plan_summary
+from .fit import check_and_summarize
 from .sharding import batch_sharding, make_mesh, tree_shardings
 from .teachers import TeacherSource, check_cacheable
 from .tracking import log
@@ -79,17 +79,15 @@ def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
     tokenizer = d.tokenizer or (str(teacher.directory / "tokenizer.json")
                                 if (teacher.directory / "tokenizer.json").is_file() else None)
     eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
-    train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos)
+    train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos, vocab)  # ids checked file by file
     eval_tokens = None
     if d.eval:
-        eval_tokens = data_lib.load_token_stream(d.eval, tokenizer, eos)
+        eval_tokens = data_lib.load_token_stream(d.eval, tokenizer, eos, vocab)
     elif d.eval_fraction > 0:
         train_tokens, eval_tokens = data_lib.split_eval(train_tokens, d.eval_fraction)
-    data_lib.check_vocab(train_tokens, vocab, "data.train")
     train = data_lib.PackedDataset(train_tokens, tr.seq_len, name="data.train")
     if eval_tokens is None:
         return train, None
-    data_lib.check_vocab(eval_tokens, vocab, "data.eval")
     return train, data_lib.PackedDataset(eval_tokens, tr.seq_len, name="data.eval")
 
 
@@ -109,8 +107,8 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 def check_memory(run: Prepared) -> None:
-    """Print the plan's summary and stop (one line) before allocating what cannot fit."""
-    check_fits(print_plan_summary(run.cfg, run.teacher_config), run.cfg)
+    """Stop (one line) before allocating what cannot fit; else print the plan's summary."""
+    check_and_summarize(run.cfg, run.teacher_config)
 
 
 def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:

@@ -10,8 +10,10 @@ relative to the working directory of the run, not to the YAML file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import functools
 import re
 import sys
@@ -53,7 +55,8 @@ def parse_args(argv: Sequence[str]) -> tuple[RunConfig, CliOptions]:
 
     **Returns:** the validated `RunConfig` and the `CliOptions`.
 
-    Raises `ConfigError` for a bad file, key or value; tyro exits with status 2 on a bad flag (0 for `--help`).
+    Raises `ConfigError` for a bad file, key, value or flag (tyro's message, on one line); `--help` prints the
+    help and exits 0.
     """
     config_path, debug, rest = _split_argv(list(argv))
     rest = _normalize_bools(rest)
@@ -61,8 +64,7 @@ def parse_args(argv: Sequence[str]) -> tuple[RunConfig, CliOptions]:
     source = config_path if config_path is not None else "the defaults"
     with unvalidated():
         default = _build(RunConfig, raw, "", source)
-        cfg = tyro.cli(RunConfig, default=default, args=rest, description=_DESCRIPTION,
-                       config=(tyro.conf.FlagConversionOff,))  # booleans take a value, as in YAML
+        cfg = _tyro(default, rest)
     try:
         cfg.validate()
     except ConfigError as error:
@@ -73,6 +75,38 @@ def parse_args(argv: Sequence[str]) -> tuple[RunConfig, CliOptions]:
             raise located from None
         raise
     return cfg, CliOptions(config_path=config_path, debug=debug)
+
+
+def _tyro(default: RunConfig, args: list[str]) -> RunConfig:
+    """`tyro.cli` over `args`; a bad flag becomes a one-line `ConfigError` instead of tyro's boxed message."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(RunConfig, default=default, args=args, description=_DESCRIPTION,
+                            config=(tyro.conf.FlagConversionOff,))  # booleans take a value, as in YAML
+    except SystemExit as exit_:
+        if not exit_.code:  # --help
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise ConfigError(_one_line(captured.getvalue())) from None
+
+
+def _one_line(box: str) -> str:
+    """tyro's error box as one line: its message, and the flag it names or suggests (`--training.max-steps INT`)."""
+    rows = [line.strip("│╭╮╰╯ \t") for line in box.splitlines()]
+    sections: list[list[str]] = [[]]
+    for row in rows:
+        if row and set(row) <= {"─"}:
+            sections.append([])
+        elif row and not row.startswith("─"):
+            sections[-1].append(row)
+    message = " ".join(sections[0]).rstrip(".") or "bad command-line flags"
+    hint = next((row.split("  ")[0] for section in sections[1:] for row in section if row.startswith("--")), None)
+    if hint is not None and hint.split()[0] not in message:
+        message += f"; did you mean {hint}?"
+    elif hint is not None:
+        message += f" (expected {hint})"
+    return message
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:

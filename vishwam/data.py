@@ -123,7 +123,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def load_token_stream(
-    paths_or_globs: str | Sequence[str], tokenizer_path: str | None, eos_id: int | None
+    paths_or_globs: str | Sequence[str], tokenizer_path: str | None, eos_id: int | None,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """All the data named by `paths_or_globs` as one int32 token stream.
 
@@ -132,6 +133,7 @@ def load_token_stream(
     - `paths_or_globs`: files or globs (`.jsonl`, `.txt`, `.npy`), in order; globs expand sorted.
     - `tokenizer_path`: a `tokenizer.json` (or its directory); needed only when some file holds text.
     - `eos_id`: the id put between documents; None joins them with nothing in between.
+    - `vocab_size`: when given, every file's ids must fit a vocabulary of this size (`check_vocab`).
 
     **Returns:** a 1-D `int32` array. Raises `DataError` naming the file (and line) on bad data.
     """
@@ -144,6 +146,8 @@ def load_token_stream(
         extension = os.path.splitext(path)[1].lower()
         if extension == ".npy":
             pieces.append(_npy_tokens(path))
+            if vocab_size is not None:
+                check_vocab(pieces[-1], vocab_size, path)
             continue
         if extension == ".jsonl":
             documents = _jsonl_documents(path)
@@ -156,7 +160,10 @@ def load_token_stream(
                 raise DataError(f"{path} holds text but no tokenizer is given (set data.tokenizer)")
             tokenizer = load_tokenizer(tokenizer_path)
         encodings = tokenizer.encode_batch(documents, add_special_tokens=False)
-        pieces.extend(np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
+        ids = [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+        if vocab_size is not None and ids:
+            check_vocab(np.concatenate(ids), vocab_size, f"{path} (tokenized with {tokenizer_path})")
+        pieces.extend(ids)
     pieces = [piece for piece in pieces if piece.size]
     if eos_id is not None and len(pieces) > 1:
         separator = np.asarray([eos_id], dtype=np.int32)
@@ -167,7 +174,10 @@ def load_token_stream(
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:
-    """Raise `DataError` naming `what` (e.g. 'data.train') when a token id does not fit a `vocab_size` vocabulary."""
+    """Raise `DataError` naming `what` (the file) when a token id does not fit a `vocab_size` vocabulary.
+
+    Inside a jitted step an out-of-range id cannot raise, it would gather garbage: hence this check on the host
+    when the data is loaded."""
     if tokens.size == 0:
         return
     largest, smallest = int(tokens.max()), int(tokens.min())

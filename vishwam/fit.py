@@ -3,7 +3,7 @@
 `check_fits(plan, cfg)` raises a one-line `ConfigError` naming the least disruptive change that would fit (remat,
 a streamed teacher, another mesh over the same devices, more gradient accumulation, a cached teacher, more
 devices), each alternative planned by `vishwam.planner`. `print_plan` is the dry run's table;
-`print_plan_summary` the two lines printed before every run.
+`check_and_summarize` the check and the two lines before every run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from typing import TextIO
 
 import jax
+
+from models import ModelConfig
 
 from .config import ParallelismConfig, RunConfig
 from .errors import ConfigError
@@ -108,12 +110,14 @@ def print_plan(cfg: RunConfig, file: TextIO | None = None) -> MemoryPlan:
     return result
 
 
-def print_plan_summary(cfg: RunConfig, teacher_config: ModelConfig, file: TextIO | None = None) -> MemoryPlan:
-    """Print the plan's two-line summary (process 0 only) to `file` (default stderr), before a run."""
+def check_and_summarize(cfg: RunConfig, teacher_config: ModelConfig, file: TextIO | None = None) -> MemoryPlan:
+    """Before a run: raise `check_fits`'s one-line error when the plan does not fit, else print the plan's
+    two-line summary (process 0 only) to `file` (default stderr)."""
     result = plan(cfg, teacher_config)
+    check_fits(result, cfg)
     if jax.process_index() == 0:
         print(result.summary(), file=file or sys.stderr, flush=True)
     return result
 
 
-__all__ = ["check_fits", "print_plan", "print_plan_summary"]
+__all__ = ["check_and_summarize", "check_fits", "print_plan"]

@@ -9,6 +9,7 @@ set, is called after every step (tests stop runs with it). Each part is its own 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -48,41 +49,55 @@ class Run:
         return open_teacher(self.cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size,
                             mesh=run.mesh, log=log)
 
-    def train(self) -> dict:
+    def _start(self, stack: contextlib.ExitStack):
+        """Everything before the first step, in the order that keeps `output_dir` untouched until every check
+        has passed: the checkpoint's config, the memory plan, the teacher, the state, the restore; then
+        `config.yaml`. **Returns:** `(teacher, state, shardings, optimizer, schedule, ckpt, tracker, start)`."""
         cfg, tr, run = self.cfg, self.cfg.training, self.prepared
-        if jax.process_index() == 0:
-            run.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run.out / "config.yaml")
+        ckpt = Checkpointer(run.out / "checkpoints", tr.keep_checkpoints)
+        stack.callback(ckpt.close)
+        latest = ckpt.latest()
+        if latest is not None:
+            ckpt.check_resumable(latest, cfg)  # before anything is loaded or written
         build.check_memory(run)
         teacher = self.open_teacher()
+        stack.callback(teacher.close)
         log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
             f"from {run.lazy_teacher.directory} ({teacher.kind})")
         optimizer, schedule = build.optimizer_of(cfg)
         state, shardings = build.build_state(run, teacher, optimizer)
-        ckpt = Checkpointer(run.out / "checkpoints", tr.keep_checkpoints)
         start = 0
-        if ckpt.latest() is not None:
-            state, _ = ckpt.restore(ckpt.latest(), state, shardings)
+        if latest is not None:
+            state, _ = ckpt.restore(latest, state, shardings)
             start = int(state.step)
             self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
             log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
+        if jax.process_index() == 0:
+            save_config(cfg, run.out / "config.yaml")
         tracker = Tracker(cfg, run.out, start)
+        stack.callback(tracker.close)
         if self.objective.uses_features:
             tracker.log_mapping(start, self.objective.feature_pairs)
+        return teacher, state, shardings, optimizer, schedule, ckpt, tracker, start
 
+    def train(self) -> dict:
+        cfg, tr, run = self.cfg, self.cfg.training, self.prepared
         compute_dtype = DTYPES[tr.compute_dtype]
-        make_step = lambda objective: make_train_step(  # noqa: E731
-            StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
-        train_step = make_step(self.objective)
-        remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
-        evaluate_at = lambda step: evaluate(  # noqa: E731
-            state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
-            micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches, compute_dtype=compute_dtype,
-            batch_sharding=run.batch_sharding, out_dir=run.out, log=log)
-        bar = Progress(start, tr.max_steps)
-        t0 = t_last = time.perf_counter()
-        tok_since, last_eval, pending = 0, None, None
-        try:
+        with contextlib.ExitStack() as stack:
+            teacher, state, shardings, optimizer, schedule, ckpt, tracker, start = self._start(stack)
+            make_step = lambda objective: make_train_step(  # noqa: E731
+                StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
+            train_step = make_step(self.objective)
+            remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
+            evaluates = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns evaluation off
+            evaluate_at = lambda step: evaluate(  # noqa: E731
+                state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+                micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches, compute_dtype=compute_dtype,
+                batch_sharding=run.batch_sharding, out_dir=run.out, log=log)
+            bar = Progress(start, tr.max_steps)
+            stack.callback(bar.close)
+            t0 = t_last = time.perf_counter()
+            tok_since, last_eval, pending = 0, None, None
             for step in range(start, tr.max_steps):
                 if step in remaps and step > 0:
                     state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
@@ -102,16 +117,12 @@ class Run:
                     _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
                 pending = (done, metrics["nonfinite_run"])
                 if done % tr.log_every == 0 or done == tr.max_steps:
-                    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
-                    host["tokens_per_sec"] = tok_since / max(now - t_last, 1e-9)
-                    host["skipped_total"] = int(state.skipped)
-                    host["temperature"] = host.get("distill/temperature", float("nan"))
-                    host["peak_rss_gb"] = peak_rss_bytes() / 2**30
+                    host = _host_metrics(metrics, state, tokens_per_sec=tok_since / max(now - t_last, 1e-9))
                     t_last, tok_since = now, 0
                     tracker.log(done, host)
                     bar.update(done, host)
-                if run.eval_data is not None and (done % tr.eval_every == 0 or done == tr.max_steps):
+                if evaluates and (done % tr.eval_every == 0 or done == tr.max_steps):
                     last_eval = evaluate_at(done)
                     tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
@@ -120,18 +131,23 @@ class Run:
                     self.on_step(done, state)
             if pending is not None:
                 _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
-            if tr.max_steps == start and run.eval_data is not None:
+            if tr.max_steps == start and evaluates:
                 last_eval = evaluate_at(start)
-        finally:
-            bar.close()
-            ckpt.close()
-            tracker.close()
-            teacher.close()
         student_dir = run.out / "student"
         save_pretrained(state.student, student_dir, tokenizer_from=run.lazy_teacher.directory)
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
         self.state = state
         return {"eval": last_eval, "state": state}
+
+
+def _host_metrics(metrics: dict, state, *, tokens_per_sec: float) -> dict:
+    """A logged step's metrics on the host, with the run's counters and rates."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host["tokens_per_sec"] = tokens_per_sec
+    host["skipped_total"] = int(state.skipped)
+    host["temperature"] = host.get("distill/temperature", float("nan"))
+    host["peak_rss_gb"] = peak_rss_bytes() / 2**30
+    return host
 
 
 def _check_nonfinite(at_step: int, run_length, *, limit: int) -> None:

@@ -17,7 +17,16 @@ import orbax.checkpoint as ocp
 
 from models.pytree import named_leaves
 
+from .config import RunConfig, config_to_dict
+from .errors import ConfigError
 from .train_state import TrainState
+
+#: Config keys a resumed run may change: where it writes, how long it runs, how often it reports, on what. Every other
+#: key (the models, the objective, the data, the optimizer, the batch) must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("training.output_dir", "training.max_steps", "training.log_every", "training.eval_every",
+                     "training.eval_batches", "training.save_every", "training.keep_checkpoints",
+                     "training.max_nonfinite_steps", "training.dry_run", "training.remat", "data.eval", "parallelism.",
+                     "distributed.", "tracking.")
 
 
 class Checkpointer:
@@ -29,12 +38,21 @@ class Checkpointer:
 
     def __init__(self, directory: Path, keep: int):
         self.ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                               enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.directory = directory
+        self.keep = keep
+        self._manager = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """The orbax manager, made on first use: the directory is created by the first save, not by looking."""
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, save_interval_steps=1,
+                                                   enable_async_checkpointing=True, create=True)
+            self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        return self._manager
 
     def latest(self) -> int | None:
-        return self.manager.latest_step()
+        return self.manager.latest_step() if self.directory.is_dir() else None
 
     def save(self, step: int, state: TrainState, meta: dict):
         """Start an asynchronous save of `state` at `step` (the caller decides when: `training.save_every`)."""
@@ -55,12 +73,44 @@ class Checkpointer:
         new_leaves = [restored["state"][n] for n, _ in names]
         return eqx.combine(jax.tree_util.tree_unflatten(treedef, new_leaves), static), dict(restored["meta"])
 
+    def meta(self, step: int) -> dict:
+        """The JSON written beside the arrays of checkpoint `step` (no array is read)."""
+        restored = self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def check_resumable(self, step: int, cfg: RunConfig) -> None:
+        """Raise a one-line `ConfigError` when `cfg` changes a key the checkpoint at `step` fixed (see
+        `RESUME_MAY_CHANGE`): the key, its saved value and its new value."""
+        saved = self.meta(step).get("config")
+        if saved is None:
+            return
+        old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+        for key in sorted(old.keys() | new.keys()):
+            if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE):
+                continue
+            if old.get(key) != new.get(key):
+                raise ConfigError(
+                    f"config key '{key}' is {new.get(key)!r}, but the checkpoint {self.directory / str(step)} was "
+                    f"written with {old.get(key)!r}: resume with the saved value, or use a new training.output_dir")
+
     def wait(self):
-        self.manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
 
 
-__all__ = ["Checkpointer"]
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+__all__ = ["RESUME_MAY_CHANGE", "Checkpointer"]

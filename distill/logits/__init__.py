@@ -9,7 +9,7 @@ garbage there (huge, inf or NaN logits, `-100` labels, a zero temperature) chang
 gradient.
 
 - `chunks`: [`chunked_map`][] and the helpers every loss shares (chunk checks, masked mean, temperatures).
-- `dense`: [`kd_loss`][] (forward/reverse KL, JSD, TV), [`align_vocab`][] and [`check_token_ids`][].
+- `dense`: [`kd_loss`][] (forward/reverse KL, JSD, TV) and [`align_vocab`][].
 - `sparse`: [`teacher_topk`][] (the top-k cache) and [`sparse_kd_loss`][] from it.
 - `ce`: [`cross_entropy_loss`][] with label smoothing.
 - `fused`: [`kd_ce_loss`][] and [`linear_kd_ce_loss`][], forward KL + CE with a closed-form gradient.
@@ -17,14 +17,13 @@ gradient.
 
 from .ce import cross_entropy_loss
 from .chunks import chunked_map
-from .dense import KD_KINDS, align_vocab, check_token_ids, kd_loss
+from .dense import KD_KINDS, align_vocab, kd_loss
 from .fused import kd_ce_loss, linear_kd_ce_loss
 from .sparse import sparse_kd_loss, teacher_topk
 
 __all__ = [
     "KD_KINDS",
     "align_vocab",
-    "check_token_ids",
     "chunked_map",
     "cross_entropy_loss",
     "kd_ce_loss",

@@ -42,31 +42,6 @@ def align_vocab(
     return student_logits[..., :vocab], teacher_logits[..., :vocab]
 
 
-def check_token_ids(ids: Int[np.ndarray, "..."] | Int[Array, "..."], vocab_size: int, what: str) -> None:
-    """Host-side check that every token id fits the student's vocabulary.
-
-    Negative ids are ignore markers (e.g. `-100` labels) and pass. Inside a jitted loss an out-of-range id cannot
-    raise; it would silently gather garbage, hence this check on the host when data is loaded.
-
-    **Arguments:**
-
-    - `ids`: token ids of any shape.
-    - `vocab_size`: the student's vocabulary size (rows of its embedding / LM head).
-    - `what`: names the data in the error message (a file, a field).
-
-    **Raises:**
-
-    `DataError` naming `what`, the first offending id and its position.
-    """
-    ids = np.asarray(ids)
-    bad = ids >= vocab_size
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise DataError(
-            f"{what}: token id {int(ids[where])} at index {where} is >= the student's vocabulary size {vocab_size}"
-        )
-
-
 # --------------------------------------------------------------------------------------------------- dense KD
 
 
