@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
     from vishwam.cli import parse_args
 
     cfg, _ = parse_args(argv)
-    if cfg.distributed.num_processes > 1:
+    from vishwam.build import detected_cluster
+
+    if cfg.distributed.num_processes > 1 or detected_cluster() is not None:
         import jax
 
         # Cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).

@@ -10,6 +10,7 @@ checkpoint), the feature projections, EPLB's balancer and the optimizer into one
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import equinox as eqx
@@ -64,13 +65,44 @@ class Prepared:
         return {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
 
 
+def detected_cluster() -> tuple[str, int] | None:
+    """`(scheduler, processes)` when the environment names a multi-process job that `jax.distributed` can join
+    by itself (SLURM, Open MPI, a TPU pod's worker list), else None."""
+    env = os.environ
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
+        found = ("SLURM", int(env["SLURM_NTASKS"]))
+    elif "OMPI_MCA_orte_hnp_uri" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        found = ("Open MPI", int(env["OMPI_COMM_WORLD_SIZE"]))
+    elif env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES"):
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env["TPU_WORKER_HOSTNAMES"]
+        found = ("TPU pod", len(hosts.split(",")))
+    else:
+        return None
+    return found if found[1] > 1 else None
+
+
 def setup_distributed(cfg: RunConfig) -> None:
+    """Join the multi-host job: at `distributed.coordinator_address` when it is set; otherwise, when the
+    environment names a cluster job (`detected_cluster`) or `num_processes > 1`, through JAX's own cluster
+    detection (SLURM, Open MPI, Cloud TPU, Kubernetes), which reads the coordinator, process count and id from
+    the scheduler."""
     d = cfg.distributed
-    if d.num_processes > 1 or d.coordinator_address:
-        if not d.coordinator_address:
-            raise ConfigError("config key 'distributed.coordinator_address' is required when num_processes > 1")
+    if d.coordinator_address:
         jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                    process_id=d.process_id)
+        return
+    cluster = detected_cluster()
+    if cluster is None and d.num_processes == 1:
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"config key 'distributed.coordinator_address' is unset and JAX detects no cluster for "
+                          f"{d.num_processes} processes ({' '.join(str(e).split())[:200]}): set it to process 0's "
+                          f"host:port") from None
+    if d.num_processes > 1 and jax.process_count() != d.num_processes:
+        raise ConfigError(f"config key 'distributed.num_processes' is {d.num_processes}, but the "
+                          f"{cluster[0] if cluster else 'detected'} job has {jax.process_count()} processes")
 
 
 def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
@@ -160,5 +192,5 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 
 
-__all__ = ["Prepared", "build_state", "check_memory", "init_student", "optimizer_of", "prepare",
+__all__ = ["Prepared", "build_state", "check_memory", "detected_cluster", "init_student", "optimizer_of", "prepare",
            "setup_distributed"]

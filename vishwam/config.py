@@ -251,7 +251,8 @@ class DistributedConfig(Section):
     _path = "distributed"
 
     coordinator_address: str | None = None
-    """host:port of process 0. None with num_processes > 1: auto-detected by JAX (SLURM, TPU pods)."""
+    """host:port of process 0. None: a SLURM, Open MPI or TPU-pod job is joined through JAX's cluster detection
+    (process count and id from the scheduler); with num_processes > 1 and no cluster, an error."""
     num_processes: int = 1
     """Total number of processes (hosts)."""
     process_id: int = 0

@@ -3,8 +3,13 @@
 `remap_steps` says at which steps it happens; `remap` measures linear CKA between every student and teacher layer
 on a probe sample (`eplb.probe_batches` batches of the step's micro-batch size, drawn with seed + 1 so they are
 not the next training batches), picks the best monotone assignment of the mapped student layers, and returns
-the state with the new mapping and the changed pairs' projections re-initialised (`distill.eplb`). The rest of
-the state (student, optimizer moments, the balancer's running magnitudes) is carried over as it is.
+the state with the new mapping and the changed pairs' projections re-initialised (`distill.eplb`).
+
+What a changed pair's state means changes with it, so it starts over: its projection is re-initialised, AdamW's
+moments of that projection are zeroed (the shared step count, and so the bias correction, go on: the new
+projection's first updates are a warm restart's, about half a fresh Adam step and rising), and the balancer's
+running magnitude and count of that pair are zeroed (its loss is now measured against another teacher layer). The
+student, its moments, and every unchanged pair's projection, moments and magnitude are carried over as they are.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from distill.eplb import best_monotone_assignment, cka_matrix, remap_pairs, replace_projections
 from distill.objective import Objective
 from models import cast_floating
+from models.pytree import path_name
 
 from .config import RunConfig
 from .data import PackedDataset, batch_for_step
@@ -62,8 +69,25 @@ def remap(state: TrainState, objective: Objective, teacher: Callable, probe: dic
     if not changed:
         return state, sim
     projections = cast_floating(replace_projections(state.projections, changed, key=state.rng(step)), param_dtype)
-    state = eqx.tree_at(lambda s: (s.projections, s.mapping), state, (projections, jnp.asarray(new, jnp.int32)))
+    state = eqx.tree_at(lambda s: (s.projections, s.mapping, s.opt_state), state,
+                        (projections, jnp.asarray(new, jnp.int32), _forget_moments(state.opt_state, changed)))
+    if state.balancer is not None:
+        keep = jnp.ones_like(state.balancer.count).at[jnp.asarray(changed)].set(0)
+        state = eqx.tree_at(lambda s: (s.balancer.magnitude, s.balancer.count), state,
+                            (state.balancer.magnitude * keep, state.balancer.count * keep))
     return state, sim
+
+
+def _forget_moments(opt_state, changed: tuple[int, ...]):
+    """The optimizer state with every leaf of the changed pairs' projections zeroed. The moments mirror the
+    trainable tree `(student, projections)`, so projection `p`'s leaves sit under `1.projections.{p}.`."""
+    marks = tuple(f".1.projections.{p}." for p in changed)
+
+    def forget(path, leaf):
+        name = "." + path_name(path) + "."
+        return jnp.zeros_like(leaf) if eqx.is_array(leaf) and any(m in name for m in marks) else leaf
+
+    return jax.tree_util.tree_map_with_path(forget, opt_state)
 
 
 __all__ = ["probe_batch", "remap", "remap_steps"]
