@@ -88,7 +88,7 @@ def check_fits(plan: MemoryPlan, cfg: RunConfig) -> None:
             f"teacher loading {plan.setup.loading}, but a device holds {plan.capacity / GiB:.2f} GiB "
             f"({plan.capacity_source})")
     best: tuple[int, str] | None = None
-    uses_states = planner.spec.uses_features or planner.spec.uses_attention
+    uses_states = planner.objective.uses_features or planner.objective.uses_attention
     for text, setup in _alternatives(cfg, plan.setup, uses_states):
         need = planner.plan(setup, plan.capacity, plan.capacity_source).total_bytes
         if need <= plan.capacity:

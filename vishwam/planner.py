@@ -254,13 +254,13 @@ class Planner:
         self.cfg = cfg
         self.t_config = teacher_config
         self.s_config = specs.student_config(cfg, teacher_config)
-        self.spec = specs.objective(cfg, self.s_config, teacher_config)
-        self.pairs = self.spec.feature_pairs
+        self.objective = specs.objective(cfg, self.s_config, teacher_config)
         self.teacher = abstract_model(teacher_config)
         self.student = abstract_model(self.s_config)
         self.projections = None
-        if self.spec.uses_features:
-            self.projections = eqx.filter_eval_shape(FeatureProjections, self.pairs, self.s_config.hidden_size,
+        if self.objective.uses_features:
+            self.projections = eqx.filter_eval_shape(FeatureProjections, self.objective.feature_pairs,
+                                                     self.s_config.hidden_size,
                                                      teacher_config.hidden_size, key=jax.random.key(0))
         self._group_layers: int | None = None
 
@@ -295,7 +295,7 @@ class Planner:
     # -- activations
 
     def activations(self, setup: Setup) -> tuple[int, tuple[tuple[str, int], ...]]:
-        tr, t_cfg, s_cfg, spec = self.cfg.training, self.t_config, self.s_config, self.spec
+        tr, t_cfg, s_cfg, objective = self.cfg.training, self.t_config, self.s_config, self.objective
         mesh, b, S = setup.mesh, setup.micro_per_device, setup.seq_len
         c, tb = DTYPE_BYTES[tr.compute_dtype], DTYPE_BYTES[self.cfg.distillation.teacher_model.dtype]
 
@@ -321,7 +321,7 @@ class Planner:
             student_layers = boundary + (L + 1) * layer_set(s_cfg, c)
             attention = (L + 1) * scores(s_cfg, saved)
         attention += b * S * S  # the boolean mask
-        outputs = spec.model_outputs()
+        outputs = objective.model_outputs()
         attn_kl, attn_rel = outputs["output_attentions"], outputs["output_qkv"]
         qkv = lambda m, nbytes: b * S * (local("heads", m.num_attention_heads)  # noqa: E731
                                          + 2 * local("kv_heads", m.num_key_value_heads)) * m.head_dim * nbytes
@@ -330,18 +330,19 @@ class Planner:
         if attn_rel:
             attention += L * qkv(s_cfg, c)
 
-        chunk = min(spec.params.logit_chunk_size or S, S)
+        chunk = min(objective.params.logit_chunk_size or S, S)
         s_vocab, t_vocab = local("vocab", s_cfg.vocab_size), local("vocab", t_cfg.vocab_size)
         # With the LM head fused into the KD + CE loss (resident or streamed teacher, forward KL, scheduled
         # temperature) the student's logits are never whole: one chunk's logits and gradient in `c`, the hidden
         # states' gradient and the head's fp32 gradient accumulator instead.
-        fused_head = spec.fuses_lm_head(dense_teacher=setup.loading != "cached")
+        fused_head = objective.fuses_lm_head(dense_teacher=setup.loading != "cached")
         if fused_head:
             logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c + s_vocab * s_cfg.hidden_size * 4
                       + 4 * b * chunk * max(s_vocab, t_vocab) * 4)
         else:
             logits = 2 * b * S * s_vocab * c + 4 * b * chunk * max(s_vocab, t_vocab) * 4
-        features = 2 * len(self.pairs) * b * S * t_cfg.hidden_size * 4 if spec.uses_features else 0
+        pairs = len(objective.feature_pairs)
+        features = 2 * pairs * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
 
         # Teacher outputs: per micro-batch when the teacher runs in the step, for the whole step otherwise.
         tb_rows = b if setup.loading == "resident" else b * setup.grad_accum_steps
@@ -349,8 +350,8 @@ class Planner:
         if setup.loading == "cached":
             teacher_out = tb_rows * S * (8 * k + 8)  # top-k values and ids, tail logsumexp, label log-prob
         else:
-            teacher_out = tb_rows * S * t_vocab * tb if spec.needs_teacher_logits else 0
-            if spec.uses_features:
+            teacher_out = tb_rows * S * t_vocab * tb if objective.needs_teacher_logits else 0
+            if objective.uses_features:
                 teacher_out += (t_cfg.num_hidden_layers + 1) * tb_rows * S * t_cfg.hidden_size * tb
             if attn_kl:
                 teacher_out += t_cfg.num_hidden_layers * scores(t_cfg, 4) * (tb_rows // b)
@@ -378,7 +379,7 @@ class Planner:
              logits),
         ]
         if features:
-            parts.append((f"feature matching ({len(self.pairs)} pairs, fp32)", features))
+            parts.append((f"feature matching ({pairs} pairs, fp32)", features))
         if weights:
             parts.append(("weights in compute dtype / gathered by fsdp", weights))
         parts.append((f"teacher outputs ({setup.loading})", teacher_out))
@@ -404,12 +405,12 @@ class Planner:
         notes = []
         if setup.loading == "cached":
             notes.append(f"the teacher's top-k logits are read from {t.cache_dir or 'cache_dir'} on disk")
-            if self.spec.uses_features or self.spec.uses_attention:
+            if self.objective.uses_features or self.objective.uses_attention:
                 notes.append("a top-k cache holds logits only: feature and attention losses need a live teacher")
         if setup.loading == "streamed":
             notes.append(f"streamed teacher holds {self.streamed_layers()} of {self.t_config.num_hidden_layers} "
                          f"layers at once (max_resident_shards={t.max_resident_shards})")
-        if self.spec.params.logit_chunk_size is None and setup.seq_len >= 1024:
+        if self.objective.params.logit_chunk_size is None and setup.seq_len >= 1024:
             notes.append("distillation_params.logit_chunk_size is unset: the loss holds all logits in fp32 at once")
         return MemoryPlan(
             teacher_bytes=teacher, student_bytes=student, projection_bytes=projections, optimizer_bytes=optimizer,
