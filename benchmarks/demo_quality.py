@@ -1,0 +1,55 @@
+"""Distillation quality on the embedded default: `python -m benchmarks.demo_quality [--steps 300]`.
+
+Runs `run.py --config configs/distill.yaml` twice from the same student init, data order and steps: with the
+config's objective (KD + CE + features + attention) and with CE on the labels alone, each in its own output
+directory under a temporary folder, and prints the eval figures of both and of the teacher as the README's table
+(with the command, commit and date, so that the printed lines can be committed as the table's raw output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CE_ONLY = ["--distillation-params.kd-weight", "0", "--distillation-params.ce-weight", "1",
+           "--distillation-params.feature-weight", "0", "--distillation-params.attention-weight", "0"]
+
+
+def run(out: Path, steps: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(ROOT / "run.py"), "--config", "configs/distill.yaml", "--training.max-steps",
+           str(steps), "--training.output-dir", str(out), "--tracking.aim", "false", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    return json.loads((out / "eval.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    print(f"# python -m benchmarks.demo_quality --steps {args.steps}; commit {commit}; "
+          f"{datetime.date.today().isoformat()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        kd = run(Path(tmp) / "kd", args.steps, [])
+        ce = run(Path(tmp) / "ce", args.steps, CE_ONLY)
+    print("| student trained with | eval loss | eval ppl | KL to teacher | top-1 agreement |")
+    print("|---|---|---|---|---|")
+    for name, r in (("KD + CE + features + attention (`configs/distill.yaml`)", kd),
+                    (f"CE on the labels alone (`{' '.join(CE_ONLY)}`)", ce)):
+        print(f"| {name} | {r['student_loss']:.3f} | {r['student_ppl']:.2f} | {r['kl']:.3f} | "
+              f"{r['top1_agreement']:.3f} |")
+    print(f"| the teacher itself | {kd['teacher_loss']:.3f} | {kd['teacher_ppl']:.2f} | – | – |")
+    print(json.dumps({"kd": kd, "ce_only": ce}))
+
+
+if __name__ == "__main__":
+    main()
