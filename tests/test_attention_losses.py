@@ -237,7 +237,7 @@ def test_relation_errors_and_gradients():
         relation_loss(s_qkv, t_qkv, mask, num_relation_heads=3)
     with pytest.raises(ConfigError, match="unknown relation 'qx'"):
         relation_loss(s_qkv, t_qkv, mask, num_relation_heads=2, relations=("qq", "qx"))
-    with pytest.raises(ConfigError, match="num_relation_heads must be a positive int"):
+    with pytest.raises(ConfigError, match="num_relation_heads must be a positive int, got 0$"):
         relation_loss(s_qkv, t_qkv, mask, num_relation_heads=0)
     grads = jax.grad(lambda s, t: relation_loss(s, t, mask, num_relation_heads=2)[0], argnums=(0, 1))(s_qkv, t_qkv)
     assert all(np.all(np.asarray(g) == 0) for g in grads[1])

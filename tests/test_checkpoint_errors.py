@@ -47,7 +47,7 @@ def test_missing_directory(tmp_path):
 
 def test_missing_config(ckpt):
     (ckpt / "config.json").unlink()
-    assert "config.json" in _error(ckpt) and str(ckpt) in _error(ckpt)
+    assert f"config.json not found in checkpoint directory {ckpt}" in _error(ckpt)
 
 
 def test_unsupported_architecture(ckpt):
@@ -55,14 +55,14 @@ def test_unsupported_architecture(ckpt):
     cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     message = _error(ckpt)
-    assert "gpt2" in message and "config.json" in message
+    assert "'gpt2'" in message and str(ckpt / "config.json") in message
 
 
 def test_index_names_absent_shard(ckpt):
     victim = _shards(ckpt)[1]
     victim.unlink()
     message = _error(ckpt)
-    assert victim.name in message and "model.safetensors.index.json" in message
+    assert f"{ckpt / 'model.safetensors.index.json'} names shard {victim.name} which is not in {ckpt}" in message
 
 
 def test_truncated_shard(ckpt):
@@ -70,7 +70,7 @@ def test_truncated_shard(ckpt):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) - 100])
     message = _error(ckpt)
-    assert victim.name in message and "truncated" in message
+    assert str(victim) in message and "truncated" in message
 
 
 def test_corrupt_shard_header(ckpt):
@@ -79,13 +79,13 @@ def test_corrupt_shard_header(ckpt):
     data[8:40] = b"\xff" * 32
     victim.write_bytes(bytes(data))
     message = _error(ckpt)
-    assert victim.name in message and "corrupt" in message
+    assert str(victim) in message and "corrupt" in message
 
 
 def test_not_a_safetensors_file(ckpt):
     victim = _shards(ckpt)[0]
     victim.write_bytes(b"PK\x03\x04 this is a zip/pickle, not safetensors")
-    assert victim.name in _error(ckpt)
+    assert str(victim) in _error(ckpt)
 
 
 def _rewrite_without(shard, drop=None, reshape=None):

@@ -1,6 +1,7 @@
 """Config and CLI: defaults < YAML < flags, strict YAML, validation that names the key, --help, round trip."""
 
 import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -84,16 +85,16 @@ def test_flags_alone_and_data_train_as_string(tmp_path):
 
 
 def test_missing_required_value_is_a_usage_error(tmp_path):
+    """tyro's usage error as one `ConfigError` line (exit 2 through `run_main`) naming the missing flag."""
     path = _write(tmp_path, "data:\n  train: a.jsonl\n")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError, match=r"^Missing from .*: --distillation\.teacher-model\.path STR"):
         parse_args(["--config", path])
-    assert info.value.code == 2
 
 
 def test_unknown_flag_exits_2(tmp_path):
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError, match=r"^Unrecognized options: --training\.max-stepz, 3; did you mean "
+                                          r"--training\.max-steps INT\?$"):
         parse_args(["--config", _write(tmp_path, BASE), "--training.max-stepz", "3"])
-    assert info.value.code == 2
 
 
 def test_flag_can_fix_what_the_yaml_gets_wrong(tmp_path):
@@ -146,16 +147,16 @@ def test_ill_typed_value_names_key_and_file(tmp_path, extra, key):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+    with pytest.raises(ConfigError, match=f"config file not found: {re.escape(str(tmp_path / 'nope.yaml'))}"):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
     broken = _write(tmp_path, "training: [1, 2\n", "broken.yaml")
-    with pytest.raises(ConfigError, match=r"invalid YAML in config file .*broken\.yaml at line"):
+    with pytest.raises(ConfigError, match=f"invalid YAML in config file {re.escape(broken)} at line"):
         parse_args(["--config", broken])
     twice = _write(tmp_path, BASE + "training:\n  seed: 1\n  seed: 2\n", "twice.yaml")
-    with pytest.raises(ConfigError, match=r"twice\.yaml at line 8.*duplicate key 'seed'"):
+    with pytest.raises(ConfigError, match=f"{re.escape(twice)} at line 8.*duplicate key 'seed'"):
         parse_args(["--config", twice])
     scalar = _write(tmp_path, "just a string\n", "scalar.yaml")
-    with pytest.raises(ConfigError, match=r"scalar\.yaml must hold a mapping"):
+    with pytest.raises(ConfigError, match=f"{re.escape(scalar)} must hold a mapping"):
         parse_args(["--config", scalar])
     with pytest.raises(ConfigError, match="--config needs a YAML file path"):
         parse_args(["--config"])
@@ -183,17 +184,18 @@ def test_bad_files(tmp_path):
     ],
 )
 def test_validation_names_the_key(make, key):
-    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}'")):
         make()
 
 
 def test_validation_error_from_yaml_names_the_file(tmp_path):
     path = _write(tmp_path, BASE + STUDENT + "    init: path\n", "v.yaml")
-    with pytest.raises(ConfigError, match=r"'distillation.student_model.path' is required .*\(in .*v\.yaml\)"):
+    key = re.escape("'distillation.student_model.path'")
+    with pytest.raises(ConfigError, match=rf"{key} is required .*\(in {re.escape(path)}\)"):
         parse_args(["--config", path])
     ok = load_config(path, ["--distillation.student-model.path", "student_dir"])
     assert ok.distillation.student_model.path == "student_dir"
-    with pytest.raises(ConfigError, match="config key 'training.warmup_steps' must be >= 0, got -1$"):
+    with pytest.raises(ConfigError, match=r"config key 'training\.warmup_steps' must be >= 0, got -1$"):
         parse_args(["--config", path, "--distillation.student-model.path", "s", "--training.warmup-steps", "-1"])
 
 

@@ -53,7 +53,7 @@ def test_progressive_step_function():
 def test_progressive_errors():
     with pytest.raises(ConfigError, match="num_stages=5 is more than the 4 mapped pairs"):
         ProgressiveSchedule(4, num_stages=5, stage_steps=10)
-    with pytest.raises(ConfigError, match="ramp_steps must be an int >= 0"):
+    with pytest.raises(ConfigError, match="ramp_steps must be an int >= 0, got -1$"):
         ProgressiveSchedule(4, num_stages=2, stage_steps=10, ramp_steps=-1)
 
 
@@ -102,7 +102,7 @@ def test_balancer_first_step_and_inactive_pairs():
     assert float(total) == 0.0
     with pytest.raises(ConfigError, match="balancer holds 3 pairs"):
         balance(state, jnp.ones(2), jnp.ones(2), jnp.asarray(1.0))
-    with pytest.raises(ConfigError, match="target_ratio must be > 0"):
+    with pytest.raises(ConfigError, match="target_ratio must be > 0, got 0.0$"):
         LossBalancer(3, target_ratio=0.0)
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from distill.logits import (
     KD_KINDS,
     align_vocab,
-    check_token_ids,
     cross_entropy_loss,
     kd_ce_loss,
     kd_loss,
@@ -20,7 +19,7 @@ from distill.logits import (
     sparse_kd_loss,
     teacher_topk,
 )
-from vishwam.errors import ConfigError, DataError
+from vishwam.errors import ConfigError
 
 B, S, V = 2, 7, 11
 topk = jax.jit(teacher_topk, static_argnums=1)
@@ -268,15 +267,15 @@ def test_large_vocab_chunked():
 
 def test_kd_validation():
     s, t, mask = (jnp.asarray(a) for a in make_inputs(14))
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number > 0, got 0\.0$"):
         kd_loss(s, t, mask, temperature=0.0, kind="forward_kl")
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number > 0, got -1\.0$"):
         kd_loss(s, t, mask, temperature=-1.0, kind="forward_kl")
-    with pytest.raises(ConfigError, match="beta"):
+    with pytest.raises(ConfigError, match=r"^kd beta must be in \[0, 1\], got 1\.5$"):
         kd_loss(s, t, mask, temperature=1.0, kind="jsd", beta=1.5)
-    with pytest.raises(ConfigError, match="kl_forward"):
+    with pytest.raises(ConfigError, match=r"^kd kind must be one of .*; got 'kl_forward'$"):
         kd_loss(s, t, mask, temperature=1.0, kind="kl_forward")
-    with pytest.raises(ConfigError, match="chunk_size"):
+    with pytest.raises(ConfigError, match=r"^chunk_size must be a positive integer or None, got 0$"):
         kd_loss(s, t, mask, temperature=1.0, kind="tv", chunk_size=0)
 
 
@@ -375,10 +374,10 @@ def test_sparse_chunked_masked_bf16():
 
 def test_sparse_validation():
     s, t, mask = (jnp.asarray(a) for a in make_inputs(20))
-    with pytest.raises(ConfigError, match="top-k k must be in"):
+    with pytest.raises(ConfigError, match=rf"^top-k k must be in \[1, {V}\] \(the vocabulary\), got {V + 1}$"):
         teacher_topk(t, V + 1)
     cache = topk(t, 3)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number > 0, got 0\.0$"):
         sparse_kd_loss(s, *cache, mask, temperature=0.0)
 
 
@@ -425,17 +424,8 @@ def test_cross_entropy_chunked_grads_and_bf16():
     )
     assert loss16.dtype == jnp.float32
     np.testing.assert_allclose(loss16, expected.item(), rtol=1e-5)
-    with pytest.raises(ConfigError, match="label_smoothing"):
+    with pytest.raises(ConfigError, match=r"^label_smoothing must be in \[0, 1\], got 1\.5$"):
         cross_entropy_loss(jnp.asarray(s), labels, jnp.asarray(mask), label_smoothing=1.5)
-
-
-# --------------------------------------------------------------------------------------------------- token ids
-
-
-def test_check_token_ids():
-    check_token_ids(np.array([[0, 5, -100], [10, 3, 2]]), 11, "train.jsonl labels")
-    with pytest.raises(DataError, match=r"train\.jsonl input_ids: token id 11 at index \(1, 0\)"):
-        check_token_ids(np.array([[0, 5, 1], [11, 3, 2]]), 11, "train.jsonl input_ids")
 
 
 # --------------------------------------------------------------------------------------------------- fused KD + CE
@@ -535,11 +525,11 @@ def test_kd_ce_masked_garbage_bf16_and_validation():
                                1.0, 0.5, 0.0)
     np.testing.assert_allclose(loss16, expected, rtol=1e-5)
     s, t, labels, mask = map(jnp.asarray, (s, t, labels, mask))
-    with pytest.raises(ConfigError, match="label_smoothing"):
+    with pytest.raises(ConfigError, match=r"^label_smoothing must be in \[0, 1\], got 2\.0$"):
         kd_ce_loss(s, t, labels, mask, temperature=1.0, kd_weight=1.0, ce_weight=1.0, label_smoothing=2.0)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number > 0, got 0\.0$"):
         kd_ce_loss(s, t, labels, mask, temperature=0.0, kd_weight=1.0, ce_weight=1.0)
-    with pytest.raises(ConfigError, match="kd_weight"):
+    with pytest.raises(ConfigError, match=r"^kd_weight and ce_weight must be >= 0, got -1\.0 and 1\.0$"):
         kd_ce_loss(s, t, labels, mask, temperature=1.0, kd_weight=-1.0, ce_weight=1.0)
 
 

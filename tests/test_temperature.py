@@ -1,6 +1,7 @@
 """Known-answer tests for distill/temperature.py."""
 
 import math
+import re
 
 import equinox as eqx
 import jax
@@ -57,15 +58,16 @@ def test_schedule_inside_filter_jit():
 @pytest.mark.parametrize(
     "kwargs, culprit",
     [
-        (dict(kind="linear", start=0.0, end=1.0, total_steps=10), "start"),
-        (dict(kind="linear", start=2.0, end=-1.0, total_steps=10), "end"),
-        (dict(kind="cosine", start=2.0, end=float("nan"), total_steps=10), "end"),
-        (dict(kind="linear", start=2.0, end=1.0, total_steps=0), "total_steps"),
-        (dict(kind="exponential", start=2.0, end=1.0, total_steps=10), "exponential"),
+        (dict(kind="linear", start=0.0, end=1.0, total_steps=10), "start must be a finite number > 0, got 0.0"),
+        (dict(kind="linear", start=2.0, end=-1.0, total_steps=10), "end must be a finite number > 0, got -1.0"),
+        (dict(kind="cosine", start=2.0, end=float("nan"), total_steps=10), "end must be a finite number > 0, got nan"),
+        (dict(kind="linear", start=2.0, end=1.0, total_steps=0), "total_steps must be >= 1, got 0"),
+        (dict(kind="exponential", start=2.0, end=1.0, total_steps=10),
+         "kind must be one of constant, linear, cosine; got 'exponential'"),
     ],
 )
 def test_schedule_validation(kwargs, culprit):
-    with pytest.raises(ConfigError, match=culprit):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"temperature schedule {culprit}") + "$"):
         TemperatureSchedule(**kwargs)
 
 
@@ -143,13 +145,13 @@ def test_adaptive_chunked_vocab_mismatch_bf16_no_grad():
 @pytest.mark.parametrize(
     "kwargs, culprit",
     [
-        (dict(base=0.0, min_t=0.5, max_t=2.0), "base"),
-        (dict(base=1.0, min_t=-1.0, max_t=2.0), "min_t"),
-        (dict(base=1.0, min_t=0.5, max_t=float("inf")), "max_t"),
-        (dict(base=3.0, min_t=0.5, max_t=2.0), "min_t <= base <= max_t"),
+        (dict(base=0.0, min_t=0.5, max_t=2.0), "base must be a finite number > 0, got 0.0"),
+        (dict(base=1.0, min_t=-1.0, max_t=2.0), "min_t must be a finite number > 0, got -1.0"),
+        (dict(base=1.0, min_t=0.5, max_t=float("inf")), "max_t must be a finite number > 0, got inf"),
+        (dict(base=3.0, min_t=0.5, max_t=2.0), "needs min_t <= base <= max_t, got 0.5, 3.0, 2.0"),
     ],
 )
 def test_adaptive_validation(kwargs, culprit):
     logits = jnp.zeros((B, S, V))
-    with pytest.raises(ConfigError, match=culprit):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"adaptive temperature {culprit}") + "$"):
         adaptive_temperature(logits, logits, **kwargs)

@@ -328,18 +328,17 @@ def test_bad_input_exits_2_with_one_line_and_keeps_output(assets, tmp_path, case
         shard = sorted((tmp_path / "t").glob("*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:-64])
         flags = ["--distillation.teacher-model.path", str(tmp_path / "t")]
-        needle = shard.name
+        needle = str(shard)
     elif case == "key":
         extra = "training:\n  max_stepz: 3\n"
-        needle = "max_stepz"
     elif case == "data":
         flags = ["--data.train", str(tmp_path / "nope.jsonl")]
-        needle = "nope.jsonl"
+        needle = f"data file not found: {tmp_path / 'nope.jsonl'}"
     elif case == "mapping":
         extra = ""
         flags = ["--distillation-params.layer-mapping.strategy", "explicit",
                  "--distillation-params.layer-mapping.pairs", "0", "1", "1", "9"]
-        needle = "9"
+        needle = "layer mapping: pair (1, 9): teacher layer 9 out of range [0, 4)"
     elif case == "vocab":
         np.save(tmp_path / "big.npy", np.arange(0, 500, dtype=np.int32))
         flags = ["--data.train", str(tmp_path / "big.npy")]
@@ -347,11 +346,14 @@ def test_bad_input_exits_2_with_one_line_and_keeps_output(assets, tmp_path, case
     elif case == "arch":
         flags = ["--distillation.student-model.num-attention-heads", "3",
                  "--distillation.student-model.num-key-value-heads", "2"]
-        needle = "num_"
+        needle = ("config key 'distillation.student_model.num_key_value_heads' must divide num_attention_heads (3), "
+                  "got 2")
     config = write_config(assets, out)
     if extra:
         config.write_text(config.read_text().replace("training:\n", extra.replace("training:\n", "training:\n") if
                                                      case != "key" else "training:\n  max_stepz: 3\n", 1))
+    if case == "key":
+        needle = f"unknown config key 'training.max_stepz' in {config}"
     proc = _cli("--config", str(config), *flags)
     _assert_user_error(proc, needle)
     assert (out / "keep.txt").read_text() == "precious"
