@@ -34,6 +34,14 @@ def main(argv: list[str]) -> int:
 
         # Cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cfg.training.dry_run == "compile":
+        from vishwam.targets import configure_process
+
+        configure_process(cfg.training.compile_target)  # before JAX starts its backends
+        from vishwam.programs import dry_run_compile
+
+        dry_run_compile(cfg)
+        return 0
     if cfg.training.dry_run:
         from vishwam.fit import print_plan
 

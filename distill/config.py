@@ -158,11 +158,12 @@ class EPLBConfig(Section):
     """Decay of the running loss magnitudes, in [0, 1)."""
     remap: bool = True
     """Re-derive the mapping by student/teacher layer similarity (linear CKA)."""
-    probe_batches: int = 1
-    """Batches used to measure layer similarity when remapping."""
+    probe_tokens: int = 1024
+    """Tokens of the sample layer similarity is measured on when remapping (whole sequences, at least one): the
+    probe holds (student layers + 2) Gram matrices of tokens² floats."""
 
     def _check(self) -> None:
-        self._positive("num_stages", "stage_steps", "probe_batches")
+        self._positive("num_stages", "stage_steps", "probe_tokens")
         self._non_negative("ramp_steps")
         self._positive("target_ratio")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -174,7 +174,7 @@ def _bool_keys(cls: type = RunConfig, prefix: str = "") -> frozenset[str]:
     """Dotted keys of every boolean field of the config."""
     keys: set[str] = set()
     for name, tp in _hints(cls).items():
-        if tp is bool:
+        if tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp)):
             keys.add(prefix + name)
         elif dataclasses.is_dataclass(tp):
             keys |= _bool_keys(tp, f"{prefix}{name}.")
@@ -347,12 +347,14 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [arg for arg in args if arg is not type(None)]
-        if value is None or len(options) != 1:
+        if value is None:
             raise bad()
-        try:
-            return _convert(value, options[0], key, source)
-        except ConfigError:
-            raise bad() from None
+        for option in options:
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError:
+                continue
+        raise bad()
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value

@@ -186,8 +186,12 @@ class TrainingConfig(Section):
     """Number of newest checkpoints kept."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many non-finite (NaN/inf) steps in a row."""
-    dry_run: bool = False
-    """Build the models with abstract shapes, print the memory plan and exit without training."""
+    dry_run: bool | Literal["compile"] = False
+    """true: print the planner's memory plan from the shapes and exit. 'compile': also compile every program of
+    the run from abstract inputs (no weight read) for compile_target and write output_dir/memory_plan.json."""
+    compile_target: str | None = None
+    """Where a dry run compiles for: tpu:<v4|v5e|v5p|v6e>-<size> (libtpu, the [tpu] extra), cpu:<N> (N simulated
+    host devices), or None (this host's devices)."""
 
     @property
     def micro_batch_size(self) -> int:

@@ -1,8 +1,9 @@
 """EPLB re-mapping in a run: at each stage boundary, the layer mapping re-derived from layer similarity.
 
 `remap_steps` says at which steps it happens; `remap` measures linear CKA between every student and teacher layer
-on a probe sample (`eplb.probe_batches` batches of the step's micro-batch size, drawn with seed + 1 so they are
-not the next training batches), picks the best monotone assignment of the mapped student layers, and returns
+on a probe sample (`probe_batch`: `eplb.probe_tokens` tokens, at least one sequence, drawn with seed + 1 so they
+are not the next training batches; `probe_similarity` is the one jitted program that runs both models and the
+CKA, its memory bounded by the sample: `(student layers + 2)` Gram matrices of `tokens²` floats), picks the best monotone assignment of the mapped student layers, and returns
 the state with the new mapping and the changed pairs' projections re-initialised (`distill.eplb`).
 
 What a changed pair's state means changes with it, so it starts over: its projection is re-initialised, AdamW's
@@ -45,22 +46,34 @@ def remap_steps(cfg: RunConfig, objective: Objective, *, teacher_runs: bool,
 
 
 def probe_batch(cfg: RunConfig, data: PackedDataset) -> dict[str, np.ndarray]:
-    """The re-mapping probe: `eplb.probe_batches` batches of the step's micro-batch size (seed + 1)."""
+    """The re-mapping probe: `eplb.probe_tokens // seq_len` sequences (at least one), seed + 1, step 0."""
     tr = cfg.training
-    rows = min(tr.micro_batch_size, 8) * cfg.distillation_params.eplb.probe_batches
+    rows = max(1, cfg.distillation_params.eplb.probe_tokens // tr.seq_len)
     batch = batch_for_step(data, seed=tr.seed + 1, step=0, batch_size=rows)
     batch.pop("window")
     return batch
 
 
+@jax.jit
+def probe_similarity(student, teacher, input_ids, mask):
+    """`[student layers, teacher layers]` linear CKA of the two models' layer outputs on the probe tokens."""
+    s_h = student(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    t_h = teacher(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    return cka_matrix(s_h, t_h, mask)
+
+
 def remap(state: TrainState, objective: Objective, teacher: Callable, probe: dict[str, np.ndarray], *,
           param_dtype, log: Callable[[str], None]) -> tuple[TrainState, np.ndarray]:
     """**Returns:** the state with the re-derived mapping (the changed pairs' projections re-initialised from
-    `state.rng(step)`) and the CKA matrix `[student layers, teacher layers]` it was chosen by."""
+    `state.rng(step)`) and the CKA matrix `[student layers, teacher layers]` it was chosen by. A teacher that is
+    a pytree (resident) runs inside `probe_similarity`; a streamed one runs group by group first."""
     ids, mask = jnp.asarray(probe["input_ids"]), jnp.asarray(probe["mask"])
-    s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    t_h = teacher(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    sim = np.asarray(cka_matrix(s_h, t_h, mask))
+    if isinstance(teacher, eqx.Module):
+        sim = np.asarray(probe_similarity(state.student, teacher, ids, mask))
+    else:
+        t_h = teacher(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        sim = np.asarray(jax.jit(cka_matrix)(s_h, t_h, mask))
     old = objective.feature_pairs
     new = tuple(best_monotone_assignment(sim, [s for s, _ in old]))
     step = int(state.step)
@@ -90,4 +103,4 @@ def _forget_moments(opt_state, changed: tuple[int, ...]):
     return jax.tree_util.tree_map_with_path(forget, opt_state)
 
 
-__all__ = ["probe_batch", "remap", "remap_steps"]
+__all__ = ["probe_batch", "probe_similarity", "remap", "remap_steps"]

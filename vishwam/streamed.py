@@ -19,7 +19,7 @@ from models import CausalLMOutput, prepare_inputs, run_layers
 from .checkpoint import LazyCheckpoint
 
 @eqx.filter_jit
-def _run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
+def run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
     return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
                       output_qkv=qkv)
 
@@ -73,7 +73,7 @@ class StreamedTeacher:
                 self.max_groups_resident = max(self.max_groups_resident, 2)
             else:
                 self.max_groups_resident = max(self.max_groups_resident, 1)
-            out = _run_group(layers, h, cos, sin, mask, output_hidden_states, output_attentions, output_qkv)
+            out = run_group(layers, h, cos, sin, mask, output_hidden_states, output_attentions, output_qkv)
             h = out.hidden
             if output_hidden_states:
                 hidden.extend(out.layer_inputs[i] for i in range(group[1] - group[0]))

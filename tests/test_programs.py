@@ -1,0 +1,129 @@
+"""The compile dry run at small size: every program of the run compiled from abstract inputs, memory_plan.json
+the only file written, a misfit one line; and the evaluation program against a NumPy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from hf_fixtures import hf_config, make_hf_model, save_hf
+
+from models import init_model
+from vishwam.data import PackedDataset
+from vishwam.evaluation import evaluate
+from vishwam.sharding import batch_sharding, make_mesh
+from vishwam.teachers import TeacherSource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("programs")
+    save_hf(make_hf_model(hf_config("qwen2", layers=4, kv_heads=2)), d / "teacher")
+    np.save(d / "train.npy", np.tile(np.arange(2, 40, dtype=np.int32), 100))
+    text = {
+        "distillation": {"teacher_model": {"path": str(d / "teacher"), "dtype": "float32"},
+                         "student_model": {"init": "random", "num_hidden_layers": 2, "hidden_size": 32}},
+        "data": {"train": str(d / "train.npy"), "eval_fraction": 0.1},
+        "training": {"output_dir": str(d / "unused"), "max_steps": 4, "batch_size": 8, "seq_len": 32,
+                     "grad_accum_steps": 2, "compute_dtype": "float32"},
+        "distillation_params": {"kd_weight": 1.0, "feature_weight": 1.0,
+                                "eplb": {"enabled": True, "num_stages": 2, "stage_steps": 2}},
+        "parallelism": {"fsdp": 4},
+        "tracking": {"aim": False},
+    }
+    (d / "c.yaml").write_text(yaml.safe_dump(text))
+    return d / "c.yaml"
+
+
+def dry_run(config, out, target, memory=None):
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    env.pop("VISHWAM_DEVICE_MEMORY", None)
+    if memory:
+        env["VISHWAM_DEVICE_MEMORY"] = memory
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config), "--training.dry-run",
+                           "compile", "--training.compile-target", target, "--training.output-dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_compile_dry_run_on_simulated_cpu_devices(config, tmp_path):
+    out = tmp_path / "out"
+    proc = dry_run(config, out, "cpu:4", memory="8GiB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["memory_plan.json"]  # nothing else written
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["target"] == "cpu:4" and plan["compiler"] == "XLA:CPU" and plan["capacity_bytes"] == 8 * 2**30
+    assert set(plan["programs"]) == {"train", "eval", "eplb_probe"}
+    for name, p in plan["programs"].items():
+        assert p["total_bytes"] == p["argument_bytes"] + p["output_bytes"] + p["temp_bytes"] - p["alias_bytes"]
+        assert p["total_bytes"] > 0 and p["fits"] is True, name
+    assert plan["programs"]["train"]["planner_bytes"] > 0
+
+
+def test_a_program_that_does_not_fit_is_one_line_naming_it(config, tmp_path):
+    out = tmp_path / "tight"
+    proc = dry_run(config, out, "cpu:4", memory="64KiB")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # XLA's own C++ diagnostics (glog lines such as an SPMD rematerialization warning) are the compiler's, not ours.
+    lines = [line for line in proc.stderr.strip().splitlines() if not re.match(r"[IWE]\d{4} ", line)]
+    assert len(lines) == 1 and lines[0].startswith("error: compiled program 'train' needs "), lines
+    assert "MiB/device on cpu:4 (XLA:CPU), a device holds 0.06 MiB" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["memory_plan.json"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu (the [tpu] extra) is not installed: the TPU compile is not checked here")
+def test_compile_dry_run_for_a_tpu_topology(config, tmp_path):
+    out = tmp_path / "tpu"
+    proc = dry_run(config, out, "tpu:v5p-8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["compiler"] == "XLA:TPU" and plan["capacity_bytes"] == int(95.74 * 2**30)
+    assert all(p["fits"] for p in plan["programs"].values())
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_evaluation_matches_a_numpy_reference(tmp_path):
+    """Micro-batched evaluation (one program for every teacher kind) against float64 NumPy over the same tokens,
+    with a partly filled last batch (masked rows)."""
+    from models import ModelConfig
+
+    t_cfg = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    teacher = init_model(t_cfg, key=jax.random.key(1))
+    student = init_model(dataclasses.replace(t_cfg, num_hidden_layers=1), key=jax.random.key(2))
+    rng = np.random.default_rng(0)
+    data = PackedDataset(rng.integers(0, 48, 7 * 12 + 1).astype(np.int32), 12, name="data.eval")  # 7 windows
+    mesh = make_mesh(1, 1, 1)
+    result = evaluate(student, TeacherSource(teacher), data, step=3, batch_size=4, micro_batch_size=2, num_batches=2,
+                      compute_dtype=jnp.float32, batch_sharding=batch_sharding(mesh), out_dir=tmp_path, log=print)
+    ids = data.windows[:, :-1]
+    labels = data.windows[:, 1:]
+    s = _np_log_softmax(np.asarray(student(jnp.asarray(ids)).logits, np.float64))
+    t = _np_log_softmax(np.asarray(teacher(jnp.asarray(ids)).logits, np.float64))
+    pick = lambda lp: -np.take_along_axis(lp, labels[..., None], -1)[..., 0]  # noqa: E731
+    kl = (np.exp(t) * (t - s)).sum(-1)
+    agree = s.argmax(-1) == t.argmax(-1)
+    assert result["student_loss"] == pytest.approx(pick(s).mean(), rel=1e-5)
+    assert result["teacher_loss"] == pytest.approx(pick(t).mean(), rel=1e-5)
+    assert result["kl"] == pytest.approx(kl.mean(), rel=1e-4, abs=1e-6)
+    assert result["top1_agreement"] == pytest.approx(agree.mean())
+    assert result["student_ppl"] == pytest.approx(math.exp(result["student_loss"]))
+    assert json.loads((tmp_path / "eval.json").read_text()) == result

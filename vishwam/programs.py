@@ -1,0 +1,256 @@
+"""The compile dry run (`--training.dry-run compile`): every device program of the run, compiled at its real
+shapes for the target machine from abstract inputs, before any weight is read.
+
+From `config.json` alone (`vishwam.specs`) the teacher, the train state and the batches are built as
+`jax.ShapeDtypeStruct`s carrying their shardings on the run's mesh over the target's devices
+(`vishwam.targets`); each program the config will run is lowered and compiled by XLA for those devices, and
+`compiled.memory_analysis()` gives its bytes per device. The programs are the same functions the run executes:
+
+- `train`: `vishwam.train_state.make_train_step` (its teacher outputs precomputed when streamed or cached);
+- `eval`: `vishwam.evaluation.eval_sums` on one micro-batch, when the run evaluates;
+- `eplb_probe`: `vishwam.remap.probe_similarity` on the probe sample, when EPLB re-maps with a resident teacher;
+- `streamed_group`: one streamed teacher group's forward (`vishwam.streamed`), with `loading: streamed`.
+
+`output_dir/memory_plan.json` gets, per program, XLA's argument/output/alias/temp bytes and their total
+(argument + output + temp − alias) per device, the planner's figure where it models the program (the train
+step), the compile seconds, the capacity and `fits`; nothing else is written. A program that does not fit (or
+that XLA's TPU compiler refuses for lack of HBM) ends the dry run with one line naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from distill.eplb import LossBalancer
+from distill.features import FeatureProjections
+from distill.objective import TeacherOutputs
+from models import CausalLM, cast_floating, init_model, prepare_inputs
+
+from . import specs
+from .build import optimizer_of
+from .config import RunConfig
+from .errors import ConfigError
+from .evaluation import eval_sums
+from .files import atomic_write
+from .planner import GiB, Planner, Setup
+from .remap import probe_similarity
+from .sharding import batch_sharding, make_mesh, tree_shardings
+from .streamed import run_group
+from .targets import Target, resolve_target
+from .train_state import StepConfig, init_state, make_train_step
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+    """One compiled program's bytes per device."""
+
+    name: str
+    planner_bytes: int | None = None
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    temp_bytes: int | None = None
+    total_bytes: int | None = None
+    compile_seconds: float | None = None
+    error: str | None = None
+
+    def fits(self, capacity: int | None) -> bool | None:
+        if self.total_bytes is None:
+            return False if self.error else None
+        return None if capacity is None else self.total_bytes <= capacity
+
+
+def _placed(tree, mesh):
+    """`tree`'s array leaves as ShapeDtypeStructs with the rule table's shardings on `mesh`."""
+    arrays, static = eqx.partition(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    shardings = tree_shardings(arrays, mesh)
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, shardings)
+    return eqx.combine(placed, static), shardings
+
+
+def _replicated(shape, dtype, mesh):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+class AbstractRun:
+    """The run's models, state and batches as abstract arrays on `target`'s devices."""
+
+    def __init__(self, cfg: RunConfig, target: Target):
+        p, tr, t = cfg.parallelism, cfg.training, cfg.distillation.teacher_model
+        self.cfg, self.target = cfg, target
+        self.mesh = make_mesh(p.data, p.fsdp, p.tensor, devices=target.devices)
+        self.t_config = specs.resolve_architecture(t.path)
+        self.s_config = specs.student_config(cfg, self.t_config)
+        self.objective = specs.objective(cfg, self.s_config, self.t_config)
+        self.compute_dtype = specs.DTYPES[tr.compute_dtype]
+        teacher = eqx.filter_eval_shape(lambda k: cast_floating(init_model(self.t_config, key=k),
+                                                                specs.DTYPES[t.dtype]), jax.random.key(0))
+        self.teacher, _ = _placed(teacher, self.mesh)
+        self.optimizer, self.schedule = optimizer_of(cfg)
+        state = eqx.filter_eval_shape(self._init_state, jax.random.key(0))
+        self.state, self.shardings = _placed(state, self.mesh)
+        self.rows = batch_sharding(self.mesh)
+        self.batch = self._tokens(tr.batch_size)
+        self.micro = self._tokens(tr.micro_batch_size)
+
+    def _init_state(self, key):
+        cfg, o, param_dtype = self.cfg, self.objective, specs.DTYPES[self.cfg.training.param_dtype]
+        student = cast_floating(init_model(self.s_config, key=key), param_dtype)
+        projections = None
+        if o.uses_features:
+            projections = cast_floating(FeatureProjections(o.feature_pairs, self.s_config.hidden_size,
+                                                           self.t_config.hidden_size, key=key), param_dtype)
+        e = cfg.distillation_params.eplb
+        balancer = LossBalancer(len(o.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio) \
+            if o.balances else None
+        return init_state(student, projections, balancer, self.optimizer, key, o.feature_pairs)
+
+    def _tokens(self, rows: int) -> dict:
+        shape = (rows, self.cfg.training.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.rows) for k in ("input_ids", "labels", "mask")}
+
+    def teacher_outputs(self, rows: int) -> TeacherOutputs:
+        """What a streamed or cached teacher hands the step for `rows` sequences."""
+        S, t, o = self.cfg.training.seq_len, self.cfg.distillation.teacher_model, self.objective
+        sharded = lambda *shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+            shape, dtype, sharding=NamedSharding(self.mesh, PartitionSpec(self.rows.spec[0])))
+        hidden = None
+        if o.uses_features:
+            dtype = jnp.float32 if t.loading == "cached" else specs.DTYPES[t.dtype]
+            h = sharded(rows, S, self.t_config.hidden_size, dtype=dtype)
+            hidden = tuple(h for _ in range(self.t_config.num_hidden_layers + 1))
+        if t.loading == "cached":
+            k = t.top_k
+            return TeacherOutputs(topk_values=sharded(rows, S, k, dtype=jnp.float32),
+                                  topk_indices=sharded(rows, S, k, dtype=jnp.int32),
+                                  tail_logsumexp=sharded(rows, S, dtype=jnp.float32),
+                                  label_logprob=sharded(rows, S, dtype=jnp.float32), hidden_states=hidden)
+        logits = sharded(rows, S, self.t_config.vocab_size, dtype=specs.DTYPES[t.dtype])
+        return TeacherOutputs(logits=logits, hidden_states=hidden)
+
+    def programs(self) -> dict:
+        """name -> (jitted function, abstract args, kwargs) for every program this config runs."""
+        cfg, tr, loading = self.cfg, self.cfg.training, self.cfg.distillation.teacher_model.loading
+        resident = loading == "resident"
+        step = make_train_step(StepConfig(self.objective, self.compute_dtype, tr.grad_accum_steps, tr.remat),
+                               self.optimizer, self.schedule, self.shardings)
+        out = {"train": (step, (self.teacher if resident else None, self.state, self.batch,
+                                None if resident else self.teacher_outputs(tr.batch_size)), {})}
+        if (cfg.data.eval or cfg.data.eval_fraction > 0) and tr.eval_batches > 0:
+            out["eval"] = (eval_sums, (self.teacher if resident else None, self.state.student, self.micro,
+                                       None if resident else self.teacher_outputs(tr.micro_batch_size)),
+                           {"compute_dtype": self.compute_dtype})
+        e = cfg.distillation_params.eplb
+        if self.objective.uses_eplb and e.remap and resident and self.objective.eplb_stages > 1:
+            rows = max(1, e.probe_tokens // tr.seq_len)
+            ids = _replicated((rows, tr.seq_len), jnp.int32, self.mesh)
+            out["eplb_probe"] = (probe_similarity, (self.state.student, self.teacher, ids, ids), {})
+        if loading == "streamed":
+            out["streamed_group"] = self._streamed_group()
+        return out
+
+    def _streamed_group(self):
+        layers = Planner(self.cfg, self.t_config).streamed_layers()
+        group = eqx.filter_eval_shape(lambda: jax.tree.map(
+            lambda x: x[:layers] if eqx.is_array(x) else x, self.teacher.model.layers))
+        group, _ = _placed(group, self.mesh)
+        ids = self.batch["input_ids"]
+        h, mask, cos, sin = eqx.filter_eval_shape(
+            lambda i: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, None)), ids)
+        args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.rows if x.ndim == 2 else None)
+                for x in (h, cos, sin)]
+        o = self.objective.model_outputs()
+        return (run_group, (group, args[0], args[1], args[2], mask, o["output_hidden_states"],
+                             o["output_attentions"], o["output_qkv"]), {})
+
+
+def _hbm_needed(message: str) -> int | None:
+    """The bytes XLA's TPU compiler says a program needs, from its out-of-memory message."""
+    m = re.search(r"[Uu]sed ([\d.]+)([KMGT])? of", message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}[m.group(2)])
+
+
+def compile_program(name: str, fn, args, kwargs) -> ProgramMemory:
+    result = ProgramMemory(name)
+    t0 = time.perf_counter()
+    try:
+        compiled = fn.lower(*args, **kwargs).compile()
+    except Exception as e:  # XLA refuses what cannot fit (CompileTimeHbmOom on TPU) or cannot compile
+        result.compile_seconds = time.perf_counter() - t0
+        result.error = " ".join(str(e).split())[:300]
+        result.total_bytes = _hbm_needed(str(e))
+        return result
+    result.compile_seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    result.argument_bytes, result.output_bytes = m.argument_size_in_bytes, m.output_size_in_bytes
+    result.alias_bytes, result.temp_bytes = m.alias_size_in_bytes, m.temp_size_in_bytes
+    result.total_bytes = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
+        - m.alias_size_in_bytes
+    return result
+
+
+def dry_run_compile(cfg: RunConfig, *, log=print) -> dict:
+    """Compile every program of `cfg` for `training.compile_target`, write `memory_plan.json`, print the table;
+    raise a one-line `ConfigError` when a program does not fit. **Returns:** the plan as written."""
+    tr = cfg.training
+    target = resolve_target(tr.compile_target, cfg.parallelism.num_devices)
+    run = AbstractRun(cfg, target)
+    plan = Planner(cfg, run.t_config).plan(Setup.from_config(cfg), target.capacity, target.capacity_source)
+    results = []
+    for name, (fn, args, kwargs) in run.programs().items():
+        log(f"compiling {name} for {target.name} ({target.compiler}) ...")
+        result = compile_program(name, fn, args, kwargs)
+        if name == "train":
+            result.planner_bytes = plan.total_bytes
+        results.append(result)
+    report = {
+        "target": target.name, "compiler": target.compiler, "mesh": str(cfg.parallelism),
+        "devices": cfg.parallelism.num_devices, "capacity_bytes": target.capacity,
+        "capacity_source": target.capacity_source,
+        "programs": {r.name: {**{k: v for k, v in dataclasses.asdict(r).items() if k != "name"},
+                              "fits": r.fits(target.capacity)} for r in results},
+    }
+    out = Path(tr.output_dir)
+    atomic_write(out / "memory_plan.json", json.dumps(report, indent=2) + "\n")
+    log(render(report))
+    for r in results:
+        if r.fits(target.capacity) is False:
+            need = f"{_size(r.total_bytes)}/device" if r.total_bytes else "more than it has"
+            cap = _size(target.capacity) if target.capacity else "unknown"
+            raise ConfigError(f"compiled program '{r.name}' needs {need} on {target.name} ({target.compiler}), a "
+                              f"device holds {cap}" + (f": {r.error[:120]}" if r.error and not r.total_bytes else ""))
+    return report
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 100 else f"{n / 2**20:.2f} MiB"
+
+
+def render(report: dict) -> str:
+    g = lambda n: f"{n / GiB:8.2f}" if n is not None else f"{'-':>8}"  # noqa: E731
+    cap = report["capacity_bytes"]
+    lines = [f"compiled memory plan: {report['target']} ({report['compiler']}), mesh {report['mesh']}, capacity "
+             f"{'unknown' if cap is None else f'{cap / GiB:.2f} GiB'} per device ({report['capacity_source']})",
+             f"  {'program':<16}{'planner':>8}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'total':>8}"
+             f"{'compile s':>11}  fits"]
+    for name, p in report["programs"].items():
+        lines.append(f"  {name:<16}{g(p['planner_bytes'])}{g(p['argument_bytes'])}{g(p['output_bytes'])}"
+                     f"{g(p['alias_bytes'])}{g(p['temp_bytes'])}{g(p['total_bytes'])}{p['compile_seconds']:11.1f}"
+                     f"  {p['fits']}")
+    lines.append("  (GiB per device; total = args + out + temp - alias, from compiled.memory_analysis())")
+    return "\n".join(lines)
+
+
+__all__ = ["AbstractRun", "ProgramMemory", "compile_program", "dry_run_compile", "render"]
