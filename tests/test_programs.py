@@ -49,13 +49,14 @@ def config(tmp_path_factory):
     return d / "c.yaml"
 
 
-def dry_run(config, out, target, memory=None):
+def dry_run(config, out, target, memory=None, extra=()):
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     env.pop("VISHWAM_DEVICE_MEMORY", None)
     if memory:
         env["VISHWAM_DEVICE_MEMORY"] = memory
+    flags = [] if target is None else ["--training.compile-target", target]
     return subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config), "--training.dry-run",
-                           "compile", "--training.compile-target", target, "--training.output-dir", str(out)],
+                           "compile", *flags, "--training.output-dir", str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -73,14 +74,23 @@ def test_compile_dry_run_on_simulated_cpu_devices(config, tmp_path):
     assert plan["programs"]["train"]["planner_bytes"] > 0
 
 
+def test_cpu_estimates_are_reported_not_binding(config, tmp_path):
+    out = tmp_path / "estimate"
+    proc = dry_run(config, out, "cpu:4", memory="64KiB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["binding"] is False and plan["programs"]["train"]["fits"] is False
+    assert "reported, not binding" in proc.stdout
+
+
 def test_a_program_that_does_not_fit_is_one_line_naming_it(config, tmp_path):
     out = tmp_path / "tight"
-    proc = dry_run(config, out, "cpu:4", memory="64KiB")
+    proc = dry_run(config, out, None, memory="64KiB", extra=["--parallelism.fsdp", "1"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     # XLA's own C++ diagnostics (glog lines such as an SPMD rematerialization warning) are the compiler's, not ours.
     lines = [line for line in proc.stderr.strip().splitlines() if not re.match(r"[IWE]\d{4} ", line)]
     assert len(lines) == 1 and lines[0].startswith("error: compiled program 'train' needs "), lines
-    assert "MiB/device on cpu:4 (XLA:CPU), a device holds 0.06 MiB" in lines[0]
+    assert "MiB/device on local (XLA:CPU), a device holds 0.06 MiB" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["memory_plan.json"]
 
 

@@ -14,7 +14,8 @@ From `config.json` alone (`vishwam.specs`) the teacher, the train state and the 
 `output_dir/memory_plan.json` gets, per program, XLA's argument/output/alias/temp bytes and their total
 (argument + output + temp − alias) per device, the planner's figure where it models the program (the train
 step), the compile seconds, the capacity and `fits`; nothing else is written. A program that does not fit (or
-that XLA's TPU compiler refuses for lack of HBM) ends the dry run with one line naming it.
+that XLA's TPU compiler refuses for lack of HBM) ends the dry run with one line naming it; with a `cpu:N` target
+the figures estimate another machine (a GPU host) and are reported, not binding (`"binding": false`).
 """
 
 from __future__ import annotations
@@ -219,12 +220,15 @@ def dry_run_compile(cfg: RunConfig, *, log=print) -> dict:
         "target": target.name, "compiler": target.compiler, "mesh": str(cfg.parallelism),
         "devices": cfg.parallelism.num_devices, "capacity_bytes": target.capacity,
         "capacity_source": target.capacity_source,
+        "binding": not target.name.startswith("cpu:"),
         "programs": {r.name: {**{k: v for k, v in dataclasses.asdict(r).items() if k != "name"},
                               "fits": r.fits(target.capacity)} for r in results},
     }
     out = Path(tr.output_dir)
     atomic_write(out / "memory_plan.json", json.dumps(report, indent=2) + "\n")
     log(render(report))
+    if target.name.startswith("cpu:"):
+        return report  # XLA:CPU's figures estimate another machine's (a GPU host): reported, not binding
     for r in results:
         if r.fits(target.capacity) is False:
             need = f"{_size(r.total_bytes)}/device" if r.total_bytes else "more than it has"
@@ -250,6 +254,10 @@ def render(report: dict) -> str:
                      f"{g(p['alias_bytes'])}{g(p['temp_bytes'])}{g(p['total_bytes'])}{p['compile_seconds']:11.1f}"
                      f"  {p['fits']}")
     lines.append("  (GiB per device; total = args + out + temp - alias, from compiled.memory_analysis())")
+    if not report["binding"] and any(p["fits"] is False for p in report["programs"].values()):
+        lines.append("  note: XLA:CPU's figures stand in for another machine's and run high (it computes bfloat16 work "
+                     "in float32 and schedules for speed, not memory): reported, not binding; compile for the "
+                     "target itself where its compiler is available (tpu:...)")
     return "\n".join(lines)
 
 
