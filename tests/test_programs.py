@@ -137,3 +137,13 @@ def test_evaluation_matches_a_numpy_reference(tmp_path):
     assert result["top1_agreement"] == pytest.approx(agree.mean())
     assert result["student_ppl"] == pytest.approx(math.exp(result["student_loss"]))
     assert json.loads((tmp_path / "eval.json").read_text()) == result
+
+
+def test_the_bytes_of_a_refused_tpu_program_are_read_from_xlas_message():
+    from vishwam.programs import _hbm_needed
+
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+               "for HLO temporaries (126.58G) exceeds available HBM (95.73G). HLO module: jit_step_fn.")
+    assert _hbm_needed(message) == int(126.58 * 2**30)
+    assert _hbm_needed("Used 3.5M of 2M hbm") == int(3.5 * 2**20)
+    assert _hbm_needed("some other failure") is None

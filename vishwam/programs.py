@@ -175,12 +175,15 @@ class AbstractRun:
                              o["output_attentions"], o["output_qkv"]), {})
 
 
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
+
+
 def _hbm_needed(message: str) -> int | None:
-    """The bytes XLA's TPU compiler says a program needs, from its out-of-memory message."""
-    m = re.search(r"[Uu]sed ([\d.]+)([KMGT])? of", message)
-    if not m:
-        return None
-    return int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}[m.group(2)])
+    """The bytes XLA's TPU compiler says a program needs when it refuses it (`CompileTimeHbmOom`: "the total
+    memory required for HLO temporaries (126.58G) exceeds available HBM"), a lower bound of the program's total."""
+    m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])?\)", message) or re.search(r"[Uu]sed ([\d.]+)([KMGT])? of",
+                                                                                message)
+    return None if m is None else int(float(m.group(1)) * _UNIT[m.group(2)])
 
 
 def compile_program(name: str, fn, args, kwargs) -> ProgramMemory:
@@ -191,7 +194,7 @@ def compile_program(name: str, fn, args, kwargs) -> ProgramMemory:
     except Exception as e:  # XLA refuses what cannot fit (CompileTimeHbmOom on TPU) or cannot compile
         result.compile_seconds = time.perf_counter() - t0
         result.error = " ".join(str(e).split())[:300]
-        result.total_bytes = _hbm_needed(str(e))
+        result.temp_bytes = result.total_bytes = _hbm_needed(str(e))  # at least the temporaries it asked for
         return result
     result.compile_seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
@@ -232,6 +235,8 @@ def dry_run_compile(cfg: RunConfig, *, log=print) -> dict:
     for r in results:
         if r.fits(target.capacity) is False:
             need = f"{_size(r.total_bytes)}/device" if r.total_bytes else "more than it has"
+            if r.error and r.total_bytes:
+                need = f"at least {need} (XLA refused it: CompileTimeHbmOom)"
             cap = _size(target.capacity) if target.capacity else "unknown"
             raise ConfigError(f"compiled program '{r.name}' needs {need} on {target.name} ({target.compiler}), a "
                               f"device holds {cap}" + (f": {r.error[:120]}" if r.error and not r.total_bytes else ""))
