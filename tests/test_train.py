@@ -439,3 +439,32 @@ def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
     for a, b in zip(jax.tree.leaves(eqx.filter(one["state"].student, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(acc["state"].student, eqx.is_array))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_never_prunes_the_teacher_again(assets, tmp_path, monkeypatch):
+    """`init: from_teacher` runs once: a resumed run restores into an abstract state (shapes and shardings) and
+    reads no teacher for pruning; it ends as the uninterrupted run does."""
+    import vishwam.build as build
+
+    flags = ("--distillation.student-model.init", "from_teacher")
+    _, full = run(write_config(assets, tmp_path / "full"), *flags)
+    config = write_config(assets, tmp_path / "cut")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, state):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(config, *flags, on_step=stop_at_5)
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruning ran again on resume")
+
+    monkeypatch.setattr(build, "init_student_from_teacher", no_pruning)
+    _, resumed = run(config, *flags)
+    for a, b in zip(jax.tree.leaves(eqx.filter(full["state"], eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(resumed["state"], eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

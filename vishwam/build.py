@@ -169,25 +169,39 @@ def optimizer_of(cfg: RunConfig) -> tuple[optax.GradientTransformation, optax.Sc
                           weight_decay=tr.weight_decay, grad_clip=tr.grad_clip)
 
 
-def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation):
+def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation, *,
+                abstract: bool = False):
     """**Returns:** `(state, shardings)`: the initial `TrainState`, every array leaf placed by the rule table on
-    the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target)."""
+    the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target).
+
+    With `abstract` (a resumed run, whose every array the checkpoint replaces) the state is only its shapes and
+    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, and pruning never runs again on resume."""
     cfg, objective = run.cfg, run.objective
     param_dtype = specs.DTYPES[cfg.training.param_dtype]
     k_student, k_proj, k_state = jax.random.split(jax.random.key(cfg.training.seed), 3)
+
+    def make(student):
+        projections = None
+        if objective.uses_features:
+            projections = cast_floating(FeatureProjections(objective.feature_pairs, run.student_config.hidden_size,
+                                                           run.teacher_config.hidden_size, key=k_proj), param_dtype)
+        balancer = None
+        if objective.balances:
+            e = cfg.distillation_params.eplb
+            balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
+        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs)
+
+    if abstract:
+        state = eqx.filter_eval_shape(
+            lambda: make(cast_floating(init_model(run.student_config, key=k_student), param_dtype)))
+        arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        shardings = tree_shardings(arrays, run.mesh)
+        placed = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), arrays, shardings)
+        return eqx.combine(placed, static), shardings
     student = init_student(run, teacher, k_student)
     log(f"student: {run.student_config.architecture} {count_parameters(student) / 1e6:.2f}M params "
         f"({cfg.distillation.student_model.init} init), mapping {list(objective.feature_pairs)}")
-    projections = None
-    if objective.uses_features:
-        projections = cast_floating(FeatureProjections(objective.feature_pairs, run.student_config.hidden_size,
-                                                       run.teacher_config.hidden_size, key=k_proj), param_dtype)
-    balancer = None
-    if objective.balances:
-        e = cfg.distillation_params.eplb
-        balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
-    state = init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs)
-    arrays, static = eqx.partition(state, eqx.is_array)
+    arrays, static = eqx.partition(make(student), eqx.is_array)
     shardings = tree_shardings(arrays, run.mesh)
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 

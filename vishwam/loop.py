@@ -65,7 +65,7 @@ class Run:
         log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
             f"from {run.lazy_teacher.directory} ({teacher.kind})")
         optimizer, schedule = build.optimizer_of(cfg)
-        state, shardings = build.build_state(run, teacher, optimizer)
+        state, shardings = build.build_state(run, teacher, optimizer, abstract=latest is not None)
         start = 0
         if latest is not None:
             state, _ = ckpt.restore(latest, state, shardings)

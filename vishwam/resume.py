@@ -62,7 +62,8 @@ class Checkpointer:
         self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, like: TrainState, shardings) -> tuple[TrainState, dict]:
-        arrays, static = eqx.partition(like, eqx.is_array)
+        """Checkpoint `step` as a `TrainState` shaped like `like` (arrays or ShapeDtypeStructs), on `shardings`."""
+        arrays, static = eqx.partition(like, lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
         names = named_leaves(arrays)
         shard_named = dict(named_leaves(shardings))
         abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shard_named[n]) for n, a in names}
