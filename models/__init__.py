@@ -2,7 +2,9 @@
 
 from .attention import Attention, AttentionOutput, CausalMask
 from .config import ARCHITECTURES, ModelConfig, RopeScaling
+from .decode import KVCache, decode_step, prefill
 from .layers import Embedding, Linear, RMSNorm
+from .sampling import filter_logits, sample_tokens
 from .transformer import (
     MLP,
     CausalLM,
@@ -19,6 +21,7 @@ from .transformer import (
 
 __all__ = [
     "ARCHITECTURES", "Attention", "AttentionOutput", "CausalLM", "CausalMask", "CausalLMOutput", "DecoderLayer",
-    "Embedding", "LayerStackOutput", "Linear", "MLP", "ModelConfig", "RMSNorm", "RopeScaling", "Transformer",
-    "cast_floating", "init_model", "prepare_inputs", "run_layers", "stack_layers",
+    "Embedding", "KVCache", "LayerStackOutput", "Linear", "MLP", "ModelConfig", "RMSNorm", "RopeScaling",
+    "Transformer", "cast_floating", "decode_step", "filter_logits", "init_model", "prefill", "prepare_inputs",
+    "run_layers", "sample_tokens", "stack_layers",
 ]

@@ -8,7 +8,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, apply_rotary
@@ -108,13 +108,8 @@ class Attention(eqx.Module):
         implementation: str = "auto",
     ) -> AttentionOutput:
         b, s, _ = x.shape
-        h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, s, h, hd)
-        k = self.k_proj(x).reshape(b, s, g, hd)
-        v = self.v_proj(x).reshape(b, s, g, hd)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h, hd = self.num_heads, self.head_dim
+        q, k, v = self.project(x, cos, sin)
 
         impl = resolve_implementation(implementation, q.dtype, hd, output_attentions)
         # A query row with no valid key (a left-pad position) attends to nothing rather than uniformly.
@@ -130,6 +125,40 @@ class Attention(eqx.Module):
             probs=probs.reshape(b, h, s, s) if output_attentions else None,  # head = kv · group + g
             qkv=(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if output_qkv else None,
         )
+
+    def project(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq head_dim"],
+                sin: Float[Array, "batch seq head_dim"]) -> tuple[Array, Array, Array]:
+        """q `[b, s, heads, hd]`, k and v `[b, s, kv_heads, hd]`: projected, q/k-normed (Qwen3) and rotated."""
+        b, s, _ = x.shape
+        h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, s, h, hd)
+        k = self.k_proj(x).reshape(b, s, g, hd)
+        v = self.v_proj(x).reshape(b, s, g, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def decode(self, x: Float[Array, "batch 1 embed"], cos: Float[Array, "batch 1 head_dim"],
+               sin: Float[Array, "batch 1 head_dim"], cache_k: Float[Array, "layers batch kv_heads slots head_dim"],
+               cache_v: Float[Array, "layers batch kv_heads slots head_dim"], layer: Int[Array, ""],
+               key_valid: Bool[Array, "batch slots"], slot: Int[Array, ""]) -> tuple[Array, Array, Array]:
+        """One new token per row against the stacked KV cache of every layer: this token's k and v are written
+        at `[layer, :, :, slot]` (nothing else of the cache is copied), then its query reads this layer's slots
+        that `key_valid` marks (the prompt's real tokens and the tokens generated so far, this one included).
+        Returns the block's output `[b, 1, embed]` and the updated caches."""
+        b = x.shape[0]
+        h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.project(x, cos, sin)
+        at = (layer, 0, 0, slot, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), at)
+        keys, values = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)  # [b, kv, slots, hd]
+        q = q.reshape(b, g, h // g, hd)  # query head kv·group + i reads kv head kv, as in training
+        scores = jnp.einsum("bkgd,bktd->bkgt", q, keys, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgt,bktd->bkgd", probs.astype(q.dtype), values)
+        return self.o_proj(out.reshape(b, 1, h * hd)), cache_k, cache_v
 
     def _xla_attention(self, q, k, v, mask, row_valid, need_probs):
         b, s = q.shape[:2]

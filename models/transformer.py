@@ -64,6 +64,14 @@ class DecoderLayer(eqx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, attn.probs, attn.qkv
 
+    def decode(self, h, cos, sin, cache_k, cache_v, layer, key_valid, slot):
+        """The block for one new token per row, as layer `layer` of the stacked KV cache (`Attention.decode`)."""
+        attn, cache_k, cache_v = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_k, cache_v, layer,
+                                                       key_valid, slot)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache_k, cache_v
+
 
 class Transformer(eqx.Module):
     """The HF `model.` submodule: embeddings, the stacked decoder layers and the final norm."""

@@ -7,6 +7,7 @@ The API for notebooks and IPython::
     out = model(input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     print(vishwam.summary(model))
     vishwam.save_pretrained(model, "out_dir")
+    tokens = vishwam.generate(model, input_ids, mask, max_new_tokens=64)  # greedy; temperature/top_k/top_p/key
 
 Attributes are imported lazily, so `import vishwam` is cheap and sets no JAX configuration.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "count_parameters": "models.pytree",
     "parameter_counts": "models.pytree",
     "make_mesh": "vishwam.sharding",
+    "generate": "vishwam.generation",
     "shard_tree": "vishwam.sharding",
     "VishwamError": "vishwam.errors",
     "CheckpointError": "vishwam.errors",

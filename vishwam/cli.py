@@ -91,6 +91,21 @@ def _tyro(default: RunConfig, args: list[str]) -> RunConfig:
         raise ConfigError(_one_line(captured.getvalue())) from None
 
 
+def parse_flags(cls: type[T], argv: Sequence[str], description: str) -> T:
+    """A tool's flags (a frozen dataclass `cls`) from `argv` through tyro, a bad flag a one-line `ConfigError`
+    (`--debug` is left to `run_main`)."""
+    captured = io.StringIO()
+    args = [a for a in argv if a != "--debug"]
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(cls, args=args, description=description)  # booleans are flags: --chat
+    except SystemExit as exit_:
+        if not exit_.code:  # --help
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise ConfigError(_one_line(captured.getvalue())) from None
+
+
 def _one_line(box: str) -> str:
     """tyro's error box as one line: its message, and the flag it names or suggests (`--training.max-steps INT`)."""
     rows = [line.strip("│╭╮╰╯ \t") for line in box.splitlines()]

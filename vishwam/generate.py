@@ -1,0 +1,176 @@
+"""Generate text with any supported checkpoint: `python -m vishwam.generate --model DIR --prompt TEXT`.
+
+    python -m vishwam.generate --model DIR (--prompt TEXT | --prompts FILE.jsonl) [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--batch-size B] [--dtype bfloat16]
+        [--fsdp N] [--tensor N] [--out FILE.jsonl]
+
+Prompts are tokenized with the checkpoint's own `tokenizer.json` (special tokens as the tokenizer adds them, as
+`tokenizer(text)` does in transformers), generated in batches of similar length (`vishwam.generation`), and
+written as `{"prompt", "completion", "text"}` rows in input order (`text` is the prompt followed by the
+completion, so the file is a `data.train` dataset: run on the teacher, this is sequence-level distillation).
+A row ends at the checkpoint's EOS ids (`generation_config.json`, else `config.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import load_pretrained, resolve_checkpoint_dir
+from .cli import parse_flags, run_main
+from .data import load_tokenizer
+from .errors import ConfigError, DataError
+from .files import atomic_write
+from .generation import generate
+from .sharding import make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateFlags:
+    """Continue prompts with a checkpoint's greedy or sampled completions."""
+
+    model: str
+    """An HF checkpoint directory (config.json, safetensors, tokenizer.json)."""
+    prompt: str | None = None
+    """One prompt."""
+    prompts: str | None = None
+    """A .jsonl file with a string field `prompt` (or `text`) per line."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0 is greedy."""
+    top_k: int = 0
+    """Keep the k most probable tokens when sampling (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    seed: int = 0
+    batch_size: int = 8
+    """Prompts per generate call."""
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Compute dtype (default: as stored)."""
+    fsdp: int = 1
+    tensor: int = 1
+    chat: bool = False
+    """Render each prompt with the checkpoint's chat template."""
+    out: str | None = None
+    """Write the rows here (.jsonl) instead of printing them."""
+
+
+def read_prompts(flags: GenerateFlags) -> list[str]:
+    if (flags.prompt is None) == (flags.prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
+    if flags.prompt is not None:
+        return [flags.prompt]
+    path = Path(flags.prompts)
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{path}:{number}: a row needs a non-empty string field 'prompt' (or 'text')")
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def _eos_ids(directory: Path, config) -> list[int]:
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return list(config.eos_ids)
+
+
+def main(argv: list[str]) -> int:
+    flags = parse_flags(GenerateFlags, argv, __doc__.splitlines()[0])
+    if flags.chat:
+        raise ConfigError("--chat needs chat templates, which land with on-policy distillation; until then pass "
+                          "the rendered prompt text")
+    if flags.max_new_tokens < 1 or flags.batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
+    if flags.temperature < 0 or flags.top_k < 0 or not 0 < flags.top_p <= 1:
+        raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    prompts = read_prompts(flags)
+    if flags.out is not None and Path(flags.out).is_dir():
+        raise ConfigError(f"--out {flags.out} is a directory; name a .jsonl file")
+
+    directory = resolve_checkpoint_dir(flags.model)
+    tokenizer = load_tokenizer(str(directory))
+    mesh = make_mesh(fsdp=flags.fsdp, tensor=flags.tensor) if flags.fsdp * flags.tensor > 1 else None
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[flags.dtype]
+    model = load_pretrained(directory, dtype=dtype, mesh=mesh)
+    eos = _eos_ids(directory, model.config)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
+    encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
+    if not all(encoded):
+        raise DataError(f"prompt {next(i for i, e in enumerate(encoded) if not e)} tokenizes to no tokens")
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # batches of similar length
+    completions: dict[int, str] = {}
+    key = jax.random.key(flags.seed)
+    bar = tqdm(total=len(prompts), unit="rows", desc="generate", file=sys.stderr, disable=None)
+    new_tokens, start = 0, time.perf_counter()
+    for first in range(0, len(order), flags.batch_size):
+        rows = order[first:first + flags.batch_size]
+        rows = rows + rows[-1:] * (flags.batch_size - len(rows)) if len(order) > flags.batch_size else rows
+        width = max(len(encoded[i]) for i in rows)
+        ids = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), bool)
+        for r, i in enumerate(rows):
+            ids[r, width - len(encoded[i]):], mask[r, width - len(encoded[i]):] = encoded[i], True
+        out = np.asarray(generate(model, ids, mask, max_new_tokens=flags.max_new_tokens,
+                                  temperature=flags.temperature, top_k=flags.top_k, top_p=flags.top_p,
+                                  eos_token_id=eos, pad_token_id=pad, key=jax.random.fold_in(key, first)))
+        for r, i in enumerate(rows):
+            if i in completions:
+                continue  # a repeated row filling the last batch
+            new = out[r, width:].tolist()
+            ended = next((n for n, t in enumerate(new) if t in eos), None)
+            new = new if ended is None else new[:ended]
+            new_tokens += len(new) + (ended is not None)
+            completions[i] = tokenizer.decode(new, skip_special_tokens=True)
+            bar.update(1)
+        bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s")
+    bar.close()
+    seconds = time.perf_counter() - start
+    print(f"generated {len(prompts)} rows, {new_tokens} tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} "
+          "tokens/s, compilation included)", file=sys.stderr)
+    lines = [json.dumps({"prompt": p, "completion": completions[i], "text": p + completions[i]}, ensure_ascii=False)
+             for i, p in enumerate(prompts)]
+    if flags.out is None:
+        print("\n".join(lines))
+    else:
+        atomic_write(flags.out, "\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} rows to {flags.out}", file=sys.stderr)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`vishwam.generate` names both this command and the function: calling the module calls the function, so
+    `vishwam.generate(model, ...)` works whether or not this module was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
