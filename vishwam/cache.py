@@ -2,15 +2,19 @@
 
 Runs the teacher once over every training (and eval) window and stores its top-k logits, tail logsumexp, label
 log-probabilities and, when feature matching is on, the mapped layers' hidden states in
-`distillation.teacher_model.cache_dir`. Interrupted builds resume after the last finished shard. Training with
-`loading: cached` then reads the cache instead of running the teacher.
+`distillation.teacher_model.cache_dir`. Interrupted builds resume after the last finished shard; a cache built
+for another fingerprint (teacher, tokenizer, data, seq_len, top_k, ...) is rebuilt from scratch. Training with
+`loading: cached` then reads the cache instead of running the teacher (and stops if its fingerprint differs).
+In a multi-process job every process runs this command (the teacher is sharded over them all); process 0 writes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .build import prepare
+import jax
+
+from .build import detected_cluster, prepare
 from .cli import parse_args, run_main
 from .errors import ConfigError
 from .teachers import build_caches
@@ -21,8 +25,11 @@ def main(argv: list[str]) -> int:
     cfg, _ = parse_args(argv)
     if not cfg.distillation.teacher_model.cache_dir:
         raise ConfigError("config key 'distillation.teacher_model.cache_dir' is required to build a teacher cache")
+    if cfg.distributed.num_processes > 1 or detected_cluster() is not None:
+        # As run.py: cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     run = prepare(cfg)
-    # Resumable: finished shards whose checksums match are kept.
+    # Resumable: finished shards whose checksums match are kept; a stale cache is rebuilt from scratch.
     build_caches(cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size, mesh=run.mesh, log=log,
                  always=True)
     return 0

@@ -3,8 +3,9 @@
 `TeacherCache` is a directory of sharded safetensors files, one row per training window: the teacher's top-k
   logits (values, indices) and the logsumexp of the other logits (so the tail mass is known), plus the label
   log-probability for evaluation and, when feature matching is on, the mapped layers' hidden states. An index
-  records each shard's checksum; shards are written atomically, and an interrupted build resumes after the
-  last finished shard.
+  records each shard's checksum and the cache's fingerprint (`vishwam.cache_fingerprint`: the teacher, tokenizer,
+  data and settings it was built from); shards are written atomically, an interrupted build resumes after the
+  last finished shard, and a cache whose fingerprint differs from the run's is never reused.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from distill.logits import teacher_topk
 from distill.objective import TeacherOutputs
 from models import CausalLM
 
+from .cache_fingerprint import describe_change
 from .errors import DataError
 from .files import atomic_write
 from .safetensors_io import SafetensorsFile, write_file
@@ -57,67 +60,142 @@ def _cache_rows(teacher: CausalLM, ids, labels, mask, k: int, vocab: int, layers
     return rows
 
 
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _host(rows: dict) -> dict[str, np.ndarray]:
+    """The rows as numpy arrays, whole on every process: a multi-process teacher's outputs span devices of other
+    processes (replicated or sharded), and are gathered (a collective: every process calls this)."""
+    if all(x.is_fully_addressable for x in rows.values()):
+        return {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(rows, tiled=True).items()}
+
+
+def _read_index(directory: Path) -> dict | None:
+    try:
+        index = json.loads((directory / "index.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def _resumable(directory: Path, header: dict, log) -> list[dict] | None:
+    """The finished shards of an index built with this `header` (fingerprint included), in order, up to the first
+    missing or corrupt one; None when there is no such index (none, unreadable, or built for something else)."""
+    old = _read_index(directory)
+    if old is None or {k: old.get(k) for k in header} != header:
+        return None
+    kept = []
+    for shard in old.get("shards", []):
+        f = directory / shard["file"]
+        if not (f.is_file() and _sha256(f) == shard["sha256"]):
+            break
+        kept.append(shard)
+    if kept:
+        log(f"teacher cache: resuming after {len(kept)} finished shard(s) in {directory}")
+    return kept
+
+
+def _clear(directory: Path, index: dict, keep: set[str]) -> None:
+    """Make `index` (shards `keep`) the directory's index, then delete every other shard file: a build for a new
+    fingerprint never resumes, nor leaves behind, an old build's shards."""
+    _write_index(directory, index)
+    for f in directory.glob("cache-*.safetensors"):
+        if f.name not in keep:
+            f.unlink()
+
+
 def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, vocab_size: int,
                 hidden_layers: tuple[int, ...] = (), windows_per_shard: int = 256, batch_size: int = 8,
-                meta: dict | None = None, log=print) -> dict:
+                meta: dict | None = None, fingerprint: dict | None = None, log=print) -> dict:
     """Run `teacher` once over every window of `dataset` and store its outputs in `directory` (see module doc).
 
     Resumable: shards already listed in `index.json` (and whose checksum still matches) are kept, the build goes
-    on from the first missing one. Returns the index.
+    on from the first missing one, provided the index was built with the same settings and `fingerprint`
+    (`vishwam.cache_fingerprint`, stored in the index); otherwise the cache is rebuilt from scratch, its old
+    shards deleted. `meta` holds notes stored in the index (e.g. the teacher's path), not compared. Returns the
+    index.
+
+    Multi-process: every process runs the teacher (it is sharded over all of them) and must call this; process 0
+    alone writes the shards and the index (each through a uniquely named temporary file renamed into place), and
+    all processes meet at a barrier after each shard, so none reads a file before it is whole.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
     n = dataset.num_windows
     header = {"version": CACHE_VERSION, "num_windows": n, "seq_len": dataset.seq_len, "top_k": top_k,
               "vocab_size": vocab_size, "hidden_layers": list(hidden_layers), "windows_per_shard": windows_per_shard,
-              **(meta or {})}
-    index = {**header, "shards": []}
-    path = directory / "index.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if {k: old.get(k) for k in header} == header:
-            for shard in old["shards"]:
-                f = directory / shard["file"]
-                if f.is_file() and _sha256(f) == shard["sha256"]:
-                    index["shards"].append(shard)
-                else:
-                    break
-            if index["shards"]:
-                log(f"teacher cache: resuming after {len(index['shards'])} finished shard(s) in {directory}")
+              "fingerprint": fingerprint}
+    header = json.loads(json.dumps(header))  # as it reads back
+    index = {**json.loads(json.dumps(meta or {})), **header, "shards": []}  # `meta`: notes, not compared
+    start = 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        kept = _resumable(directory, header, log)
+        index["shards"] = kept or []
+        start = len(index["shards"])
+    if jax.process_count() > 1:  # every process computes the same shards; all have read what they need by now
+        start = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
+    if writer:
+        _clear(directory, index, {s["file"] for s in index["shards"]})
     num_shards = -(-n // windows_per_shard)
-    bytes_total = 0
-    for s in range(len(index["shards"]), num_shards):
+    for s in range(start, num_shards):
         first, last = s * windows_per_shard, min(n, (s + 1) * windows_per_shard)
         parts: dict[str, list[np.ndarray]] = {}
-        for start in range(first, last, batch_size):
-            idx = np.arange(start, min(last, start + batch_size))
+        for begin in range(first, last, batch_size):
+            idx = np.arange(begin, min(last, begin + batch_size))
             pad = batch_size - len(idx)
             batch = dataset.batch(np.concatenate([idx, np.full(pad, idx[-1])]))
-            rows = _cache_rows(teacher, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["labels"]),
-                               jnp.asarray(batch["mask"]), top_k, vocab_size, tuple(hidden_layers))
-            for name, value in jax.device_get(rows).items():
-                parts.setdefault(name, []).append(np.asarray(value)[: len(idx)])
-        tensors = {name: np.concatenate(v) for name, v in parts.items()}
-        fname = f"cache-{s:05d}.safetensors"
-        write_file(directory / fname, tensors, {"format": "vishwam-teacher-cache"})
-        index["shards"].append({"file": fname, "first_window": first, "num_windows": last - first,
-                                "sha256": _sha256(directory / fname)})
+            rows = _cache_rows(teacher, batch["input_ids"], batch["labels"], batch["mask"], top_k, vocab_size,
+                               tuple(hidden_layers))
+            for name, value in _host(rows).items():
+                parts.setdefault(name, []).append(value[: len(idx)])
+        if writer:
+            tensors = {name: np.concatenate(v) for name, v in parts.items()}
+            fname = f"cache-{s:05d}.safetensors"
+            write_file(directory / fname, tensors, {"format": "vishwam-teacher-cache"})
+            index["shards"].append({"file": fname, "first_window": first, "num_windows": last - first,
+                                    "sha256": _sha256(directory / fname)})
+            _write_index(directory, index)
+        _barrier(f"vishwam teacher cache shard {s}")
+    if writer:
+        tokens = n * dataset.seq_len
+        index["bytes_per_token"] = (sum((directory / s["file"]).stat().st_size for s in index["shards"])
+                                    / max(tokens, 1))
         _write_index(directory, index)
-        bytes_total += sum(t.nbytes for t in tensors.values())
-    tokens = n * dataset.seq_len
-    index["bytes_per_token"] = sum((directory / s["file"]).stat().st_size for s in index["shards"]) / max(tokens, 1)
-    _write_index(directory, index)
-    return index
+    _barrier("vishwam teacher cache index")
+    return index if writer else _read_index(directory) or index
 
 
-def cache_complete(directory: Path) -> bool:
-    """Whether `directory` holds a cache index covering all its windows (checksums are checked on read)."""
+def stale_cache_message(directory: Path, change: str) -> str:
+    """The one line that stops a run whose cache was built for something else (`change`)."""
+    return (f"teacher cache {directory} was built for {change}; it is never reused for another run: rebuild it "
+            f"with python -m vishwam.cache and this run's --config and flags")
+
+
+def cache_mismatch(directory: Path, fingerprint: dict) -> str | None:
+    """What the cache in `directory` was built for that differs from `fingerprint` (see
+    `cache_fingerprint.describe_change`); None when it has no index yet, or one built for this fingerprint."""
     path = Path(directory) / "index.json"
-    if not path.is_file():
+    if not path.exists():
+        return None
+    index = _read_index(Path(directory))
+    if index is None:
+        return "an unknown run (its index.json is not a readable JSON object)"
+    return describe_change(index.get("fingerprint"), json.loads(json.dumps(fingerprint)))
+
+
+def cache_complete(directory: Path, fingerprint: dict | None = None) -> bool:
+    """Whether `directory` holds a cache index covering all its windows (checksums are checked on read) and, when
+    `fingerprint` is given, built for it."""
+    index = _read_index(Path(directory))
+    if index is None or (fingerprint is not None and cache_mismatch(directory, fingerprint) is not None):
         return False
     try:
-        index = json.loads(path.read_text())
         return sum(s["num_windows"] for s in index["shards"]) == index["num_windows"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return False
 
 
@@ -125,11 +203,12 @@ class TeacherCache:
     """Reads a cache built by `build_cache`; batches of windows come back as `TeacherOutputs`.
 
     Every shard's checksum is verified when it is first opened; a truncated file, a checksum mismatch or a cache
-    built for other settings is a `DataError` naming the file.
+    built for other settings (or, when `fingerprint` is given, another fingerprint) is a `DataError` naming the
+    file.
     """
 
     def __init__(self, directory: str | Path, *, seq_len: int, top_k: int | None = None, num_windows: int | None = None,
-                 hidden_layers: tuple[int, ...] = (), max_open: int = 4):
+                 hidden_layers: tuple[int, ...] = (), fingerprint: dict | None = None, max_open: int = 4):
         self.directory = Path(directory)
         path = self.directory / "index.json"
         if not path.is_file():
@@ -138,6 +217,10 @@ class TeacherCache:
             self.index = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise DataError(f"teacher cache index {path} is not valid JSON") from None
+        if fingerprint is not None:
+            change = describe_change(self.index.get("fingerprint"), json.loads(json.dumps(fingerprint)))
+            if change is not None:
+                raise DataError(stale_cache_message(self.directory, change))
         checks = {"seq_len": seq_len, "top_k": top_k, "num_windows": num_windows}
         for key, want in checks.items():
             if want is not None and self.index.get(key) != want:
@@ -205,4 +288,5 @@ class TeacherCache:
         self._open.clear()
 
 
-__all__ = ["CACHE_VERSION", "TeacherCache", "build_cache", "cache_complete"]
+__all__ = ["CACHE_VERSION", "TeacherCache", "build_cache", "cache_complete", "cache_mismatch",
+           "stale_cache_message"]

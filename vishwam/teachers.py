@@ -24,10 +24,11 @@ from models import CausalLM
 from .checkpoint import LazyCheckpoint
 from .config import RunConfig
 from .data import PackedDataset
-from .errors import ConfigError
+from .cache_fingerprint import fingerprint
+from .errors import ConfigError, DataError
 from .specs import DTYPES
 from .streamed import StreamedTeacher
-from .teacher_cache import TeacherCache, build_cache, cache_complete
+from .teacher_cache import CACHE_VERSION, TeacherCache, build_cache, cache_complete, cache_mismatch, stale_cache_message
 
 
 class TeacherSource:
@@ -101,14 +102,39 @@ def cached_layers(objective: Objective) -> tuple[int, ...]:
     return tuple(sorted({t for _, t in objective.feature_pairs})) if objective.uses_features else ()
 
 
-def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
-                 vocab_size: int, mesh, log: Callable[[str], None], always: bool = False) -> dict[str, dict]:
-    """Build (or finish) the teacher cache of every split; the teacher is loaded once, only if a split needs it.
-    Without `always`, a split whose index already covers all its windows is left as it is (its shards'
-    checksums are verified when read). Returns each built split's index."""
+def cache_fingerprints(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective,
+                       *, vocab_size: int) -> dict[str, dict]:
+    """Each split's cache fingerprint (`vishwam.cache_fingerprint`): what its rows must have been computed from."""
     t = cfg.distillation.teacher_model
-    todo = {split: data for split, data in splits.items()
-            if always or not cache_complete(Path(t.cache_dir) / split)}  # missing or interrupted
+    return {split: fingerprint(cfg, lazy, split, data, top_k=t.top_k, vocab_size=vocab_size,
+                               hidden_layers=cached_layers(objective), version=CACHE_VERSION)
+            for split, data in splits.items()}
+
+
+def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
+                 vocab_size: int, mesh, log: Callable[[str], None], always: bool = False,
+                 fingerprints: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Build (or finish) the teacher cache of every split; the teacher is loaded once, only if a split needs it.
+
+    A split's cache built for another fingerprint (another teacher, tokenizer, data, seq_len, top_k, ...) is never
+    reused: without `always` (a training run) that is a `DataError` naming the cache and what changed; with
+    `always` (`python -m vishwam.cache`) it is rebuilt from scratch. Without `always`, a split whose index already
+    covers all its windows is left as it is (its shards' checksums are verified when read); an interrupted build
+    of the same fingerprint resumes. Returns each built split's index. Every process of a multi-process run
+    calls this (they run the teacher together); process 0 alone writes."""
+    t = cfg.distillation.teacher_model
+    if fingerprints is None:
+        fingerprints = cache_fingerprints(cfg, lazy, splits, objective, vocab_size=vocab_size)
+    todo = {}
+    for split, data in splits.items():
+        directory = Path(t.cache_dir) / split
+        change = cache_mismatch(directory, fingerprints[split])
+        if change is not None and not always:
+            raise DataError(stale_cache_message(directory, change))
+        if change is not None:
+            log(f"teacher cache {directory} was built for {change}: rebuilding it from scratch")
+        if always or not cache_complete(directory, fingerprints[split]):  # missing, interrupted or stale
+            todo[split] = data
     if not todo:
         return {}
     teacher = lazy.load(dtype=DTYPES[t.dtype], mesh=mesh)
@@ -118,7 +144,7 @@ def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
         log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
         built[split] = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab_size,
                                    hidden_layers=cached_layers(objective), meta={"teacher": str(lazy.directory)},
-                                   log=log)
+                                   fingerprint=fingerprints[split], log=log)
         log(f"teacher cache {split}: {data.num_windows} windows, {len(built[split]['shards'])} shard(s), "
             f"{built[split]['bytes_per_token']:.0f} bytes per token")
     return built
@@ -127,7 +153,7 @@ def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
 def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
                  vocab_size: int, mesh, log: Callable[[str], None]) -> TeacherSource:
     """The teacher source `distillation.teacher_model.loading` names, ready to use (a missing or unfinished
-    cache is built first)."""
+    cache is built first; one built for another fingerprint is a `DataError`)."""
     t = cfg.distillation.teacher_model
     dtype = DTYPES[t.dtype]
     if t.loading == "resident":
@@ -135,12 +161,14 @@ def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
     if t.loading == "streamed":
         return Streamed(StreamedTeacher(lazy, dtype=dtype, max_resident_shards=t.max_resident_shards, mesh=mesh),
                         objective)
-    build_caches(cfg, lazy, splits, objective, vocab_size=vocab_size, mesh=mesh, log=log)
+    fingerprints = cache_fingerprints(cfg, lazy, splits, objective, vocab_size=vocab_size)
+    build_caches(cfg, lazy, splits, objective, vocab_size=vocab_size, mesh=mesh, log=log, fingerprints=fingerprints)
     caches = {split: TeacherCache(Path(t.cache_dir) / split, seq_len=data.seq_len, top_k=t.top_k,
-                                  num_windows=data.num_windows, hidden_layers=cached_layers(objective))
+                                  num_windows=data.num_windows, hidden_layers=cached_layers(objective),
+                                  fingerprint=fingerprints[split])
               for split, data in splits.items()}
     return Cached(caches, lazy.config.num_hidden_layers)
 
 
-__all__ = ["Cached", "Streamed", "TeacherSource", "build_caches", "cached_layers", "check_cacheable",
-           "open_teacher"]
+__all__ = ["Cached", "Streamed", "TeacherSource", "build_caches", "cache_fingerprints", "cached_layers",
+           "check_cacheable", "open_teacher"]
