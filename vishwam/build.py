@@ -105,11 +105,16 @@ def setup_distributed(cfg: RunConfig) -> None:
                           f"{cluster[0] if cluster else 'detected'} job has {jax.process_count()} processes")
 
 
+def tokenizer_path(cfg: RunConfig, teacher: LazyCheckpoint) -> str | None:
+    """The run's tokenizer: `data.tokenizer`, else the teacher's `tokenizer.json` (None when it has none)."""
+    own = teacher.directory / "tokenizer.json"
+    return cfg.data.tokenizer or (str(own) if own.is_file() else None)
+
+
 def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
     """The train and eval token streams, tokenized with the teacher's tokenizer unless pre-tokenized."""
     tr, d = cfg.training, cfg.data
-    tokenizer = d.tokenizer or (str(teacher.directory / "tokenizer.json")
-                                if (teacher.directory / "tokenizer.json").is_file() else None)
+    tokenizer = tokenizer_path(cfg, teacher)
     eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
     train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos, vocab)  # ids checked file by file
     eval_tokens = None
@@ -207,4 +212,4 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
 
 
 __all__ = ["Prepared", "build_state", "check_memory", "detected_cluster", "init_student", "optimizer_of", "prepare",
-           "setup_distributed"]
+           "setup_distributed", "tokenizer_path"]

@@ -180,6 +180,13 @@ class TrainingConfig(Section):
     """Evaluate every this many steps."""
     eval_batches: int = 4
     """Batches per evaluation."""
+    sample_prompts: tuple[str, ...] = ()
+    """Prompts whose greedy continuation by the student (and, once, by a resident teacher) is written at every
+    evaluation to output_dir/samples.jsonl (step, prompt, student, teacher) and to Aim as text."""
+    sample_prompts_file: str | None = None
+    """A .jsonl file of more such prompts (a string field `prompt` or `text` per line)."""
+    sample_max_new_tokens: int = 48
+    """Tokens generated per sample prompt."""
     save_every: int = 50
     """Write a checkpoint every this many steps."""
     keep_checkpoints: int = 2
@@ -200,7 +207,7 @@ class TrainingConfig(Section):
 
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
-                       "save_every", "keep_checkpoints", "max_nonfinite_steps")
+                       "save_every", "keep_checkpoints", "max_nonfinite_steps", "sample_max_new_tokens")
         self._non_negative("seed", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "eval_batches")
         if not self.output_dir:
             raise config_error(self._key("output_dir"), "must not be empty")

@@ -110,6 +110,28 @@ def _npy_tokens(path: str) -> np.ndarray:
     return array.astype(np.int32)
 
 
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a `.jsonl` file: a non-empty string field `prompt` (or `text`) per line, blank lines skipped;
+    a bad line is a `DataError` naming `file:line`."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file not found: {path}")
+    prompts = []
+    for number, line in enumerate(_read_bytes(path).decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{path}:{number}: a row needs a non-empty string field 'prompt' (or 'text')")
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A `tokenizers.Tokenizer` from a `tokenizer.json` file, or a directory holding one."""
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path

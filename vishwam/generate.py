@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_pretrained, resolve_checkpoint_dir
 from .cli import parse_flags, run_main
-from .data import load_tokenizer
+from .data import load_tokenizer, read_prompts
 from .errors import ConfigError, DataError
 from .files import atomic_write
-from .generation import generate
+from .generation import checkpoint_eos_ids, generate
 from .sharding import make_mesh
 
 
@@ -65,38 +65,10 @@ class GenerateFlags:
     """Write the rows here (.jsonl) instead of printing them."""
 
 
-def read_prompts(flags: GenerateFlags) -> list[str]:
+def _prompts(flags: GenerateFlags) -> list[str]:
     if (flags.prompt is None) == (flags.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
-    if flags.prompt is not None:
-        return [flags.prompt]
-    path = Path(flags.prompts)
-    if not path.is_file():
-        raise DataError(f"prompts file not found: {path}")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(text, str) or not text:
-            raise DataError(f"{path}:{number}: a row needs a non-empty string field 'prompt' (or 'text')")
-        prompts.append(text)
-    if not prompts:
-        raise DataError(f"prompts file {path} holds no prompts")
-    return prompts
-
-
-def _eos_ids(directory: Path, config) -> list[int]:
-    generation = directory / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return list(config.eos_ids)
+    return [flags.prompt] if flags.prompt is not None else read_prompts(flags.prompts)
 
 
 def main(argv: list[str]) -> int:
@@ -108,7 +80,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     if flags.temperature < 0 or flags.top_k < 0 or not 0 < flags.top_p <= 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
-    prompts = read_prompts(flags)
+    prompts = _prompts(flags)
     if flags.out is not None and Path(flags.out).is_dir():
         raise ConfigError(f"--out {flags.out} is a directory; name a .jsonl file")
 
@@ -117,7 +89,7 @@ def main(argv: list[str]) -> int:
     mesh = make_mesh(fsdp=flags.fsdp, tensor=flags.tensor) if flags.fsdp * flags.tensor > 1 else None
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[flags.dtype]
     model = load_pretrained(directory, dtype=dtype, mesh=mesh)
-    eos = _eos_ids(directory, model.config)
+    eos = checkpoint_eos_ids(directory, model.config)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
     encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
     if not all(encoded):

@@ -15,16 +15,19 @@ run where the weights are: the cache is sharded like activations (batch over `da
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, PRNGKeyArray
 
-from models import CausalLM
+from models import CausalLM, ModelConfig
 from models.decode import KVCache, decode_step, prefill
 from models.sampling import sample_tokens
 
@@ -169,7 +172,20 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     new, _ = _decode(model, cache, logits, key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                   _eos_array(eos), jnp.int32(pad[0]), max_new_tokens=max_new_tokens,
                   cache_sharding=cache_sharding)
+    if not new.is_fully_addressable:  # a mesh over several processes: every process gets every row
+        new = multihost_utils.process_allgather(new, tiled=True)
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), jax.device_get(new)], axis=1)
+
+
+def checkpoint_eos_ids(directory: Path, config: ModelConfig) -> list[int]:
+    """The ids a checkpoint's generations end at: `generation_config.json`'s `eos_token_id` (which transformers'
+    `generate` uses), else `config.json`'s."""
+    generation = Path(directory) / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return list(config.eos_ids)
 
 
 def compiled_programs() -> dict[str, int]:
@@ -177,4 +193,4 @@ def compiled_programs() -> dict[str, int]:
     return {"prefill": _prefill._cache_size(), "decode": _decode._cache_size()}
 
 
-__all__ = ["PROMPT_BUCKET", "compiled_programs", "generate", "model_mesh", "prompt_bucket"]
+__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "model_mesh", "prompt_bucket"]

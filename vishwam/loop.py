@@ -20,9 +20,11 @@ from .checkpoint import save_pretrained
 from .data import batch_for_step
 from .errors import VishwamError
 from .evaluation import evaluate
+from .generation import checkpoint_eos_ids
 from .memory import peak_rss_bytes
 from .remap import probe_batch, remap, remap_steps
 from .resume import Checkpointer
+from .samples import Samples
 from .sharding import global_batch
 from .specs import DTYPES
 from .teachers import TeacherSource, open_teacher
@@ -39,6 +41,7 @@ class Run:
         self.prepared = build.prepare(cfg)
         self.objective = self.prepared.objective
         self.state = None
+        self.samples: Samples | None = None
 
     @property
     def train_data(self):
@@ -59,6 +62,10 @@ class Run:
         latest = ckpt.latest()
         if latest is not None:
             ckpt.check_resumable(latest, cfg)  # before anything is loaded or written
+        eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
+        pad = run.teacher_config.pad_token_id
+        self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
+                               eos=eos, pad=pad if pad is not None else (eos[0] if eos else 0))
         build.check_memory(run)
         teacher = self.open_teacher()
         stack.callback(teacher.close)
@@ -74,6 +81,7 @@ class Run:
             log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
         if jax.process_index() == 0:
             save_config(cfg, run.out / "config.yaml")
+        self.samples.truncate(start)
         tracker = Tracker(cfg, run.out, start)
         stack.callback(tracker.close)
         if self.objective.uses_features:
@@ -90,10 +98,16 @@ class Run:
             train_step = make_step(self.objective)
             remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
             evaluates = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns evaluation off
-            evaluate_at = lambda step: evaluate(  # noqa: E731
-                state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
-                micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches, compute_dtype=compute_dtype,
-                batch_sharding=run.batch_sharding, out_dir=run.out, log=log)
+
+            def evaluate_at(step):
+                result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+                                  micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
+                                  compute_dtype=compute_dtype, batch_sharding=run.batch_sharding, out_dir=run.out,
+                                  log=log)
+                tracker.log(step, result, context="eval")
+                tracker.log_samples(step, self.samples(step, state.student, teacher.model, compute_dtype))
+                return result
+
             bar = Progress(start, tr.max_steps)
             stack.callback(bar.close)
             t0 = t_last = time.perf_counter()
@@ -124,7 +138,6 @@ class Run:
                     bar.update(done, host)
                 if evaluates and (done % tr.eval_every == 0 or done == tr.max_steps):
                     last_eval = evaluate_at(done)
-                    tracker.log(done, last_eval, context="eval")
                 if done % tr.save_every == 0 or done == tr.max_steps:
                     ckpt.save(done, state, {"step": done, "config": config_to_dict(cfg)})
                 if self.on_step is not None:

@@ -25,7 +25,8 @@ from .train_state import TrainState
 #: key (the models, the objective, the data, the optimizer, the batch) must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("training.output_dir", "training.max_steps", "training.log_every", "training.eval_every",
                      "training.eval_batches", "training.save_every", "training.keep_checkpoints",
-                     "training.max_nonfinite_steps", "training.dry_run", "training.remat", "data.eval", "parallelism.",
+                     "training.max_nonfinite_steps", "training.dry_run", "training.remat", "training.sample_prompts",
+                     "training.sample_prompts_file", "training.sample_max_new_tokens", "data.eval", "parallelism.",
                      "distributed.", "tracking.")
 
 

@@ -33,6 +33,7 @@ class Tracker:
         self.enabled = jax.process_index() == 0
         self.path = out / "metrics.jsonl"
         self.run = None
+        self._teacher_samples_logged = False
         if not self.enabled:
             return
         self._truncate(resume_step)
@@ -79,6 +80,19 @@ class Tracker:
             if similarity is not None:
                 entry["cka"] = np.round(np.asarray(similarity), 4).tolist()
             self.run["mapping_history"] = history + [entry]
+
+    def log_samples(self, step: int, rows: list[dict]):
+        """Sample continuations (`vishwam.samples`) as Aim text, one sequence per prompt and model."""
+        if self.run is None or not rows:
+            return
+        import aim  # as in __init__: only with tracking.aim on
+
+        for i, row in enumerate(rows):
+            for model in ("student", "teacher"):
+                if row[model] is not None and (model == "student" or not self._teacher_samples_logged):
+                    self.run.track(aim.Text(row["prompt"] + row[model]), name=f"samples.{model}", step=step,
+                                   context={"prompt": i})
+        self._teacher_samples_logged = True
 
     def close(self):
         if self.run is not None:
