@@ -111,15 +111,11 @@ class Attention(eqx.Module):
         h, hd = self.num_heads, self.head_dim
         q, k, v = self.project(x, cos, sin)
 
-        impl = resolve_implementation(implementation, q.dtype, hd, output_attentions)
-        # A query row with no valid key (a left-pad position) attends to nothing rather than uniformly.
-        row_valid = mask.row_valid()
-        if impl == "cudnn":
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, 0], implementation="cudnn")
-            out = jnp.where(row_valid[..., None], out.reshape(b, s, h * hd), 0.0).astype(q.dtype)
-            probs = None
+        resolve_implementation(implementation, q.dtype, hd, output_attentions)  # a bad request raises here
+        if output_attentions:
+            out, probs = self._xla_attention(q, k, v, mask, mask.row_valid(), True)
         else:
-            out, probs = self._xla_attention(q, k, v, mask, row_valid, output_attentions)
+            out, probs = self.attend(q, k, v, mask, implementation=implementation), None
         return AttentionOutput(
             output=self.o_proj(out),
             probs=probs.reshape(b, h, s, s) if output_attentions else None,  # head = kv · group + g
@@ -137,6 +133,19 @@ class Attention(eqx.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: Float[Array, "batch seq heads head_dim"], k: Float[Array, "batch seq kv_heads head_dim"],
+               v: Float[Array, "batch seq kv_heads head_dim"], mask: CausalMask, *,
+               implementation: str = "auto") -> Float[Array, "batch seq heads*head_dim"]:
+        """Each query head's attention output, before `o_proj` (no probabilities kept): cuDNN's fused kernel or
+        XLA's causal blocks, as `resolve_implementation` picks. A query row with no valid key (a left-pad
+        position) attends to nothing rather than uniformly."""
+        b, s = q.shape[:2]
+        row_valid = mask.row_valid()
+        if resolve_implementation(implementation, q.dtype, self.head_dim, False) == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, 0], implementation="cudnn")
+            return jnp.where(row_valid[..., None], out.reshape(b, s, -1), 0.0).astype(q.dtype)
+        return self._xla_attention(q, k, v, mask, row_valid, False)[0]
 
     def decode(self, x: Float[Array, "batch 1 embed"], cos: Float[Array, "batch 1 head_dim"],
                sin: Float[Array, "batch 1 head_dim"], cache_k: Float[Array, "layers batch kv_heads slots head_dim"],
