@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models import CausalLM, ModelConfig, prepare_inputs
+from models import CausalLM, DecoderLayer, ModelConfig, prepare_inputs
 from .errors import ConfigError
 from models.pytree import path_name
 
@@ -217,37 +217,49 @@ def importance_scores(
 
 @eqx.filter_jit
 def _activation_stats(teacher: CausalLM, ids, valid):
-    """The teacher's forward pass (a scan over its layers), collecting per-component activation magnitudes."""
+    """The teacher's forward pass (a scan over its layers, in its own dtype), collecting per-component activation
+    magnitudes in float32: `(embed [embed], mlp [layers, mlp], heads [layers, heads])`."""
     mask, cos, sin = prepare_inputs(teacher.config, ids, valid)
+    h, embed, mlp, heads = stack_stats(teacher.model.layers, teacher.embed(ids), cos, sin, mask, valid)
+    return embed + final_norm_stats(teacher.model.norm, h, valid), mlp, heads
+
+
+def _token_mean(valid, x):
+    """`[batch, seq, ...] -> [...]`: the float32 mean over the valid tokens."""
     weights = valid.astype(jnp.float32)
-    count = jnp.maximum(weights.sum(), 1.0)
+    return jnp.einsum("bs,bs...->...", weights, x.astype(jnp.float32)) / jnp.maximum(weights.sum(), 1.0)
 
-    def token_mean(x):  # [batch, seq, ...] -> [...], over the valid tokens
-        return jnp.einsum("bs,bs...->...", weights, x.astype(jnp.float32)) / count
 
-    params, static = eqx.partition(teacher.model.layers, eqx.is_array)
+def final_norm_stats(norm, h, valid) -> Float[Array, " embed"]:
+    """The final norm's share of the embedding-channel importance."""
+    return _token_mean(valid, jnp.abs(norm(h)))
+
+
+def stack_stats(layers: DecoderLayer, h, cos, sin, mask, valid):
+    """Run a stack of layers (leading layer axis) over `h` and collect their importance statistics, one layer
+    at a time (`lax.scan`): nothing of size `[seq, seq]` per head is kept (head outputs come from
+    `Attention.attend`), and the weights stay in their dtype. Returns `(h, embed, mlp, heads)`: the stack's
+    output, its two norms' channel magnitudes summed over its layers, and per layer the MLP neurons' and query
+    heads' magnitudes. A streamed teacher calls it group by group."""
+    params, static = eqx.partition(layers, eqx.is_array)
 
     def step(h, layer_params):
         layer = eqx.combine(layer_params, static)
+        attn = layer.self_attn
         x = layer.input_layernorm(h)
-        attn = layer.self_attn(x, cos, sin, mask, output_attentions=True, output_qkv=True)
-        _, _, v = attn.qkv  # [batch, kv_heads, seq, head_dim]
-        b, n_heads, s, _ = attn.probs.shape
-        n_kv = v.shape[1]
-        # Each query head's output before o_proj; head h reads kv head h // group, as in `Attention`.
-        probs = attn.probs.reshape(b, n_kv, n_heads // n_kv, s, s)
-        per_head = jnp.einsum("bkgqs,bksd->bkgqd", probs, v.astype(jnp.float32))
-        head_norm = jnp.linalg.norm(per_head, axis=-1).reshape(b, n_heads, s)
-        h = h + attn.output
+        q, k, v = attn.project(x, cos, sin)
+        out = attn.attend(q, k, v, mask)  # [batch, seq, heads·head_dim], before o_proj
+        b, s, _ = out.shape
+        head_norm = jnp.linalg.norm(out.reshape(b, s, attn.num_heads, attn.head_dim).astype(jnp.float32), axis=-1)
+        h = h + attn.o_proj(out)
         x2 = layer.post_attention_layernorm(h)
         act = jax.nn.silu(layer.mlp.gate_proj(x2)) * layer.mlp.up_proj(x2)
         h = h + layer.mlp.down_proj(act)
-        embed = token_mean(jnp.abs(x)) + token_mean(jnp.abs(x2))
-        return h, (embed, token_mean(jnp.abs(act)), token_mean(head_norm.transpose(0, 2, 1)))
+        embed = _token_mean(valid, jnp.abs(x)) + _token_mean(valid, jnp.abs(x2))
+        return h, (embed, _token_mean(valid, jnp.abs(act)), _token_mean(valid, head_norm))
 
-    h, (embed, mlp, heads) = jax.lax.scan(step, teacher.embed(ids), params)
-    embed = embed.sum(0) + token_mean(jnp.abs(teacher.model.norm(h)))
-    return embed, mlp, heads
+    h, (embed, mlp, heads) = jax.lax.scan(step, h, params)
+    return h, embed.sum(0), mlp, heads
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
@@ -262,6 +274,9 @@ def init_student_from_teacher(
     probe_mask: TokenMask | None,
     key: PRNGKeyArray,
     scores: dict[str, Array | np.ndarray] | None = None,
+    dtype=None,
+    shardings=None,
+    teacher_layers: Sequence[int] | None = None,
 ) -> CausalLM:
     """A student whose every weight is a slice of the teacher's (Minitron width pruning + layer dropping).
 
@@ -281,16 +296,24 @@ def init_student_from_teacher(
     - `key`: PRNG key for the student skeleton; every leaf is then replaced, so the result does not depend on it.
     - `scores`: precomputed `importance_scores` of this teacher, used instead of the probe (only `embed`, `mlp`
       and `heads` are read; group importance is the sum of `heads` over the group).
+    - `dtype`: the student's dtype (default: the teacher's); each slice is cast as it is taken, so no copy of
+      the teacher in `dtype` is ever made.
+    - `shardings`: a pytree of shardings like the student (e.g. the training state's): the student comes out
+      placed by them, never whole on one device. The slicing program takes one student layer at a time.
+    - `teacher_layers`: when `teacher.model.layers` holds only some of the teacher's layers (a streamed teacher
+      loads just the mapped ones), their layer numbers, in stack order; `scores` must then be given.
 
     **Returns:**
 
-    The student `CausalLM`, in the teacher's dtype. Raises `ConfigError` if `student_config` cannot be pruned
+    The student `CausalLM`. Raises `ConfigError` if `student_config` cannot be pruned
     from the teacher or `pairs` is not a valid mapping.
     """
-    t_cfg, s_cfg = teacher.config, student_config
+    t_cfg, s_cfg, given_layers = teacher.config, student_config, teacher_layers
     validate_student_config(t_cfg, s_cfg)
-    pairs = _full_pairs(pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    pairs = full_pairs(pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
     if scores is None:
+        if given_layers is not None:
+            raise ValueError("init from teacher: a teacher holding some of its layers needs precomputed scores")
         if probe_ids is None:
             raise ConfigError("init from teacher: give probe_ids (or precomputed scores) to rank the teacher")
         scores = importance_scores(teacher, probe_ids, probe_mask)
@@ -303,22 +326,42 @@ def init_student_from_teacher(
         if arr.shape != expected[name]:
             raise ValueError(f"scores[{name!r}] has shape {arr.shape}, the teacher needs {expected[name]}")
 
+    stacked = list(range(t_cfg.num_hidden_layers) if given_layers is None else given_layers)
     teacher_layers = [t for _, t in pairs]
+    if not set(teacher_layers) <= set(stacked):
+        raise ValueError(f"init from teacher: the mapping reads teacher layers {sorted(set(teacher_layers))}, the "
+                         f"teacher holds {stacked}")
     kept_heads = [
         _select_heads(head_scores[t], t_cfg.num_key_value_heads, s_cfg.num_key_value_heads, s_cfg.num_groups)
         for t in teacher_layers
     ]
     index = {
         "embed": _top(embed_scores, s_cfg.hidden_size),
-        "layer": np.array(teacher_layers),
+        "layer": np.array([stacked.index(t) for t in teacher_layers]),
         "mlp": np.stack([_top(mlp_scores[t], s_cfg.intermediate_size) for t in teacher_layers]),
         "q": np.stack([_head_rows(heads, t_cfg.head_dim) for _, heads in kept_heads]),
         "kv": np.stack([_head_rows(groups, t_cfg.head_dim) for groups, _ in kept_heads]),
     }
+    slicer, sources, skeleton = slice_program(teacher, s_cfg, key=key, dtype=dtype, shardings=shardings)
+    leaves = slicer(sources, {k: jnp.asarray(v, jnp.int32) for k, v in index.items()})
+    flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+    for (path, target), value in zip(flat, leaves):
+        if value.shape != target.shape:
+            raise ValueError(f"init from teacher: {path_name(path)} came out {value.shape}, the student needs "
+                             f"{target.shape}")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    skeleton = eqx.filter_eval_shape(CausalLM, s_cfg, key=key)
+
+def slice_program(teacher: CausalLM, student_config: ModelConfig, *, key=None, dtype=None, shardings=None):
+    """The program that gathers the student's leaves from the teacher's: `(jitted(sources, index) -> leaves,
+    sources, skeleton)`, `sources` being the teacher leaves it reads by student leaf name and `skeleton` the
+    student's shapes. The teacher may be abstract (`jax.ShapeDtypeStruct`s with shardings: the compile dry run
+    lowers this program). Layer leaves are gathered one student layer at a time (`lax.map`), so the program's
+    temporaries are one layer's slices, and the outputs are cast to `dtype` and placed by `shardings`."""
+    t_cfg = teacher.config
+    skeleton = eqx.filter_eval_shape(CausalLM, student_config, key=jax.random.key(0) if key is None else key)
     sources = dict(_named(teacher))
-    if t_cfg.tie_word_embeddings and not s_cfg.tie_word_embeddings:
+    if t_cfg.tie_word_embeddings and not student_config.tie_word_embeddings:
         # A tied teacher's output embedding is its input embedding.
         sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
@@ -326,31 +369,35 @@ def init_student_from_teacher(
     for name in names:
         if name not in _AXES or name not in sources:
             raise ValueError(f"init from teacher: no rule to fill student leaf {name!r}")
-    leaves = _slice_leaves({n: sources[n] for n in names}, jax.tree.map(jnp.asarray, index), names=names)
-    for name, value, (_, target) in zip(names, leaves, flat):
-        if value.shape != target.shape:
-            raise ValueError(f"init from teacher: {name} came out {value.shape}, the student needs {target.shape}")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    dtype = jnp.dtype(dtype if dtype is not None else sources[names[0]].dtype)
+    out_shardings = None if shardings is None else list(jax.tree_util.tree_leaves(shardings))
+    if out_shardings is not None and len(out_shardings) != len(names):
+        raise ValueError(f"init from teacher: {len(out_shardings)} shardings for the student's {len(names)} leaves")
+    fn = functools.partial(_slice_leaves, names=names, dtype=dtype)
+    return jax.jit(fn, out_shardings=out_shardings), {n: sources[n] for n in names}, skeleton
 
 
-@functools.partial(jax.jit, static_argnames="names")
-def _slice_leaves(sources: dict[str, Array], index: dict[str, Array], names: tuple[str, ...]) -> list[Array]:
-    """Every student leaf, in `names` order, gathered from the teacher's leaves `sources` (one compiled
-    program; the index sets are traced arrays, so their values do not recompile it)."""
+def _slice_leaves(sources: dict[str, Array], index: dict[str, Array], *, names: tuple[str, ...],
+                  dtype) -> list[Array]:
+    """Every student leaf, in `names` order, gathered from the teacher's leaves `sources` (the index sets are
+    traced arrays, so their values do not recompile the program)."""
     out = []
     embed = {"embed": index["embed"]}
-    per_layer = {k: index[k] for k in ("mlp", "q", "kv")}
+    per_layer = {k: index[k] for k in ("layer", "mlp", "q", "kv")}
     for name in names:
         axes = _AXES[name]
         if name.startswith(_LAYERS):
-            layers = sources[name][index["layer"]]  # [student_layers, ...] from the mapped teacher layers
-            out.append(jax.vmap(lambda x, idx, axes=axes: _take(x, axes, {**idx, **embed}))(layers, per_layer))
+            def one_layer(idx, source=sources[name], axes=axes):  # teacher layer idx["layer"], pruned
+                return _take(source[idx["layer"]], axes, {**idx, **embed}).astype(dtype)
+
+            out.append(jax.lax.map(one_layer, per_layer))
         else:
-            out.append(_take(sources[name], axes, embed))
+            out.append(_take(sources[name], axes, embed).astype(dtype))
     return out
 
 
-def _full_pairs(pairs, student_layers: int, teacher_layers: int) -> tuple[tuple[int, int], ...]:
+def full_pairs(pairs, student_layers: int, teacher_layers: int) -> tuple[tuple[int, int], ...]:
+    """`(student_layer, teacher_layer)` for every student layer: the given pairs, the rest from `uniform`."""
     uniform = dict(layer_mapping("uniform", student_layers=student_layers, teacher_layers=teacher_layers))
     if pairs is None:
         return tuple(uniform.items())

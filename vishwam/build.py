@@ -21,7 +21,7 @@ import optax
 from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
 from distill.objective import Objective
-from distill.student_init import init_student_from_teacher
+from distill.student_init import full_pairs, importance_scores, init_student_from_teacher
 from models import CausalLM, ModelConfig, cast_floating, init_model
 from models.pytree import count_parameters
 
@@ -31,7 +31,8 @@ from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
 from .config import RunConfig
 from .errors import ConfigError
 from .fit import check_and_summarize
-from .sharding import batch_sharding, make_mesh, tree_shardings
+from .sharding import batch_sharding, global_batch, make_mesh, tree_shardings
+from .streamed import StreamedTeacher
 from .teachers import TeacherSource, check_cacheable
 from .tracking import log
 from .train_state import TrainState, init_state, make_optimizer
@@ -157,15 +158,41 @@ def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
         return load_pretrained(s.path, dtype=param_dtype)
     if s.init == "random":
         return cast_floating(init_model(run.student_config, key=key), param_dtype)
-    model = teacher.model if teacher.kind == "resident" else run.lazy_teacher.load(
-        dtype=specs.DTYPES[cfg.distillation.teacher_model.dtype], mesh=run.mesh)  # pruning needs the whole teacher
+    t = cfg.distillation.teacher_model
     probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
                                     batch_size=min(8, cfg.training.batch_size))
-    student = init_student_from_teacher(
-        cast_floating(model, jnp.float32), run.student_config,
-        pairs=specs.init_layer_pairs(run.student_config, run.teacher_config),
-        probe_ids=jnp.asarray(probe["input_ids"]), probe_mask=jnp.asarray(probe["mask"]), key=key)
-    return cast_floating(student, param_dtype)
+    probe = global_batch({k: probe[k] for k in ("input_ids", "mask")}, _probe_sharding(run, len(probe["mask"])))
+    pairs = full_pairs(specs.init_layer_pairs(run.student_config, run.teacher_config),
+                       run.student_config.num_hidden_layers, run.teacher_config.num_hidden_layers)
+    skeleton = eqx.filter_eval_shape(init_model, run.student_config, key=key, dtype=param_dtype)
+    # Ranked in the teacher's own dtype on the mesh, one layer at a time; sliced one student layer at a time,
+    # cast to the parameter dtype as it is taken and placed as the training state is (never whole on a device).
+    common = dict(pairs=pairs, probe_ids=None, probe_mask=None, key=key, dtype=param_dtype,
+                  shardings=tree_shardings(skeleton, run.mesh))
+    if teacher.kind == "resident":
+        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"])
+        return init_student_from_teacher(teacher.model, run.student_config, scores=scores, **common)
+    # Streamed or cached: the teacher streams group by group for the ranking, then only its mapped layers load.
+    streamed = teacher.model if teacher.kind == "streamed" else StreamedTeacher(
+        run.lazy_teacher, dtype=specs.DTYPES[t.dtype], max_resident_shards=t.max_resident_shards, mesh=run.mesh)
+    try:
+        scores = streamed.importance(probe["input_ids"], probe["mask"])
+        numbers = sorted({n for _, n in pairs})
+        return init_student_from_teacher(streamed.with_layers(numbers), run.student_config, scores=scores,
+                                         teacher_layers=numbers, **common)
+    finally:
+        if streamed is not teacher.model:
+            streamed.close()
+
+
+def _probe_sharding(run: Prepared, rows: int):
+    """The probe's rows over the batch axes when they divide them, else replicated."""
+    sharding = run.batch_sharding
+    axes = sharding.spec[0] or ()
+    shards = 1
+    for axis in (axes,) if isinstance(axes, str) else axes:
+        shards *= run.mesh.shape[axis]
+    return sharding if rows % shards == 0 else jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
 
 
 def optimizer_of(cfg: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

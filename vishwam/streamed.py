@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from distill.objective import Objective, TeacherOutputs
-from models import CausalLMOutput, prepare_inputs, run_layers
+from distill.student_init import final_norm_stats, stack_stats
+from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
 
@@ -22,6 +23,10 @@ from .checkpoint import LazyCheckpoint
 def run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
     return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
                       output_qkv=qkv)
+
+
+_stack_stats = eqx.filter_jit(stack_stats)
+_final_norm_stats = eqx.filter_jit(final_norm_stats)
 
 
 @eqx.filter_jit
@@ -89,6 +94,34 @@ class StreamedTeacher:
             logits=logits, hidden_states=tuple(hidden) + (normed,) if output_hidden_states else None,
             attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,
         )
+
+    def importance(self, input_ids, attention_mask) -> dict:
+        """Pruning's importance statistics (`distill.student_init.importance_scores`), group by group: one
+        group's layers resident at a time, released once used."""
+        valid = attention_mask.astype(bool)
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, valid)
+        embed, mlp, heads = 0.0, [], []
+        for group in self.groups:
+            layers = self._load(group)
+            h, e, m, hd = _stack_stats(layers, h, cos, sin, mask, valid)
+            embed, mlp, heads = embed + e, mlp + [m], heads + [hd]
+            jax.block_until_ready(h)
+            del layers
+        heads = jnp.concatenate(heads)
+        return {"embed": embed + _final_norm_stats(self.norm, h, valid), "mlp": jnp.concatenate(mlp),
+                "heads": heads, "kv_groups": heads.reshape(heads.shape[0], self.config.num_key_value_heads,
+                                                           -1).sum(-1)}
+
+    def with_layers(self, numbers: list[int]) -> CausalLM:
+        """The teacher holding only decoder layers `numbers` (stacked in that order; its config still names
+        them all): what pruning slices the student from, without the other layers ever being read."""
+        layers = [self.lazy.load_layers(n, n + 1, dtype=self.dtype, mesh=self.mesh) for n in numbers]
+        stack = jax.tree.map(lambda *xs: jnp.concatenate(xs) if eqx.is_array(xs[0]) else xs[0], *layers)
+        model = eqx.tree_at(lambda m: (m.model.embed_tokens, m.model.norm, m.model.layers), self.lazy.abstract,
+                            (self.embed, self.norm, stack))
+        if model.lm_head is not None:
+            model = eqx.tree_at(lambda m: m.lm_head.weight, model, self.head_weight)
+        return model
 
     def outputs(self, batch, objective: Objective) -> TeacherOutputs:
         out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]), **objective.model_outputs())
