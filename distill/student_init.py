@@ -210,13 +210,13 @@ def importance_scores(
     """
     if probe_mask is None:
         probe_mask = jnp.ones(probe_ids.shape, bool)
-    embed, mlp, heads = _activation_stats(teacher, probe_ids, probe_mask.astype(bool))
+    embed, mlp, heads = activation_stats(teacher, probe_ids, probe_mask.astype(bool))
     groups = heads.reshape(heads.shape[0], teacher.config.num_key_value_heads, -1).sum(-1)
     return {"embed": embed, "mlp": mlp, "heads": heads, "kv_groups": groups}
 
 
-@eqx.filter_jit
-def _activation_stats(teacher: CausalLM, ids, valid):
+@jax.jit
+def activation_stats(teacher: CausalLM, ids, valid):
     """The teacher's forward pass (a scan over its layers, in its own dtype), collecting per-component activation
     magnitudes in float32: `(embed [embed], mlp [layers, mlp], heads [layers, heads])`."""
     mask, cos, sin = prepare_inputs(teacher.config, ids, valid)

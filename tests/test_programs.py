@@ -74,6 +74,24 @@ def test_compile_dry_run_on_simulated_cpu_devices(config, tmp_path):
     assert plan["programs"]["train"]["planner_bytes"] > 0
 
 
+@pytest.mark.parametrize("loading", ["resident", "streamed"])
+def test_pruning_programs_are_compiled(config, tmp_path, loading):
+    """`init: from_teacher` adds its importance pass (the whole teacher, or one streamed group) and the slicing
+    of the student; the slice's outputs are the student's leaves in the training state's dtype and sharding."""
+    out = tmp_path / loading
+    proc = dry_run(config, out, "cpu:4", memory="8GiB", extra=[
+        "--distillation.student-model.init", "from_teacher", "--distillation.teacher-model.loading", loading])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = json.loads((out / "memory_plan.json").read_text())["programs"]
+    assert {"prune_importance", "prune_slice"} <= set(programs), set(programs)
+    student_fp32_bytes = 4 * sum(n for n in (96 * 32 * 2, 32, 2 * (32 * 32 * 2 + 2 * 16 * 32 + 3 * 48 * 32 + 32 +
+                                                                 16 * 2 + 2 * 32)))
+    # 4 devices, fsdp: each holds about a quarter of the student (small leaves replicated)
+    assert programs["prune_slice"]["output_bytes"] < student_fp32_bytes / 2
+    for name in ("prune_importance", "prune_slice"):
+        assert programs[name]["fits"] is True and programs[name]["total_bytes"] > 0
+
+
 def test_cpu_estimates_are_reported_not_binding(config, tmp_path):
     out = tmp_path / "estimate"
     proc = dry_run(config, out, "cpu:4", memory="64KiB")

@@ -75,9 +75,9 @@ def test_importance_runs_in_the_teachers_dtype(tmp_path):
     b = importance_scores(bf16, jnp.asarray(ids), jnp.asarray(mask))
     for name in ("embed", "mlp", "heads"):
         np.testing.assert_allclose(np.asarray(b[name], np.float32), np.asarray(a[name]), rtol=5e-2, atol=1e-3)
-    from distill.student_init import _activation_stats
+    from distill.student_init import activation_stats
 
-    hlo = _activation_stats.lower(bf16, jnp.asarray(ids), jnp.asarray(mask) > 0).as_text()
+    hlo = activation_stats.lower(bf16, jnp.asarray(ids), jnp.asarray(mask) > 0).as_text()
     assert "tensor<3x48x32xbf16>" in hlo and "tensor<3x48x32xf32>" not in hlo  # stacked gate_proj: never cast
 
 
@@ -148,8 +148,8 @@ def test_init_student_ranks_a_bf16_teacher_in_bf16(tmp_path, monkeypatch):
     from vishwam import build
 
     seen = []
-    original = student_init._activation_stats
-    monkeypatch.setattr(student_init, "_activation_stats",
+    original = student_init.activation_stats
+    monkeypatch.setattr(student_init, "activation_stats",
                         lambda teacher, ids, valid: seen.append(teacher.model.layers.mlp.gate_proj.weight.dtype)
                         or original(teacher, ids, valid))
     monkeypatch.chdir(ROOT)

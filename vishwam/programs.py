@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
 from distill.objective import TeacherOutputs
+from distill.student_init import activation_stats, slice_program, stack_stats
 from models import CausalLM, cast_floating, init_model, prepare_inputs
 
 from . import specs
@@ -77,6 +78,14 @@ def _placed(tree, mesh):
     shardings = tree_shardings(arrays, mesh)
     placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, shardings)
     return eqx.combine(placed, static), shardings
+
+
+def _shards(sharding: NamedSharding) -> int:
+    axes = sharding.spec[0] or ()
+    n = 1
+    for axis in (axes,) if isinstance(axes, str) else axes:
+        n *= sharding.mesh.shape[axis]
+    return n
 
 
 def _replicated(shape, dtype, mesh):
@@ -158,7 +167,39 @@ class AbstractRun:
             out["eplb_probe"] = (probe_similarity, (self.state.student, self.teacher, ids, ids), {})
         if loading == "streamed":
             out["streamed_group"] = self._streamed_group()
+        if cfg.distillation.student_model.init == "from_teacher":
+            out.update(self._pruning(resident))
         return out
+
+    def _pruning(self, resident: bool) -> dict:
+        """`init: from_teacher`'s two programs: the importance pass over the probe (the whole teacher when it
+        is resident, one streamed group otherwise) and the slicing of the student from the mapped layers."""
+        rows = min(8, self.cfg.training.batch_size)
+        probe = jax.ShapeDtypeStruct((rows, self.cfg.training.seq_len), jnp.int32,
+                                     sharding=self.rows if rows % _shards(self.rows) == 0 else
+                                     NamedSharding(self.mesh, PartitionSpec()))
+        valid = jax.ShapeDtypeStruct(probe.shape, bool, sharding=probe.sharding)
+        if resident:
+            importance = (activation_stats, (self.teacher, probe, valid), {})
+        else:  # group by group, as StreamedTeacher.importance runs it
+            layers = Planner(self.cfg, self.t_config).streamed_layers()
+            group = eqx.filter_eval_shape(lambda: jax.tree.map(
+                lambda x: x[:layers] if eqx.is_array(x) else x, self.teacher.model.layers))
+            group, _ = _placed(group, self.mesh)
+            h, mask, cos, sin = eqx.filter_eval_shape(
+                lambda i, v: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, v)), probe, valid)
+            h, cos, sin = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=probe.sharding if x.ndim == 2 else None)
+                           for x in (h, cos, sin))
+            importance = (jax.jit(stack_stats), (group, h, cos, sin, mask, valid), {})
+        s = self.s_config
+        param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
+        slicer, sources, _ = slice_program(self.teacher, s, dtype=param_dtype, shardings=self.shardings.student)
+        index = {"embed": (s.hidden_size,), "layer": (s.num_hidden_layers,),
+                 "mlp": (s.num_hidden_layers, s.intermediate_size),
+                 "q": (s.num_hidden_layers, s.num_attention_heads * s.head_dim),
+                 "kv": (s.num_hidden_layers, s.num_key_value_heads * s.head_dim)}
+        index = {k: _replicated(shape, jnp.int32, self.mesh) for k, shape in index.items()}
+        return {"prune_importance": importance, "prune_slice": (slicer, (sources, index), {})}
 
     def _streamed_group(self):
         layers = Planner(self.cfg, self.t_config).streamed_layers()
