@@ -118,13 +118,21 @@ class DataConfig(Section):
     _path = "data"
 
     train: tuple[str, ...]
-    """Training files or globs (relative to the working directory): .jsonl with 'text', .txt, or 1-D token .npy."""
+    """Training files or globs (relative to the working directory): .jsonl with 'text' (or chat rows: 'messages',
+    or 'prompt' + 'completion'), .txt, or 1-D token .npy."""
     eval: tuple[str, ...] = ()
     """Evaluation files or globs, in the same formats as train. Empty: see eval_fraction."""
     tokenizer: str | None = None
     """tokenizer.json (or its directory) for text data. None: the teacher's. Not needed for .npy data."""
     eval_fraction: float = 0.0
-    """When eval is empty: hold out this fraction of the train token stream (its tail) for evaluation."""
+    """When eval is empty: hold out this fraction of the train token stream (its tail) for evaluation; with chat
+    data, the last rows."""
+    chat_template: str | None = None
+    """Chat data ('messages' rows): a Jinja chat template file. None: the tokenizer's own (chat_template.jinja
+    beside it, else 'chat_template' in its tokenizer_config.json)."""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """Chat data: the tokens KD, CE and feature losses count: 'assistant' (assistant turns, or a row's
+    'completion') or 'all' (every token but each row's first)."""
 
     def _check(self) -> None:
         if not self.train:

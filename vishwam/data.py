@@ -11,6 +11,8 @@ Text is tokenized with a `tokenizers` `tokenizer.json` without adding special to
 streams) are joined with the EOS id between them. Nothing is cached on disk.
 
 The stream is cut into non-overlapping windows of `seq_len + 1` tokens (`inputs = w[:-1]`, `labels = w[1:]`).
+Chat data (`.jsonl` rows with `messages`, or `prompt` + `completion`) is read by `vishwam.chat_data` instead:
+rows packed into windows with segment ids and per-token targets (`PackedDataset.of_rows`).
 The batch at a step is a pure function of `(seed, step)`, so resuming at step `k` needs no data-loader state.
 """
 
@@ -63,17 +65,25 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read data file {path}: {error.strerror or error}") from None
 
 
-def _jsonl_documents(path: str) -> list[str]:
-    documents = []
+def jsonl_records(path: str) -> list[tuple[int, object]]:
+    """`(line number, parsed JSON value)` of each non-blank line of a `.jsonl` file; a line that is not valid
+    UTF-8 or JSON is a `DataError` naming `file:line`."""
+    records = []
     for number, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line.decode("utf-8"))
+            records.append((number, json.loads(line.decode("utf-8"))))
         except UnicodeDecodeError:
             raise DataError(f"{path}:{number}: not valid UTF-8") from None
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+    return records
+
+
+def _jsonl_documents(path: str) -> list[str]:
+    documents = []
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or "text" not in record:
             raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field")
         text = record["text"]
@@ -247,7 +257,23 @@ class PackedDataset:
         self.name = name
         self.seq_len = seq_len
         self.windows = tokens[: num_windows * (seq_len + 1)].astype(np.int32).reshape(num_windows, seq_len + 1)
+        self.segment_ids: np.ndarray | None = None
+        self.targets: np.ndarray | None = None
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def of_rows(cls, windows: np.ndarray, segment_ids: np.ndarray, targets: np.ndarray, *,
+                name: str = "data") -> "PackedDataset":
+        """Windows packed from rows elsewhere (chat data, `vishwam.chat_data`), `[windows, seq_len + 1]` each:
+        the tokens, each token's row within its window (1, 2, ...; 0 for padding) and whether it is a target (a
+        token the loss counts as a label; never a row's first)."""
+        if not (windows.ndim == 2 and windows.shape == segment_ids.shape == targets.shape and len(windows)):
+            raise ValueError(f"need equal non-empty [windows, seq_len + 1] arrays, got {windows.shape}, "
+                             f"{segment_ids.shape}, {targets.shape}")
+        self = cls(windows[0], windows.shape[1] - 1, name=name)
+        self.windows = windows.astype(np.int32)
+        self.segment_ids, self.targets = segment_ids.astype(np.int32), targets.astype(bool)
+        return self
 
     @property
     def num_windows(self) -> int:
@@ -274,12 +300,18 @@ class PackedDataset:
         windows = self.windows[indices]
         if mask is None:
             mask = np.ones((len(indices), self.seq_len), dtype=np.int32)
-        return {
+        batch = {
             "input_ids": np.ascontiguousarray(windows[:, :-1]),
             "labels": np.ascontiguousarray(windows[:, 1:]),
             "mask": mask.astype(np.int32),
             "window": np.asarray(indices, dtype=np.int64),
         }
+        if self.segment_ids is not None:
+            segments, targets = self.segment_ids[indices], self.targets[indices]
+            batch["mask"] = ((segments[:, :-1] > 0) & (mask > 0)).astype(np.int32)
+            batch["segment_ids"] = np.ascontiguousarray(segments[:, :-1])
+            batch["loss_mask"] = (targets[:, 1:] & (mask > 0)).astype(np.int32)
+        return batch
 
 
 def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
@@ -291,7 +323,10 @@ def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: 
 
     **Returns:** `input_ids`, `labels` (inputs shifted by one) and `mask` (1 where the loss counts), each an
     `int32` array `[batch_size, seq_len]`, and `window` (`[batch_size]`, the window indices: what a teacher
-    cache is keyed by).
+    cache is keyed by). Windows packed from chat rows (`PackedDataset.of_rows`) add `segment_ids` (each
+    position's row in its window, 0 for padding: attention stays within a row and positions restart with each)
+    and `loss_mask` (1 where the label is a target token of the same row); their `mask` is 1 at every real
+    token (attention's key validity), and the losses count `loss_mask`.
     """
     if step < 0 or batch_size <= 0:
         raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")
