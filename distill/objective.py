@@ -168,7 +168,7 @@ class TeacherOutputs(eqx.Module):
 
 def teacher_outputs(teacher, input_ids, mask, objective: Objective, **call) -> TeacherOutputs:
     """Run a teacher for the objective (under stop_gradient: the teacher is never differentiated); `call` goes to
-    the teacher's `__call__` (e.g. `attention_impl`)."""
+    the teacher's `__call__` (e.g. `attention_impl`, `segment_ids`)."""
     teacher = jax.lax.stop_gradient(teacher)
     out = teacher(input_ids, attention_mask=mask, **objective.model_outputs(), **call)
     return jax.lax.stop_gradient(TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states,
@@ -185,9 +185,15 @@ def distill_loss(
     projections: FeatureProjections | None,
     balancer: LossBalancer | None,
     head_weight: Array | None = None,
+    attention_mask: Array | None = None,
 ):
     """**Returns:** `(loss, metrics, new_balancer)`; metrics are namespaced (`distill/kd`, `distill/ce`,
     `distill/feature/layer_3`, `distill/temperature`, `eplb/...`).
+
+    `mask` is where the KD, CE and feature losses count (1 at the positions whose labels are targets);
+    `attention_mask` (default `mask`) is the models' key validity, over which the attention losses average their
+    query rows and keys: with chat data the losses count the assistant tokens, while attention patterns are
+    matched at every real token.
 
     `student_out.logits` may be None when `objective.fuses_lm_head(teacher.dense)`: the loss then unembeds
     `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk."""
@@ -262,14 +268,15 @@ def distill_loss(
 
     attention = zero
     if objective.uses_attention:
+        valid = mask if attention_mask is None else attention_mask
         losses = []
         for s_layer, t_layer in objective.attention_pairs:
             prefix = f"distill/attention/layer_{s_layer}"
             if p.attention_loss == "kl":
-                loss, m = attention_kl_loss(student_out.attentions[s_layer], teacher.attentions[t_layer], mask,
+                loss, m = attention_kl_loss(student_out.attentions[s_layer], teacher.attentions[t_layer], valid,
                                             head_mapping=p.attention_head_mapping, prefix=prefix)
             else:
-                loss, m = relation_loss(student_out.qkv[s_layer], teacher.qkv[t_layer], mask,
+                loss, m = relation_loss(student_out.qkv[s_layer], teacher.qkv[t_layer], valid,
                                         num_relation_heads=p.relation_heads, prefix=prefix)
             losses.append(loss)
             metrics.update(m)

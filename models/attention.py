@@ -35,17 +35,23 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, need_probs
 
 
 class CausalMask(eqx.Module):
-    """Causal attention over each row's valid keys: query `i` sees key `j` when `j <= i` and `key_valid[b, j]`.
+    """Causal attention over each row's valid keys: query `i` sees key `j` when `j <= i` and `key_valid[b, j]`,
+    and, with `segment_ids` (rows packed into one sequence, each row's positions contiguous), when
+    `segment_ids[b, j] == segment_ids[b, i]`: attention never crosses packed rows.
 
-    Only the `[batch, seq]` validity is held; the `[seq, seq]` pattern is built where it is used, from iotas
-    that XLA fuses into the masking of the scores. (A materialised `[batch, 1, 1, seq, seq]` mask, read by every
-    layer, cost about a third of the attention forward on CPU.)"""
+    Only the `[batch, seq]` validity (and segment ids) is held; the `[seq, seq]` pattern is built where it is
+    used, from iotas and broadcast compares that XLA fuses into the masking of the scores. (A materialised
+    `[batch, 1, 1, seq, seq]` mask, read by every layer, cost about a third of the attention forward on CPU.)"""
 
     key_valid: Bool[Array, "batch seq"]
+    segment_ids: Int[Array, "batch seq"] | None = None
 
     def dense(self) -> Bool[Array, "batch 1 1 seq seq"]:
         s = self.key_valid.shape[-1]
-        return jnp.tril(jnp.ones((s, s), bool))[None, None, None] & self.key_valid[:, None, None, None, :]
+        mask = jnp.tril(jnp.ones((s, s), bool))[None, None, None] & self.key_valid[:, None, None, None, :]
+        if self.segment_ids is not None:
+            mask = mask & (self.segment_ids[:, None, None, :, None] == self.segment_ids[:, None, None, None, :])
+        return mask
 
     def grouped(self, group: int, start: int = 0, stop: int | None = None) -> Bool[Array, "batch 1 queries keys"]:
         """The mask of queries `[start, stop)` stacked `group` times along the query axis against keys
@@ -55,11 +61,27 @@ class CausalMask(eqx.Module):
         shape = (group, stop - start, stop)
         query = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + start
         key = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
-        return ((key <= query)[None] & self.key_valid[:, None, None, :stop]).reshape(b, 1, group * (stop - start), stop)
+        allowed = (key <= query)[None] & self.key_valid[:, None, None, :stop]
+        if self.segment_ids is not None:
+            allowed = allowed & (self.segment_ids[:, None, start:stop, None] == self.segment_ids[:, None, None, :stop])
+        return allowed.reshape(b, 1, group * (stop - start), stop)
+
+    def seen(self) -> Int[Array, "batch seq"]:
+        """How many valid keys query `i` sees: the valid tokens up to `i` (of its segment, with segment ids)."""
+        count = jnp.cumsum(self.key_valid.astype(jnp.int32), axis=-1)
+        if self.segment_ids is None:
+            return count
+        index = jax.lax.broadcasted_iota(jnp.int32, self.segment_ids.shape, 1)
+        first = jnp.concatenate([jnp.ones_like(self.segment_ids[:, :1], bool),
+                                 self.segment_ids[:, 1:] != self.segment_ids[:, :-1]], axis=-1)
+        start = jax.lax.cummax(jnp.where(first, index, 0), axis=1)  # where each position's segment begins
+        before = jnp.take_along_axis(count - self.key_valid.astype(jnp.int32), start, axis=-1)
+        return count - before
 
     def row_valid(self) -> Bool[Array, "batch seq"]:
-        """Whether query `i` sees any key: false at left-pad positions before a row's first real token."""
-        return jnp.cumsum(self.key_valid.astype(jnp.int32), axis=-1) > 0
+        """Whether query `i` sees any key: false at left-pad positions before a row's first real token (and at
+        the padding of packed rows)."""
+        return self.seen() > 0
 
 
 class AttentionOutput(eqx.Module):

@@ -121,23 +121,27 @@ def prepare_inputs(
     input_ids: Int[Array, "batch seq"],
     attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     position_ids: Int[Array, "batch seq"] | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
 ) -> tuple[CausalMask, Float[Array, "batch seq head_dim"], Float[Array, "batch seq head_dim"]]:
     """The attention mask (causal over each row's real tokens, see [`CausalMask`][]) and the RoPE tables for a
     batch.
 
     Without `position_ids`, positions count the real tokens of each row (`cumsum(mask) - 1`), so a left-padded
     row gets the same positions, and so the same outputs, as the unpadded sequence. (transformers' forward
-    uses `arange(seq)` instead; pass `position_ids` explicitly to reproduce that.)
+    uses `arange(seq)` instead; pass `position_ids` explicitly to reproduce that.) With `segment_ids` (rows
+    packed into one sequence, each row's tokens contiguous) attention stays within a segment and positions
+    count the real tokens of the segment: each packed row gets the outputs it would get alone.
     """
     b, s = input_ids.shape
     if attention_mask is None:
         valid = jnp.ones((b, s), bool)
     else:
         valid = attention_mask.astype(bool)
+    mask = CausalMask(valid, None if segment_ids is None else segment_ids.astype(jnp.int32))
     if position_ids is None:
-        position_ids = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+        position_ids = jnp.maximum(mask.seen() - 1, 0)
     cos, sin = rotary_tables(config, position_ids)
-    return CausalMask(valid), cos, sin
+    return mask, cos, sin
 
 
 def run_layers(
@@ -216,6 +220,7 @@ class CausalLM(eqx.Module):
         remat: bool = False,
         attention_impl: str = "auto",
         output_logits: bool = True,
+        segment_ids: Int[Array, "batch seq"] | None = None,
     ) -> CausalLMOutput:
         """**Arguments:**
 
@@ -228,10 +233,12 @@ class CausalLM(eqx.Module):
             are asked for, else XLA), `"xla"` or `"cudnn"`; see `models.attention.resolve_implementation`.
         - `output_logits`: False returns the final-normed hidden states as `last_hidden` and no logits (the caller
             applies `unembedding_weight()` itself).
+        - `segment_ids`: rows packed into each sequence, `[batch, seq]` ints (each row's tokens contiguous):
+            attention never crosses rows and positions restart with each (see `prepare_inputs`).
 
         **Returns:** a `CausalLMOutput`.
         """
-        mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids)
+        mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids, segment_ids)
         h = self.embed(input_ids)
         stack = run_layers(
             self.model.layers, h, cos, sin, mask,

@@ -11,11 +11,12 @@ dtype and the cache's format version. `fingerprint(...)` records each of them, c
   the samples tell apart two checkpoints of the same shapes (a fine-tuned one and its base), whose headers and
   sizes are identical.
 - `config.json` and the tokenizer files (those of `data.tokenizer`, else the teacher's): sha256 of their bytes.
-- Data: the sha256 of the packed windows themselves, the int32 token ids the cache's rows are keyed by, and their
-  number. This is exact where a file's path, size and mtime are not: it covers the files' content, the
-  tokenizer's output, the EOS id, the eval split and `seq_len`, and a copied, moved or touched data set is still
-  the same data. The tokens are in memory already; hashing them costs less than reading or tokenizing them did.
-  The data files' names and sizes are recorded beside it (not compared) to say which file changed.
+- Data: the sha256 of the packed windows themselves, the int32 token ids the cache's rows are keyed by (and, for
+  packed chat rows, their segment ids), and their number. This is exact where a file's path, size and mtime are
+  not: it covers the files' content, the tokenizer's output, the EOS id, the eval split and `seq_len`, and a
+  copied, moved or touched data set is still the same data. The tokens are in memory already; hashing them costs
+  less than reading or tokenizing them did. The data files' names and sizes are recorded beside it (not
+  compared) to say which file changed.
 """
 
 from __future__ import annotations
@@ -86,13 +87,15 @@ def fingerprint(cfg: RunConfig, lazy: LazyCheckpoint, split: str, data: PackedDa
                 vocab_size: int, hidden_layers: tuple[int, ...], version: int) -> dict:
     """The fingerprint of split `split`'s cache (see the module docstring), as it reads back from JSON."""
     weights = {os.path.basename(p): safetensors_entry(p) for p in sorted(set(lazy.weight_map.values()))}
-    windows = np.ascontiguousarray(data.windows, dtype=np.int32)
+    windows = hashlib.sha256(memoryview(np.ascontiguousarray(data.windows, dtype=np.int32)).cast("B"))
+    if data.segment_ids is not None:  # packed chat rows: the teacher's outputs depend on where each row starts
+        windows.update(memoryview(np.ascontiguousarray(data.segment_ids, dtype=np.int32)).cast("B"))
     out = {
         "version": version,
         "teacher_weights": weights,
         "teacher_config": _sha256_file(lazy.directory / "config.json"),
         "tokenizer": {p.name: _sha256_file(p) for p in tokenizer_files(cfg, lazy.directory)},
-        "data": {"windows_sha256": hashlib.sha256(memoryview(windows).cast("B")).hexdigest(),
+        "data": {"windows_sha256": windows.hexdigest(),
                  "num_windows": int(data.num_windows),
                  "files": [[os.path.basename(f), os.path.getsize(f)] for f in _data_files(cfg, split)]},
         "seq_len": int(data.seq_len),

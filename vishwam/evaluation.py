@@ -4,7 +4,8 @@ One jitted program, `eval_sums`, computes a micro-batch's sums; `evaluate` runs 
 batches (each split into micro-batches of the training step's size, so evaluation never holds more logits than
 a training micro-batch does), adds the sums on the host and writes `eval.json`:
 
-- `student_loss`, `teacher_loss`: mean next-token NLL over valid tokens, `*_ppl = exp(loss)`;
+- `student_loss`, `teacher_loss`: mean next-token NLL over valid tokens (chat data: over the target tokens,
+  `loss_mask`), `*_ppl = exp(loss)`;
 - `kl`: mean KL(teacher ‖ student) at T = 1. Against a top-k cache it is the KL of the collapsed (top-k + tail)
   distributions, a lower bound of the full KL; the teacher's NLL is exact there (the cache holds the label's
   log-probability), and agreement is with the cached top-1;
@@ -46,10 +47,14 @@ def eval_sums(teacher: CausalLM | None, student: CausalLM, batch: dict, teacher_
     The teacher is `teacher` run here (resident) or its precomputed `teacher_out`: full logits (streamed) or
     top-k cache rows."""
     student = cast_floating(student, compute_dtype)
-    mask = batch["mask"].astype(jnp.float32)
-    s_logits = student(batch["input_ids"], attention_mask=batch["mask"]).logits.astype(jnp.float32)
+    counted = batch.get("loss_mask", batch["mask"])  # chat data: the target tokens
+    mask = counted.astype(jnp.float32)
+    segments = batch.get("segment_ids")
+    s_logits = student(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments).logits
+    s_logits = s_logits.astype(jnp.float32)
     if teacher_out is None:
-        teacher_out = TeacherOutputs(logits=teacher(batch["input_ids"], attention_mask=batch["mask"]).logits)
+        teacher_out = TeacherOutputs(logits=teacher(batch["input_ids"], attention_mask=batch["mask"],
+                                                    segment_ids=segments).logits)
     tokens = jnp.sum(mask)
     if teacher_out.dense:
         t_logits = teacher_out.logits.astype(jnp.float32)
@@ -62,7 +67,7 @@ def eval_sums(teacher: CausalLM | None, student: CausalLM, batch: dict, teacher_
     else:
         teacher_nll = -teacher_out.label_logprob
         kl_mean, _ = sparse_kd_loss(s_logits, teacher_out.topk_values, teacher_out.topk_indices,
-                                    teacher_out.tail_logsumexp, batch["mask"], temperature=1.0)
+                                    teacher_out.tail_logsumexp, counted, temperature=1.0)
         kl = kl_mean * tokens
         t_top1 = teacher_out.topk_indices[..., 0]
         s_top1 = jnp.argmax(s_logits, -1)

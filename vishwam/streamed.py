@@ -30,8 +30,8 @@ _final_norm_stats = eqx.filter_jit(final_norm_stats)
 
 
 @eqx.filter_jit
-def _embed(embed, config, ids, attention_mask):
-    mask, cos, sin = prepare_inputs(config, ids, attention_mask)
+def _embed(embed, config, ids, attention_mask, segment_ids=None):
+    mask, cos, sin = prepare_inputs(config, ids, attention_mask, segment_ids=segment_ids)
     return embed(ids), mask, cos, sin
 
 
@@ -66,8 +66,8 @@ class StreamedTeacher:
         return self.lazy.load_layers(*group, dtype=self.dtype, mesh=self.mesh)
 
     def __call__(self, input_ids, attention_mask=None, *, output_hidden_states=False, output_attentions=False,
-                 output_qkv=False):
-        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask)
+                 output_qkv=False, segment_ids=None):
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask, segment_ids)
         hidden, attns, qkvs = [], [], []
         pending = self._pool.submit(self._load, self.groups[0]) if self.prefetch else None
         for g, group in enumerate(self.groups):
@@ -124,7 +124,9 @@ class StreamedTeacher:
         return model
 
     def outputs(self, batch, objective: Objective) -> TeacherOutputs:
-        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]), **objective.model_outputs())
+        segments = batch.get("segment_ids")  # packed chat rows: the masks the student sees in the step
+        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]), **objective.model_outputs(),
+                   segment_ids=None if segments is None else jnp.asarray(segments))
         return TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
                               qkv=out.qkv)
 

@@ -49,8 +49,8 @@ def _write_index(directory: Path, index: dict):
 
 
 @eqx.filter_jit
-def _cache_rows(teacher: CausalLM, ids, labels, mask, k: int, vocab: int, layers: tuple[int, ...]):
-    out = teacher(ids, attention_mask=mask, output_hidden_states=bool(layers))
+def _cache_rows(teacher: CausalLM, ids, labels, mask, segment_ids, k: int, vocab: int, layers: tuple[int, ...]):
+    out = teacher(ids, attention_mask=mask, output_hidden_states=bool(layers), segment_ids=segment_ids)
     logits = out.logits.astype(jnp.float32)[..., :vocab]
     values, indices, tail = teacher_topk(logits, k)
     label_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
@@ -148,8 +148,8 @@ def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, voca
             idx = np.arange(begin, min(last, begin + batch_size))
             pad = batch_size - len(idx)
             batch = dataset.batch(np.concatenate([idx, np.full(pad, idx[-1])]))
-            rows = _cache_rows(teacher, batch["input_ids"], batch["labels"], batch["mask"], top_k, vocab_size,
-                               tuple(hidden_layers))
+            rows = _cache_rows(teacher, batch["input_ids"], batch["labels"], batch["mask"], batch.get("segment_ids"),
+                               top_k, vocab_size, tuple(hidden_layers))
             for name, value in _host(rows).items():
                 parts.setdefault(name, []).append(value[: len(idx)])
         if writer:

@@ -94,6 +94,10 @@ class StepConfig:
 def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, schedule, state_shardings=None):
     """The jitted step `(teacher, state, batch, teacher_out) -> (state, metrics)`.
 
+    The batch holds `input_ids`, `labels`, `mask` and, for chat data (`vishwam.data.batch_for_step`),
+    `segment_ids` (packed rows: both models' attention stays within a row) and `loss_mask` (the losses count
+    its positions; without it they count `mask`'s).
+
     The teacher is an argument that is never differentiated (stop_gradient) and never donated; the state's
     buffers are donated. `teacher_out` carries precomputed teacher outputs (streamed or cached teachers)
     split like the batch; it is None for a resident teacher, which runs inside the step. The batch is split
@@ -110,10 +114,13 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         # With the LM head fused into the loss the student's [batch, seq, vocab] logits are never built.
         fuse_head = objective.fuses_lm_head(t_out.dense)
         out = student_c(micro["input_ids"], attention_mask=micro["mask"], **objective.model_outputs(),
-                        remat=cfg.remat, output_logits=not fuse_head, attention_impl=impl)
-        loss, metrics, new_balancer = distill_loss(objective, out, t_out, micro["labels"], micro["mask"], step,
-                                                   projections, balancer,
-                                                   head_weight=student_c.unembedding_weight() if fuse_head else None)
+                        remat=cfg.remat, output_logits=not fuse_head, attention_impl=impl,
+                        segment_ids=micro.get("segment_ids"))
+        # Chat data: the losses count the target tokens (`loss_mask`), attention sees every real one (`mask`).
+        loss, metrics, new_balancer = distill_loss(objective, out, t_out, micro["labels"],
+                                                   micro.get("loss_mask", micro["mask"]), step, projections, balancer,
+                                                   head_weight=student_c.unembedding_weight() if fuse_head else None,
+                                                   attention_mask=micro["mask"])
         return loss, (metrics, new_balancer)
 
     # Every leaf of the teacher, the state and the batch is an array, so plain `jax.jit` takes them as they are,
@@ -129,7 +136,8 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
         def micro_step(carry, inputs):
             micro, t_out = inputs
             if t_out is None:
-                t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], objective, attention_impl=impl)
+                t_out = teacher_outputs(teacher, micro["input_ids"], micro["mask"], objective, attention_impl=impl,
+                                        segment_ids=micro.get("segment_ids"))
             balancer = state.balancer if carry is None else carry[1]
             (_, (metrics, balancer)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
                 params, static, balancer, state.step, micro, t_out
@@ -151,7 +159,7 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
             first = jax.tree.map(lambda x: x[0], (micro_batches, micro_teacher))
             if first[1] is None:
                 first = (first[0], teacher_outputs(teacher, first[0]["input_ids"], first[0]["mask"], objective,
-                                                   attention_impl=impl))
+                                                   attention_impl=impl, segment_ids=first[0].get("segment_ids")))
             metric_shapes = eqx.filter_eval_shape(loss_fn, params, static, state.balancer, state.step, *first)[1][0]
             metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
             (grads, balancer, metrics), _ = jax.lax.scan(
