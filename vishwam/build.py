@@ -25,6 +25,7 @@ from distill.student_init import full_pairs, importance_scores, init_student_fro
 from models import CausalLM, ModelConfig, cast_floating, init_model
 from models.pytree import count_parameters
 
+from . import chat_data
 from . import data as data_lib
 from . import specs
 from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
@@ -117,6 +118,9 @@ def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
     tr, d = cfg.training, cfg.data
     tokenizer = tokenizer_path(cfg, teacher)
     eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
+    if chat_data.is_chat(d.train):  # 'messages' or 'prompt' + 'completion' rows, packed with segment ids
+        return chat_data.load_chat_splits(d, seq_len=tr.seq_len, tokenizer_path=tokenizer, eos_id=eos,
+                                          vocab_size=vocab, log=log)
     train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos, vocab)  # ids checked file by file
     eval_tokens = None
     if d.eval:
