@@ -190,6 +190,7 @@ def importance_scores(
     teacher: CausalLM,
     probe_ids: Int[Array, "batch seq"],
     probe_mask: TokenMask | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
 ) -> dict[str, Float[Array, "..."]]:
     """Minitron activation-magnitude importance of the teacher's width components on a probe batch.
 
@@ -198,6 +199,7 @@ def importance_scores(
     - `teacher`: the model to rank.
     - `probe_ids`: token ids `[batch, seq]` (a few hundred real tokens are enough for a ranking).
     - `probe_mask`: 1 for real tokens, 0 for padding; `None` means all real. Padding is excluded from every mean.
+    - `segment_ids`: packed rows (chat data): attention stays within each row, positions restart per row.
 
     **Returns:**
 
@@ -210,16 +212,16 @@ def importance_scores(
     """
     if probe_mask is None:
         probe_mask = jnp.ones(probe_ids.shape, bool)
-    embed, mlp, heads = activation_stats(teacher, probe_ids, probe_mask.astype(bool))
+    embed, mlp, heads = activation_stats(teacher, probe_ids, probe_mask.astype(bool), segment_ids)
     groups = heads.reshape(heads.shape[0], teacher.config.num_key_value_heads, -1).sum(-1)
     return {"embed": embed, "mlp": mlp, "heads": heads, "kv_groups": groups}
 
 
 @jax.jit
-def activation_stats(teacher: CausalLM, ids, valid):
+def activation_stats(teacher: CausalLM, ids, valid, segment_ids=None):
     """The teacher's forward pass (a scan over its layers, in its own dtype), collecting per-component activation
     magnitudes in float32: `(embed [embed], mlp [layers, mlp], heads [layers, heads])`."""
-    mask, cos, sin = prepare_inputs(teacher.config, ids, valid)
+    mask, cos, sin = prepare_inputs(teacher.config, ids, valid, segment_ids=segment_ids)
     h, embed, mlp, heads = stack_stats(teacher.model.layers, teacher.embed(ids), cos, sin, mask, valid)
     return embed + final_norm_stats(teacher.model.norm, h, valid), mlp, heads
 

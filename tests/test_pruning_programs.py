@@ -62,6 +62,27 @@ def test_importance_equals_transformers_activations(tmp_path, family, kv):
         np.testing.assert_allclose(np.asarray(ours[name]), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_importance_of_packed_rows_equals_the_rows_apart(tmp_path):
+    """Chat data packs rows with segment ids: ranked on a packed probe, each row sees only itself, so the
+    statistics equal those of the same rows run apart (left-padded, the same real tokens) to float32 rounding."""
+    hf = make_hf_model(hf_config("qwen2", layers=3))
+    model = vishwam.load_pretrained(save_hf(hf, tmp_path), dtype=jnp.float32)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(2, 96, 5), rng.integers(2, 96, 7)
+    packed = jnp.asarray(np.concatenate([a, b])[None], jnp.int32)
+    segments = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+    apart = np.zeros((2, 7), np.int32)
+    apart[0, 2:], apart[1] = a, b
+    mask = np.ones((2, 7), np.int32)
+    mask[0, :2] = 0
+    ours = importance_scores(model, packed, jnp.ones_like(packed), segment_ids=segments)
+    ref = importance_scores(model, jnp.asarray(apart), jnp.asarray(mask))
+    crossed = importance_scores(model, packed, jnp.ones_like(packed))
+    for name in ("embed", "mlp", "heads"):
+        np.testing.assert_allclose(np.asarray(ours[name]), np.asarray(ref[name]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(crossed["heads"]), np.asarray(ref["heads"]), rtol=1e-3)  # it would tell
+
+
 def test_importance_runs_in_the_teachers_dtype(tmp_path):
     """A bf16 teacher is ranked in bf16 (no float32 copy of it): its statistics agree with the float32
     teacher's to bf16's precision (8 mantissa bits, a few roundings deep: 5e-2 relative), and the program's
@@ -150,8 +171,8 @@ def test_init_student_ranks_a_bf16_teacher_in_bf16(tmp_path, monkeypatch):
     seen = []
     original = student_init.activation_stats
     monkeypatch.setattr(student_init, "activation_stats",
-                        lambda teacher, ids, valid: seen.append(teacher.model.layers.mlp.gate_proj.weight.dtype)
-                        or original(teacher, ids, valid))
+                        lambda teacher, *args: seen.append(teacher.model.layers.mlp.gate_proj.weight.dtype)
+                        or original(teacher, *args))
     monkeypatch.chdir(ROOT)
     run = _demo_run(tmp_path, "--distillation.teacher-model.dtype", "bfloat16")
     student = build.init_student(run.prepared, run.open_teacher(), jax.random.key(0))

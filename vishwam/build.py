@@ -165,7 +165,8 @@ def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
     t = cfg.distillation.teacher_model
     probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
                                     batch_size=min(8, cfg.training.batch_size))
-    probe = global_batch({k: probe[k] for k in ("input_ids", "mask")}, _probe_sharding(run, len(probe["mask"])))
+    keys = ("input_ids", "mask") + (("segment_ids",) if "segment_ids" in probe else ())  # packed chat rows
+    probe = global_batch({k: probe[k] for k in keys}, _probe_sharding(run, len(probe["mask"])))
     pairs = full_pairs(specs.init_layer_pairs(run.student_config, run.teacher_config),
                        run.student_config.num_hidden_layers, run.teacher_config.num_hidden_layers)
     skeleton = eqx.filter_eval_shape(init_model, run.student_config, key=key, dtype=param_dtype)
@@ -174,13 +175,13 @@ def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
     common = dict(pairs=pairs, probe_ids=None, probe_mask=None, key=key, dtype=param_dtype,
                   shardings=tree_shardings(skeleton, run.mesh))
     if teacher.kind == "resident":
-        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"])
+        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"], probe.get("segment_ids"))
         return init_student_from_teacher(teacher.model, run.student_config, scores=scores, **common)
     # Streamed or cached: the teacher streams group by group for the ranking, then only its mapped layers load.
     streamed = teacher.model if teacher.kind == "streamed" else StreamedTeacher(
         run.lazy_teacher, dtype=specs.DTYPES[t.dtype], max_resident_shards=t.max_resident_shards, mesh=run.mesh)
     try:
-        scores = streamed.importance(probe["input_ids"], probe["mask"])
+        scores = streamed.importance(probe["input_ids"], probe["mask"], probe.get("segment_ids"))
         numbers = sorted({n for _, n in pairs})
         return init_student_from_teacher(streamed.with_layers(numbers), run.student_config, scores=scores,
                                          teacher_layers=numbers, **common)

@@ -95,11 +95,11 @@ class StreamedTeacher:
             attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,
         )
 
-    def importance(self, input_ids, attention_mask) -> dict:
+    def importance(self, input_ids, attention_mask, segment_ids=None) -> dict:
         """Pruning's importance statistics (`distill.student_init.importance_scores`), group by group: one
         group's layers resident at a time, released once used."""
         valid = attention_mask.astype(bool)
-        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, valid)
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, valid, segment_ids)
         embed, mlp, heads = 0.0, [], []
         for group in self.groups:
             layers = self._load(group)
