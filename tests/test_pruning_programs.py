@@ -178,3 +178,43 @@ def test_init_student_ranks_a_bf16_teacher_in_bf16(tmp_path, monkeypatch):
     student = build.init_student(run.prepared, run.open_teacher(), jax.random.key(0))
     assert seen == [jnp.bfloat16]  # the teacher as loaded, not a float32 copy of it
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(student))  # training.param_dtype
+
+
+def test_a_run_restarted_before_its_first_checkpoint_reads_the_pruned_student_back(tmp_path, monkeypatch):
+    """The pruned student is saved to output_dir/init_student with a stamp; a run killed before its first
+    checkpoint, then rerun, does not prune again and ends bit for bit like an uninterrupted run. A changed
+    student section makes the stamp differ, and pruning runs again."""
+    import shutil
+
+    from vishwam import build
+
+    monkeypatch.chdir(ROOT)
+    flags = ("--training.max-steps", "2", "--training.save-every", "100", "--training.eval-every", "100",
+             "--training.batch-size", "4")
+
+    class Killed(Exception):
+        pass
+
+    whole = _demo_run(tmp_path / "whole", *flags)
+    whole.train()
+    killed = _demo_run(tmp_path / "killed", *flags)
+    killed.on_step = lambda step, state: (_ for _ in ()).throw(Killed())
+    with pytest.raises(Killed):
+        killed.train()
+    assert not (tmp_path / "killed" / "out" / "checkpoints").exists() or not any(
+        (tmp_path / "killed" / "out" / "checkpoints").iterdir())
+    assert (tmp_path / "killed" / "out" / "init_student" / build.INIT_STAMP).is_file()
+    calls = []
+    original = build.importance_scores
+    monkeypatch.setattr(build, "importance_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rerun = _demo_run(tmp_path / "killed", *flags)
+    rerun.train()
+    assert calls == []  # read back, not pruned again
+    for a, b in zip(jax.tree.leaves(eqx.filter(whole.state.student, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(rerun.state.student, eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = _demo_run(tmp_path / "killed", *flags, "--distillation.student-model.intermediate-size", "96",
+                      "--training.output-dir", str(tmp_path / "killed" / "out2"))
+    shutil.copytree(tmp_path / "killed" / "out" / "init_student", tmp_path / "killed" / "out2" / "init_student")
+    build.init_student(other.prepared, other.open_teacher(), jax.random.key(0))
+    assert calls == [1]  # another student: the saved one is not reused

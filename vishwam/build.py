@@ -10,6 +10,7 @@ checkpoint), the feature projections, EPLB's balancer and the optimizer into one
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from models.pytree import count_parameters
 from . import chat_data
 from . import data as data_lib
 from . import specs
-from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
-from .config import RunConfig
+from .checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
+from .config import RunConfig, config_to_dict
 from .errors import ConfigError
+from .files import atomic_write
 from .fit import check_and_summarize
 from .sharding import batch_sharding, global_batch, make_mesh, tree_shardings
 from .streamed import StreamedTeacher
@@ -154,14 +156,51 @@ def check_memory(run: Prepared) -> None:
 
 
 def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
-    """The student before training, in `training.param_dtype`: random, pruned from the teacher (which is loaded
-    once for it when the source holds no model), or read from `student_model.path`."""
+    """The student before training, in `training.param_dtype`: random, read from `student_model.path`, or pruned
+    from the teacher (streamed for it when the source holds no resident model) and saved to
+    `output_dir/init_student` with a stamp of what it depends on, so that a run restarted before its first
+    checkpoint reads it back instead of pruning again."""
     cfg, s = run.cfg, run.cfg.distillation.student_model
     param_dtype = specs.DTYPES[cfg.training.param_dtype]
     if s.init == "path":
         return load_pretrained(s.path, dtype=param_dtype)
     if s.init == "random":
         return cast_floating(init_model(run.student_config, key=key), param_dtype)
+    saved = run.out / "init_student"
+    stamp = _init_stamp(run)
+    if _read_stamp(saved) == stamp:
+        log(f"student: the pruned student saved in {saved} (pruning not run again)")
+        return load_pretrained(saved, dtype=param_dtype, mesh=run.mesh)
+    student = _prune(run, teacher, key, param_dtype)
+    save_pretrained(student, saved)  # every process gathers, process 0 writes; the stamp goes last
+    if jax.process_index() == 0:
+        atomic_write(saved / INIT_STAMP, json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    return student
+
+
+INIT_STAMP = "vishwam_init.json"
+
+
+def _init_stamp(run: Prepared) -> dict:
+    """What the pruned student depends on: the teacher, the student's section, the data, the probe's batch and
+    the parameter dtype. A saved student is reused only for an equal stamp."""
+    c = config_to_dict(run.cfg)
+    tr = c["training"]
+    return {"version": 1, "teacher": str(run.lazy_teacher.directory), "teacher_model": c["distillation"]["teacher_model"],
+            "student_model": c["distillation"]["student_model"], "data": c["data"],
+            **{k: tr[k] for k in ("seed", "seq_len", "batch_size", "param_dtype")}}
+
+
+def _read_stamp(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / INIT_STAMP).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
+    """`init: from_teacher`: the student pruned from the teacher (see `init_student`)."""
+    cfg = run.cfg
     t = cfg.distillation.teacher_model
     probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
                                     batch_size=min(8, cfg.training.batch_size))
