@@ -389,17 +389,20 @@ def test_two_processes_match_one_process(assets, tmp_path):
     config_multi = write_config(assets, multi)
     port = _free_port()
     env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 " + CPU_COLLECTIVE_TIMEOUTS}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py"), "--config", str(config_multi), *flags,
-             "--distributed.coordinator-address", f"127.0.0.1:{port}", "--distributed.num-processes", "2",
-             "--distributed.process-id", str(i)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env2)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    # Each process writes to its own files: waiting on one process's pipes while the other's fill up would
+    # block the other on a write, stop its heartbeats and fail the job on a timeout.
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "run.py"), "--config", str(config_multi), *flags,
+                 "--distributed.coordinator-address", f"127.0.0.1:{port}", "--distributed.num-processes", "2",
+                 "--distributed.process-id", str(i)],
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=env2))
+    codes = [p.wait(timeout=600) for p in procs]
+    tails = "\n".join(f"--- process {i}: exit {c}\n" + logs[i].read_text()[-2000:] for i, c in enumerate(codes))
+    assert codes == [0, 0], tails
     a, b = read_metrics(one), read_metrics(multi)
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
