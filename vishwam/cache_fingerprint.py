@@ -33,19 +33,12 @@ from .checkpoint import TOKENIZER_FILES, LazyCheckpoint
 from .config import RunConfig
 from .data import PackedDataset, expand_paths
 from .errors import DataError
+from .files import sha256_file
 
 SAMPLE_BYTES = 4096
 #: The fields compared, in the order a change is reported.
 FIELDS = ("version", "teacher_weights", "teacher_config", "tokenizer", "data", "seq_len", "top_k", "vocab_size",
           "hidden_layers", "teacher_dtype")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def safetensors_entry(path: str | os.PathLike) -> dict:
@@ -93,8 +86,8 @@ def fingerprint(cfg: RunConfig, lazy: LazyCheckpoint, split: str, data: PackedDa
     out = {
         "version": version,
         "teacher_weights": weights,
-        "teacher_config": _sha256_file(lazy.directory / "config.json"),
-        "tokenizer": {p.name: _sha256_file(p) for p in tokenizer_files(cfg, lazy.directory)},
+        "teacher_config": sha256_file(lazy.directory / "config.json"),
+        "tokenizer": {p.name: sha256_file(p) for p in tokenizer_files(cfg, lazy.directory)},
         "data": {"windows_sha256": windows.hexdigest(),
                  "num_windows": int(data.num_windows),
                  "files": [[os.path.basename(f), os.path.getsize(f)] for f in _data_files(cfg, split)]},

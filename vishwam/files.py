@@ -1,4 +1,5 @@
-"""Atomic file writes: the one way this project writes a file that a reader, or a crash, may catch half-done.
+"""Atomic file writes: the one way this project writes a file that a reader, or a crash, may catch half-done
+(and `sha256_file`, the one file checksum).
 
 The content goes to a temporary file with a unique name (`mkstemp`: unique across processes and threads) in the
 destination's directory and is renamed over the destination, so readers see the old file or the new one, never
@@ -9,6 +10,7 @@ would give it (0666 less the umask), not `mkstemp`'s 0600.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,4 +43,13 @@ def atomic_write(path: str | os.PathLike[str], content: str | bytes | Callable[[
         raise
 
 
-__all__ = ["atomic_write"]
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["atomic_write", "sha256_file"]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -27,21 +26,13 @@ from models import CausalLM
 
 from .cache_fingerprint import describe_change
 from .errors import DataError
-from .files import atomic_write
+from .files import atomic_write, sha256_file
 from .safetensors_io import SafetensorsFile, write_file
 
 CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------- cache
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_index(directory: Path, index: dict):
@@ -91,7 +82,7 @@ def _resumable(directory: Path, header: dict, log) -> list[dict] | None:
     kept = []
     for shard in old.get("shards", []):
         f = directory / shard["file"]
-        if not (f.is_file() and _sha256(f) == shard["sha256"]):
+        if not (f.is_file() and sha256_file(f) == shard["sha256"]):
             break
         kept.append(shard)
     if kept:
@@ -157,7 +148,7 @@ def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, voca
             fname = f"cache-{s:05d}.safetensors"
             write_file(directory / fname, tensors, {"format": "vishwam-teacher-cache"})
             index["shards"].append({"file": fname, "first_window": first, "num_windows": last - first,
-                                    "sha256": _sha256(directory / fname)})
+                                    "sha256": sha256_file(directory / fname)})
             _write_index(directory, index)
         _barrier(f"vishwam teacher cache shard {s}")
     if writer:
@@ -247,7 +238,7 @@ class TeacherCache:
             raise DataError(f"teacher cache shard missing: {path}")
         f = SafetensorsFile(path)  # header and sizes checked: a truncated file fails here, naming itself
         if s not in self._verified:
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 f.close()
                 raise DataError(f"teacher cache shard {path} fails its checksum (corrupt or modified)")
             self._verified.add(s)
