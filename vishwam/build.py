@@ -16,7 +16,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optax
 
 from distill.eplb import LossBalancer
@@ -34,7 +33,7 @@ from .config import RunConfig, config_to_dict
 from .errors import ConfigError
 from .files import atomic_write
 from .fit import check_and_summarize
-from .sharding import batch_sharding, global_batch, make_mesh, tree_shardings
+from .sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
 from .streamed import StreamedTeacher
 from .teachers import TeacherSource, check_cacheable
 from .tracking import log
@@ -205,7 +204,7 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
     probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
                                     batch_size=min(8, cfg.training.batch_size))
     keys = ("input_ids", "mask") + (("segment_ids",) if "segment_ids" in probe else ())  # packed chat rows
-    probe = global_batch({k: probe[k] for k in keys}, _probe_sharding(run, len(probe["mask"])))
+    probe = global_batch({k: probe[k] for k in keys}, rows_sharding(run.mesh, len(probe["mask"])))
     pairs = full_pairs(specs.init_layer_pairs(run.student_config, run.teacher_config),
                        run.student_config.num_hidden_layers, run.teacher_config.num_hidden_layers)
     skeleton = eqx.filter_eval_shape(init_model, run.student_config, key=key, dtype=param_dtype)
@@ -227,16 +226,6 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
     finally:
         if streamed is not teacher.model:
             streamed.close()
-
-
-def _probe_sharding(run: Prepared, rows: int):
-    """The probe's rows over the batch axes when they divide them, else replicated."""
-    sharding = run.batch_sharding
-    axes = sharding.spec[0] or ()
-    shards = 1
-    for axis in (axes,) if isinstance(axes, str) else axes:
-        shards *= run.mesh.shape[axis]
-    return sharding if rows % shards == 0 else jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
 
 
 def optimizer_of(cfg: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -31,7 +31,7 @@ from models import CausalLM, ModelConfig
 from models.decode import KVCache, decode_step, prefill
 from models.sampling import sample_tokens
 
-from .sharding import batch_sharding, spec_for
+from .sharding import rows_sharding, spec_for
 
 #: Prompts up to this many tokens are padded to the next power of two, longer ones to a multiple of it.
 PROMPT_BUCKET = 64
@@ -127,9 +127,7 @@ def _check(ids: np.ndarray, mask: np.ndarray, vocab: int, max_new_tokens: int, t
 def _place(array: np.ndarray, mesh: Mesh | None):
     if mesh is None:
         return jnp.asarray(array)
-    sharding = batch_sharding(mesh, array.ndim)
-    if array.shape[0] % int(np.prod([mesh.shape[a] for a in sharding.spec[0] or ()])):
-        sharding = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = rows_sharding(mesh, array.shape[0], array.ndim)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
@@ -177,6 +175,21 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), jax.device_get(new)], axis=1)
 
 
+def left_pad(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as a left-padded `[len(rows), longest]` int32 batch (pads are 0) and its boolean mask."""
+    width = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):], mask[r, width - len(row):] = row, True
+    return ids, mask
+
+
+def until_eos(tokens: Sequence[int], eos: Sequence[int]) -> tuple[list[int], bool]:
+    """The tokens before the first EOS id, and whether one came."""
+    end = next((n for n, t in enumerate(tokens) if t in eos), None)
+    return list(tokens if end is None else tokens[:end]), end is not None
+
+
 def checkpoint_eos_ids(directory: Path, config: ModelConfig) -> list[int]:
     """The ids a checkpoint's generations end at: `generation_config.json`'s `eos_token_id` (which transformers'
     `generate` uses), else `config.json`'s."""
@@ -193,4 +206,5 @@ def compiled_programs() -> dict[str, int]:
     return {"prefill": _prefill._cache_size(), "decode": _decode._cache_size()}
 
 
-__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "model_mesh", "prompt_bucket"]
+__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "left_pad", "model_mesh",
+           "prompt_bucket", "until_eos"]

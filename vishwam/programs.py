@@ -46,7 +46,7 @@ from .evaluation import eval_sums
 from .files import atomic_write
 from .planner import GiB, Planner, Setup
 from .remap import probe_similarity
-from .sharding import batch_sharding, make_mesh, tree_shardings
+from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
 from .streamed import run_group
 from .targets import Target, resolve_target
 from .train_state import StepConfig, init_state, make_train_step
@@ -78,14 +78,6 @@ def _placed(tree, mesh):
     shardings = tree_shardings(arrays, mesh)
     placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, shardings)
     return eqx.combine(placed, static), shardings
-
-
-def _shards(sharding: NamedSharding) -> int:
-    axes = sharding.spec[0] or ()
-    n = 1
-    for axis in (axes,) if isinstance(axes, str) else axes:
-        n *= sharding.mesh.shape[axis]
-    return n
 
 
 def _replicated(shape, dtype, mesh):
@@ -176,20 +168,12 @@ class AbstractRun:
         is resident, one streamed group otherwise) and the slicing of the student from the mapped layers."""
         rows = min(8, self.cfg.training.batch_size)
         probe = jax.ShapeDtypeStruct((rows, self.cfg.training.seq_len), jnp.int32,
-                                     sharding=self.rows if rows % _shards(self.rows) == 0 else
-                                     NamedSharding(self.mesh, PartitionSpec()))
+                                     sharding=rows_sharding(self.mesh, rows))
         valid = jax.ShapeDtypeStruct(probe.shape, bool, sharding=probe.sharding)
         if resident:
             importance = (activation_stats, (self.teacher, probe, valid), {})
         else:  # group by group, as StreamedTeacher.importance runs it
-            layers = Planner(self.cfg, self.t_config).streamed_layers()
-            group = eqx.filter_eval_shape(lambda: jax.tree.map(
-                lambda x: x[:layers] if eqx.is_array(x) else x, self.teacher.model.layers))
-            group, _ = _placed(group, self.mesh)
-            h, mask, cos, sin = eqx.filter_eval_shape(
-                lambda i, v: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, v)), probe, valid)
-            h, cos, sin = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=probe.sharding if x.ndim == 2 else None)
-                           for x in (h, cos, sin))
+            group, h, mask, cos, sin = self._group_inputs(probe, valid, probe.sharding)
             importance = (jax.jit(stack_stats), (group, h, cos, sin, mask, valid), {})
         s = self.s_config
         param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
@@ -202,18 +186,23 @@ class AbstractRun:
         return {"prune_importance": importance, "prune_slice": (slicer, (sources, index), {})}
 
     def _streamed_group(self):
+        group, h, mask, cos, sin = self._group_inputs(self.batch["input_ids"], None, self.rows)
+        o = self.objective.model_outputs()
+        return (run_group, (group, h, cos, sin, mask, o["output_hidden_states"], o["output_attentions"],
+                            o["output_qkv"]), {})
+
+    def _group_inputs(self, ids, valid, rows_sharding):
+        """One streamed layer group (as many layers as the planner puts in one) and its inputs for `ids`:
+        `(group, h, mask, cos, sin)`, abstract."""
         layers = Planner(self.cfg, self.t_config).streamed_layers()
         group = eqx.filter_eval_shape(lambda: jax.tree.map(
             lambda x: x[:layers] if eqx.is_array(x) else x, self.teacher.model.layers))
         group, _ = _placed(group, self.mesh)
-        ids = self.batch["input_ids"]
         h, mask, cos, sin = eqx.filter_eval_shape(
-            lambda i: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, None)), ids)
-        args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.rows if x.ndim == 2 else None)
-                for x in (h, cos, sin)]
-        o = self.objective.model_outputs()
-        return (run_group, (group, args[0], args[1], args[2], mask, o["output_hidden_states"],
-                             o["output_attentions"], o["output_qkv"]), {})
+            lambda i, v: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, v)), ids, valid)
+        h, cos, sin = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding if x.ndim == 2 else None)
+                       for x in (h, cos, sin))
+        return group, h, mask, cos, sin
 
 
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}

@@ -130,6 +130,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(names if names else None, *([None] * (ndim - 1))))
 
 
+def rows_sharding(mesh: Mesh, rows: int, ndim: int = 2, rules=RULES) -> NamedSharding:
+    """`batch_sharding` for an array of `rows` rows when they divide over the batch axes, else replicated (a
+    probe or a prompt batch of any size)."""
+    sharding = batch_sharding(mesh, ndim, rules)
+    axes = sharding.spec[0] or ()
+    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    return sharding if rows % shards == 0 else NamedSharding(mesh, PartitionSpec())
+
+
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:
     """A host batch as global arrays: every process holds the same global batch (a pure function of seed and
     step) and hands JAX the slice each of its devices owns."""
