@@ -212,8 +212,13 @@ def importance_scores(
     """
     if probe_mask is None:
         probe_mask = jnp.ones(probe_ids.shape, bool)
-    embed, mlp, heads = activation_stats(teacher, probe_ids, probe_mask.astype(bool), segment_ids)
-    groups = heads.reshape(heads.shape[0], teacher.config.num_key_value_heads, -1).sum(-1)
+    return score_dict(*activation_stats(teacher, probe_ids, probe_mask.astype(bool), segment_ids),
+                      num_kv_heads=teacher.config.num_key_value_heads)
+
+
+def score_dict(embed, mlp, heads, *, num_kv_heads: int) -> dict[str, Array]:
+    """The statistics as `importance_scores` returns them, with each KV group's importance (its heads' sum)."""
+    groups = heads.reshape(heads.shape[0], num_kv_heads, -1).sum(-1)
     return {"embed": embed, "mlp": mlp, "heads": heads, "kv_groups": groups}
 
 

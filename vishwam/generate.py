@@ -31,7 +31,7 @@ from .cli import parse_flags, run_main
 from .data import load_tokenizer, read_prompts
 from .errors import ConfigError, DataError
 from .files import atomic_write
-from .generation import checkpoint_eos_ids, generate
+from .generation import checkpoint_eos_ids, generate, left_pad, until_eos
 from .sharding import make_mesh
 
 
@@ -102,21 +102,16 @@ def main(argv: list[str]) -> int:
     for first in range(0, len(order), flags.batch_size):
         rows = order[first:first + flags.batch_size]
         rows = rows + rows[-1:] * (flags.batch_size - len(rows)) if len(order) > flags.batch_size else rows
-        width = max(len(encoded[i]) for i in rows)
-        ids = np.zeros((len(rows), width), np.int32)
-        mask = np.zeros((len(rows), width), bool)
-        for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]):], mask[r, width - len(encoded[i]):] = encoded[i], True
+        ids, mask = left_pad([encoded[i] for i in rows])
+        width = ids.shape[1]
         out = np.asarray(generate(model, ids, mask, max_new_tokens=flags.max_new_tokens,
                                   temperature=flags.temperature, top_k=flags.top_k, top_p=flags.top_p,
                                   eos_token_id=eos, pad_token_id=pad, key=jax.random.fold_in(key, first)))
         for r, i in enumerate(rows):
             if i in completions:
                 continue  # a repeated row filling the last batch
-            new = out[r, width:].tolist()
-            ended = next((n for n, t in enumerate(new) if t in eos), None)
-            new = new if ended is None else new[:ended]
-            new_tokens += len(new) + (ended is not None)
+            new, ended = until_eos(out[r, width:].tolist(), eos)
+            new_tokens += len(new) + ended
             completions[i] = tokenizer.decode(new, skip_special_tokens=True)
             bar.update(1)
         bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s")

@@ -21,8 +21,8 @@ from models import CausalLM, cast_floating
 from .config import RunConfig
 from .data import load_tokenizer, read_prompts
 from .errors import ConfigError, DataError
-from .files import atomic_write
-from .generation import generate
+from .generation import generate, left_pad, until_eos
+from .tracking import truncate_jsonl
 
 
 class Samples:
@@ -47,11 +47,7 @@ class Samples:
             if not ids or max(ids) >= vocab_size:
                 raise DataError(f"sample prompt {prompt[:40]!r} tokenizes to {'no tokens' if not ids else 'ids'}"
                                 f"{'' if not ids else f' beyond the vocabulary ({max(ids)} >= {vocab_size})'}")
-        width = max(map(len, encoded))
-        self.ids = np.zeros((len(encoded), width), np.int32)
-        self.mask = np.zeros((len(encoded), width), bool)
-        for row, ids in enumerate(encoded):
-            self.ids[row, width - len(ids):], self.mask[row, width - len(ids):] = ids, True
+        self.ids, self.mask = left_pad(encoded)
 
     @property
     def enabled(self) -> bool:
@@ -59,19 +55,13 @@ class Samples:
 
     def truncate(self, resume_step: int) -> None:
         """On resume, drop the rows written after the checkpoint (process 0)."""
-        if jax.process_index() != 0 or not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        atomic_write(self.path, "".join(line + "\n" for line in keep))
+        if jax.process_index() == 0:
+            truncate_jsonl(self.path, resume_step)
 
     def _complete(self, model: CausalLM) -> list[str]:
         out = np.asarray(generate(model, self.ids, self.mask, max_new_tokens=self.max_new_tokens,
                                   eos_token_id=self.eos, pad_token_id=self.pad))[:, self.ids.shape[1]:]
-        texts = []
-        for row in out.tolist():
-            end = next((i for i, t in enumerate(row) if t in self.eos), len(row))
-            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
-        return texts
+        return [self.tokenizer.decode(until_eos(row, self.eos)[0], skip_special_tokens=True) for row in out.tolist()]
 
     def __call__(self, step: int, student: CausalLM, teacher: CausalLM | None, compute_dtype) -> list[dict]:
         """Generate and record the samples of `step`; returns the rows."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from distill.objective import Objective, TeacherOutputs
-from distill.student_init import final_norm_stats, stack_stats
+from distill.student_init import final_norm_stats, score_dict, stack_stats
 from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
@@ -107,10 +107,8 @@ class StreamedTeacher:
             embed, mlp, heads = embed + e, mlp + [m], heads + [hd]
             jax.block_until_ready(h)
             del layers
-        heads = jnp.concatenate(heads)
-        return {"embed": embed + _final_norm_stats(self.norm, h, valid), "mlp": jnp.concatenate(mlp),
-                "heads": heads, "kv_groups": heads.reshape(heads.shape[0], self.config.num_key_value_heads,
-                                                           -1).sum(-1)}
+        return score_dict(embed + _final_norm_stats(self.norm, h, valid), jnp.concatenate(mlp),
+                          jnp.concatenate(heads), num_kv_heads=self.config.num_key_value_heads)
 
     def with_layers(self, numbers: list[int]) -> CausalLM:
         """The teacher holding only decoder layers `numbers` (stacked in that order; its config still names

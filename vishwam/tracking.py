@@ -26,6 +26,20 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a `{"step": ...}` JSON-lines file up to `step` (and up to the first unreadable line)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break
+    atomic_write(path, "".join(k + "\n" for k in keep))
+
+
 class Tracker:
     """metrics.jsonl always (process 0), plus an Aim run when `tracking.aim` is on."""
 
@@ -50,16 +64,7 @@ class Tracker:
 
     def _truncate(self, resume_step: int):
         """On resume, drop lines logged after the checkpoint, so the file equals an uninterrupted run's."""
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= resume_step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                break
-        atomic_write(self.path, "".join(k + "\n" for k in keep))
+        truncate_jsonl(self.path, resume_step)
 
     def log(self, step: int, metrics: dict, context: str = "train"):
         if not self.enabled:
