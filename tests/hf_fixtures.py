@@ -53,3 +53,15 @@ def left_padded_batch(seed: int = 0, batch: int = 3, seq: int = 7, vocab: int = 
         ids[b, :pad] = 0
     positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     return ids, mask, positions
+
+
+def hf_greedy_completions(model_dir, tokenizer_dir, prompts, max_new_tokens: int, eos_token_id: int = 0) -> list[str]:
+    """transformers end to end: its tokenizer (left padding), greedy `generate`, the new tokens decoded."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.padding_side = "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]

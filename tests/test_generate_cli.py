@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import transformers
+from hf_fixtures import hf_greedy_completions
 
 import vishwam
 from vishwam.data import load_token_stream
@@ -29,15 +29,7 @@ def _write_prompts(path: Path, prompts=PROMPTS) -> Path:
 
 
 def _reference(prompts, max_new_tokens):
-    """transformers end to end: its tokenizer, left-padded batch, greedy generate, decode up to EOS."""
-    tok = transformers.AutoTokenizer.from_pretrained(DEMO_TEACHER)
-    tok.padding_side = "left"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(DEMO_TEACHER, attn_implementation="eager").eval()
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=0,
-                          pad_token_id=tok.pad_token_id)
-    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    return hf_greedy_completions(DEMO_TEACHER, DEMO_TEACHER, prompts, max_new_tokens)
 
 
 def test_completions_equal_transformers_and_feed_data_train(tmp_path):

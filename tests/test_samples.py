@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
+from hf_fixtures import hf_greedy_completions
 
 from vishwam.cli import load_config
 from vishwam.errors import DataError
@@ -29,14 +28,7 @@ def _config(out: Path, steps: int, *extra: str):
 
 
 def _hf_greedy(directory: Path, prompts, new_tokens: int) -> list[str]:
-    tok = transformers.AutoTokenizer.from_pretrained(TEACHER)
-    tok.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=0,
-                             pad_token_id=tok.pad_token_id)
-    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    return hf_greedy_completions(directory, TEACHER, prompts, new_tokens)
 
 
 class Killed(Exception):
