@@ -171,6 +171,43 @@ class EPLBConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024): a share of each micro-batch's rows are prompts that the
+    current student completes; the loss on those completions is the generalised JSD(beta) between the teacher's
+    and the student's token distributions. Needs chat data (prompts and completions)."""
+
+    _path = "distillation_params.on_policy"
+
+    fraction: float = 0.0
+    """Share of each micro-batch's rows whose completion the student samples (lambda), in [0, 1]; 0 turns
+    on-policy distillation off. Rounded to whole rows per micro-batch."""
+    max_new_tokens: int = 64
+    """Most tokens the student writes per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's completions (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus filter of the student's sampling, in (0, 1] (1: off)."""
+    beta: float = 0.5
+    """Generalised JSD weight of the teacher, in [0, 1]: 0 is forward KL(teacher || student), 1 reverse KL."""
+    every: int = 1
+    """Sample new completions every this many steps; the steps between reuse the last ones."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+    def _check(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise config_error(self._key("fraction"), f"must be in [0, 1], got {self.fraction}")
+        self._positive("max_new_tokens", "every")
+        self._non_negative("temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise config_error(self._key("top_p"), f"must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise config_error(self._key("beta"), f"must be in [0, 1], got {self.beta}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillationParams(Section):
     """The distillation loss: its components, their weights and their settings."""
 
@@ -213,6 +250,8 @@ class DistillationParams(Section):
     """Number of relation heads for attention_loss=relation."""
     eplb: EPLBConfig = dataclasses.field(default_factory=EPLBConfig)
     """Staged progressive distillation."""
+    on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
+    """On-policy distillation on the student's own completions (chat data)."""
 
     def _check(self) -> None:
         weights = ("kd_weight", "ce_weight", "feature_weight", "attention_weight")
@@ -231,5 +270,5 @@ class DistillationParams(Section):
             raise config_error(self._key("attention_layers"), "lists a layer more than once")
 
 
-__all__ = ["DistillationParams", "EPLBConfig", "LayerMappingConfig", "Section", "TemperatureConfig",
+__all__ = ["DistillationParams", "EPLBConfig", "LayerMappingConfig", "OnPolicyConfig", "Section", "TemperatureConfig",
            "config_error", "unvalidated"]

@@ -11,6 +11,11 @@
 - A: attention-pattern KL (GQA-aware teacher-head grouping) or MiniLMv2 q/k/v relations over the attention
   pairs, averaged.
 
+With on-policy distillation (`on_policy.fraction` > 0) the last `on_policy_rows` rows of each micro-batch are
+the student's own completions of prompts: the loss there is the generalised JSD(β) between the teacher's and
+the student's token distributions at T = 1 over the completion tokens (GKD), and the loss above is taken on the
+other rows; the two are weighted by their shares of the rows.
+
 `Objective` is built from the `distillation_params` config section as it is (`Objective.build`); it is static
 (hashable: it keys the jit cache), and the arrays it needs at run time (projections, the balancer's running
 magnitudes) live in the train state and come in as arguments.
@@ -26,10 +31,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .attention import attention_kl_loss, relation_loss
-from .config import DistillationParams
+from .config import DistillationParams, config_error
 from .eplb import LossBalancer, ProgressiveSchedule, balance
 from .features import FeatureProjections, mapped_feature_losses
-from .logits import align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, linear_kd_ce_loss, sparse_kd_loss
+from .logits import (align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, linear_kd_ce_loss, linear_kd_loss,
+                     sparse_kd_loss)
 from .mapping import attention_pairs, layer_mapping
 from .temperature import TemperatureSchedule, adaptive_temperature
 
@@ -53,25 +59,36 @@ class Objective:
         indexes hidden states by these layer numbers, so they must be known when the step is traced.
     - `attention_pairs`: the pairs whose attention is matched.
     - `total_steps`: the run length (`training.max_steps`), over which the temperature schedule runs.
+    - `on_policy_rows`: how many rows at the end of each micro-batch are on-policy (the student's completions);
+        0 without on-policy distillation.
     """
 
     params: DistillationParams = dataclasses.field(default_factory=DistillationParams)
     feature_pairs: Pairs = ()
     attention_pairs: Pairs = ()
     total_steps: int = 1
+    on_policy_rows: int = 0
 
     @classmethod
     def build(cls, params: DistillationParams, *, student_layers: int, teacher_layers: int,
-              total_steps: int) -> "Objective":
+              total_steps: int, micro_batch_size: int = 1) -> "Objective":
         """The objective of `params` for a student and a teacher of these depths: the layer mapping of
         `params.layer_mapping` and the attention pairs (`distill.mapping.attention_pairs`), checked against the
-        depths; with EPLB on, the stage settings checked too."""
+        depths; with EPLB on, the stage settings checked too; with on-policy distillation, its rows per
+        micro-batch of `micro_batch_size` rows (`on_policy_rows`, at least 1)."""
         lm = params.layer_mapping
         pairs = layer_mapping(lm.strategy, student_layers=student_layers, teacher_layers=teacher_layers, k=lm.k,
                               pairs=lm.pairs or None)
         attention = attention_pairs(pairs, params.attention_layers, strategy=lm.strategy, k=lm.k,
                                     student_layers=student_layers, teacher_layers=teacher_layers)
-        objective = cls(params, tuple(pairs), tuple(attention), total_steps)
+        rows = 0
+        if params.on_policy.enabled:
+            rows = int(round(params.on_policy.fraction * micro_batch_size))
+            if rows < 1:
+                raise config_error("distillation_params.on_policy.fraction",
+                                   f"x training.micro_batch_size ({params.on_policy.fraction} x {micro_batch_size}) "
+                                   "rounds to 0 on-policy rows per micro-batch: raise either")
+        objective = cls(params, tuple(pairs), tuple(attention), total_steps, rows)
         if objective.uses_eplb:
             objective.progressive()  # raises ConfigError for impossible stage settings, before anything runs
         return objective
@@ -106,7 +123,7 @@ class Objective:
 
     @property
     def needs_teacher_logits(self) -> bool:
-        return self.params.kd_weight > 0 or self.adaptive_temperature
+        return self.params.kd_weight > 0 or self.adaptive_temperature or self.on_policy_rows > 0
 
     def model_outputs(self) -> dict[str, bool]:
         """The keyword arguments that make a model (student or teacher) return what this objective reads."""
@@ -188,7 +205,8 @@ def distill_loss(
     attention_mask: Array | None = None,
 ):
     """**Returns:** `(loss, metrics, new_balancer)`; metrics are namespaced (`distill/kd`, `distill/ce`,
-    `distill/feature/layer_3`, `distill/temperature`, `eplb/...`).
+    `distill/feature/layer_3`, `distill/temperature`, `eplb/...`; with on-policy rows `on_policy/loss`,
+    `on_policy/top1_agreement` and `off_policy/loss`).
 
     `mask` is where the KD, CE and feature losses count (1 at the positions whose labels are targets);
     `attention_mask` (default `mask`) is the models' key validity, over which the attention losses average their
@@ -196,10 +214,57 @@ def distill_loss(
     matched at every real token.
 
     `student_out.logits` may be None when `objective.fuses_lm_head(teacher.dense)`: the loss then unembeds
-    `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk."""
+    `student_out.last_hidden` with `head_weight` (the student's `unembedding_weight()`) chunk by chunk.
+
+    With `objective.on_policy_rows` = m > 0, the last m rows are on-policy: their loss is the generalised
+    JSD(`on_policy.beta`) at T = 1 over `mask`'s tokens (the student's completion), the rest of the objective
+    is taken on the other rows (none of it on the on-policy rows), and the loss is the row-weighted mean of the
+    two."""
     if student_out.logits is None and not (objective.fuses_lm_head(teacher.dense) and head_weight is not None):
         raise ValueError("distill_loss needs the student's logits, or its last_hidden and head_weight when the "
                          "objective fuses the LM head (Objective.fuses_lm_head)")
+    m = objective.on_policy_rows
+    if m == 0:
+        return _data_loss(objective, student_out, teacher, labels, mask, step, projections, balancer, head_weight,
+                          attention_mask)
+    rows = labels.shape[0]
+    if m > rows:
+        raise ValueError(f"the objective has {m} on-policy rows per micro-batch, the batch {rows} rows")
+    off = rows - m
+    head, tail = (lambda x: x[:off]), (lambda x: x[off:])
+    metrics: dict[str, Array] = {}
+    data_loss, new_balancer = jnp.zeros((), jnp.float32), balancer
+    if off:
+        data_loss, metrics, new_balancer = _data_loss(
+            objective, jax.tree.map(head, student_out), jax.tree.map(head, teacher), labels[:off], mask[:off], step,
+            projections, balancer, head_weight, None if attention_mask is None else attention_mask[:off])
+        metrics["off_policy/loss"] = data_loss
+    s_on, t_logits = jax.tree.map(tail, student_out), teacher.logits[off:]
+    args = dict(temperature=1.0, kind="jsd", beta=objective.params.on_policy.beta,
+                chunk_size=objective.params.logit_chunk_size)
+    if s_on.logits is None:
+        gkd, m_on = linear_kd_loss(s_on.last_hidden, head_weight, t_logits, mask[off:], **args)
+    else:
+        gkd, m_on = kd_loss(s_on.logits, t_logits, mask[off:], **args)
+    metrics["on_policy/loss"] = gkd
+    metrics["on_policy/top1_agreement"] = m_on["distill/top1_agreement"]
+    metrics["loss"] = (off * data_loss + m * gkd) / rows
+    return metrics["loss"], metrics, new_balancer
+
+
+def _data_loss(
+    objective: Objective,
+    student_out,
+    teacher: TeacherOutputs,
+    labels: Int[Array, "batch seq"],
+    mask: Array,
+    step: Int[Array, ""],
+    projections: FeatureProjections | None,
+    balancer: LossBalancer | None,
+    head_weight: Array | None = None,
+    attention_mask: Array | None = None,
+):
+    """The objective on data rows (`distill_loss` without on-policy rows)."""
     p = objective.params
     metrics: dict[str, Array] = {}
     zero = jnp.zeros((), jnp.float32)

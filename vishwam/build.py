@@ -33,6 +33,7 @@ from .config import RunConfig, config_to_dict
 from .errors import ConfigError
 from .files import atomic_write
 from .fit import check_and_summarize
+from .on_policy import Rollout, usable_prompts
 from .sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
 from .streamed import StreamedTeacher
 from .teachers import TeacherSource, check_cacheable
@@ -53,6 +54,8 @@ class Prepared:
     train_data: data_lib.PackedDataset
     eval_data: data_lib.PackedDataset | None
     batch_sharding: jax.sharding.NamedSharding
+    prompts: list | None = None
+    """The training data's prompts, for on-policy distillation (`vishwam.on_policy.prompts_of`)."""
 
     @property
     def out(self) -> Path:
@@ -146,7 +149,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.distillation.teacher_model.loading == "cached":
         check_cacheable(cfg)
     train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
-    return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh))
+    prompts = None
+    if objective.on_policy_rows:
+        if train.segment_ids is None:
+            raise ConfigError("config key 'distillation_params.on_policy.fraction' > 0 needs chat data (rows of "
+                              f"'messages' or 'prompt' + 'completion'), and data.train ({cfg.data.train[0]}) is text")
+        prompts = usable_prompts(train, cfg.distillation_params.on_policy, log=log)
+    return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh), prompts)
 
 
 def check_memory(run: Prepared) -> None:
@@ -254,7 +263,10 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
         if objective.balances:
             e = cfg.distillation_params.eplb
             balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
-        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs)
+        rollout = None
+        if objective.on_policy_rows:
+            rollout = Rollout.empty(objective.on_policy_rows * cfg.training.grad_accum_steps, cfg.training.seq_len)
+        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs, rollout)
 
     if abstract:
         state = eqx.filter_eval_shape(

@@ -326,6 +326,18 @@ class RunConfig(Section):
         if micro % batch_devices:
             raise config_error("training.batch_size", f"gives {micro} sequences per micro-batch, which must divide evenly "
                         f"over parallelism.data x parallelism.fsdp = {batch_devices} devices")
+        on = self.distillation_params.on_policy
+        if on.enabled:
+            if self.distillation.teacher_model.loading == "cached":
+                raise config_error("distillation_params.on_policy.fraction", "> 0 needs a teacher that scores the "
+                                   "student's completions (loading 'resident' or 'streamed'); a cache holds only the "
+                                   "data's rows")
+            if self.data.loss_on != "assistant":
+                raise config_error("distillation_params.on_policy.fraction", "> 0 needs data.loss_on 'assistant' "
+                                   "(the prompts are the tokens before the targets)")
+            if on.max_new_tokens >= self.training.seq_len:
+                raise config_error("distillation_params.on_policy.max_new_tokens", f"({on.max_new_tokens}) must be "
+                                   f"below training.seq_len ({self.training.seq_len})")
 
 
 # ------------------------------------------------------------------------------------------------ serialising

@@ -10,6 +10,7 @@ set, is called after every step (tests stop runs with it). Each part is its own 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import jax
@@ -22,6 +23,7 @@ from .errors import VishwamError
 from .evaluation import evaluate
 from .generation import checkpoint_eos_ids
 from .memory import peak_rss_bytes
+from .on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch
 from .remap import probe_batch, remap, remap_steps
 from .resume import Checkpointer
 from .samples import Samples
@@ -42,6 +44,7 @@ class Run:
         self.objective = self.prepared.objective
         self.state = None
         self.samples: Samples | None = None
+        self.on_policy: OnPolicy | None = None
 
     @property
     def train_data(self):
@@ -64,8 +67,13 @@ class Run:
             ckpt.check_resumable(latest, cfg)  # before anything is loaded or written
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
         pad = run.teacher_config.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
         self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
-                               eos=eos, pad=pad if pad is not None else (eos[0] if eos else 0))
+                               eos=eos, pad=pad)
+        if self.objective.on_policy_rows:
+            self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
+                                      rows=self.objective.on_policy_rows * tr.grad_accum_steps, seq_len=tr.seq_len,
+                                      seed=tr.seed, eos=eos, pad=pad, compute_dtype=DTYPES[tr.compute_dtype])
         build.check_memory(run)
         teacher = self.open_teacher()
         stack.callback(teacher.close)
@@ -112,6 +120,9 @@ class Run:
             stack.callback(bar.close)
             t0 = t_last = time.perf_counter()
             tok_since, last_eval, pending = 0, None, None
+            sampler = self.on_policy
+            rollout = None if sampler is None or start == 0 else host_rollout(state.rollout)
+            data_rows = tr.batch_size - (sampler.rows if sampler else 0)
             for step in range(start, tr.max_steps):
                 if step in remaps and step > 0:
                     state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
@@ -119,9 +130,14 @@ class Run:
                     self.objective = self.objective.with_feature_pairs(state.pairs)
                     tracker.log_mapping(step, self.objective.feature_pairs, sim)
                     train_step = make_step(self.objective)
-                batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=tr.batch_size)
+                if sampler is not None and sampler.due(step):
+                    rollout = sampler.sample(state.student, state.rng(step), step)
+                    state = dataclasses.replace(state, rollout=place_rollout(rollout, shardings.rollout))
+                batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=data_rows)
+                if sampler is not None:
+                    batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
                 t_out = teacher.outputs(batch)
-                batch.pop("window")
+                batch.pop("window", None)
                 state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
                 tok_since += tr.batch_size * tr.seq_len
                 done = step + 1
@@ -133,6 +149,8 @@ class Run:
                 if done % tr.log_every == 0 or done == tr.max_steps:
                     now = time.perf_counter()
                     host = _host_metrics(metrics, state, tokens_per_sec=tok_since / max(now - t_last, 1e-9))
+                    if sampler is not None:
+                        host.update(sampler.metrics(rollout, seconds=now - t_last, batch_size=tr.batch_size))
                     t_last, tok_since = now, 0
                     tracker.log(done, host)
                     bar.update(done, host)

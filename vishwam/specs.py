@@ -75,7 +75,8 @@ def student_config(cfg: RunConfig, teacher: ModelConfig) -> ModelConfig:
 def objective(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig) -> Objective:
     """The run's objective: `distillation_params` as it is, its layer pairs resolved for these two models."""
     return Objective.build(cfg.distillation_params, student_layers=student.num_hidden_layers,
-                           teacher_layers=teacher.num_hidden_layers, total_steps=cfg.training.max_steps)
+                           teacher_layers=teacher.num_hidden_layers, total_steps=cfg.training.max_steps,
+                           micro_batch_size=cfg.training.micro_batch_size)
 
 
 def init_layer_pairs(student: ModelConfig, teacher: ModelConfig) -> tuple[tuple[int, int], ...]:

@@ -16,6 +16,8 @@ from distill.features import FeatureProjections
 from distill.objective import Objective, distill_loss, teacher_outputs
 from models import CausalLM, cast_floating
 
+from .on_policy import Rollout
+
 
 class TrainState(eqx.Module):
     """Everything a step changes, as one pytree (checkpointed whole).
@@ -23,7 +25,8 @@ class TrainState(eqx.Module):
     `student` and `projections` are trained; `balancer` holds EPLB's running loss magnitudes; `key` is the run's
     random key (the raw key data; `rng(purpose)` derives a key from it); `mapping` is the current layer mapping,
     the checkpointed record that EPLB re-mapping rewrites and a resumed run reads the objective's pairs back from;
-    `nonfinite` counts consecutive skipped steps.
+    `nonfinite` counts consecutive skipped steps; `rollout` holds the on-policy rows in use
+    (`vishwam.on_policy.Rollout`; None without on-policy distillation).
     """
 
     step: Int[Array, ""]
@@ -35,6 +38,7 @@ class TrainState(eqx.Module):
     mapping: Int[Array, "pairs 2"]
     nonfinite: Int[Array, ""]
     skipped: Int[Array, ""]
+    rollout: Rollout | None = None
 
     @property
     def trainable(self):
@@ -64,13 +68,13 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
     return optax.chain(*parts), schedule
 
 
-def init_state(student, projections, balancer, optimizer, key, mapping) -> TrainState:
+def init_state(student, projections, balancer, optimizer, key, mapping, rollout: Rollout | None = None) -> TrainState:
     trainable = eqx.filter((student, projections), eqx.is_inexact_array)
     return TrainState(
         step=jnp.zeros((), jnp.int32), student=student, projections=projections, balancer=balancer,
         opt_state=optimizer.init(trainable), key=jax.random.key_data(key),
         mapping=jnp.asarray(mapping if len(mapping) else [[0, 0]], jnp.int32).reshape(-1, 2),
-        nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+        nonfinite=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), rollout=rollout,
     )
 
 

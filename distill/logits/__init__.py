@@ -9,7 +9,8 @@ garbage there (huge, inf or NaN logits, `-100` labels, a zero temperature) chang
 gradient.
 
 - `chunks`: [`chunked_map`][] and the helpers every loss shares (chunk checks, masked mean, temperatures).
-- `dense`: [`kd_loss`][] (forward/reverse KL, JSD, TV) and [`align_vocab`][].
+- `dense`: [`kd_loss`][] (forward/reverse KL, JSD, TV), [`linear_kd_loss`][] (the same with the LM head inside)
+  and [`align_vocab`][].
 - `sparse`: [`teacher_topk`][] (the top-k cache) and [`sparse_kd_loss`][] from it.
 - `ce`: [`cross_entropy_loss`][] with label smoothing.
 - `fused`: [`kd_ce_loss`][] and [`linear_kd_ce_loss`][], forward KL + CE with a closed-form gradient.
@@ -17,7 +18,7 @@ gradient.
 
 from .ce import cross_entropy_loss
 from .chunks import chunked_map
-from .dense import KD_KINDS, align_vocab, kd_loss
+from .dense import KD_KINDS, align_vocab, kd_loss, linear_kd_loss
 from .fused import kd_ce_loss, linear_kd_ce_loss
 from .sparse import sparse_kd_loss, teacher_topk
 
@@ -29,6 +30,7 @@ __all__ = [
     "kd_ce_loss",
     "kd_loss",
     "linear_kd_ce_loss",
+    "linear_kd_loss",
     "sparse_kd_loss",
     "teacher_topk",
 ]

@@ -129,6 +129,39 @@ def kd_loss(
     `(loss, metrics)`: the fp32 mean over valid tokens, and `{"distill/kd": loss, "distill/top1_agreement":
     fraction of valid tokens whose student and teacher argmax agree}`.
     """
+    return _kd(lambda s: s, student_logits, teacher_logits, mask, temperature=temperature, kind=kind, beta=beta,
+               chunk_size=chunk_size)
+
+
+def linear_kd_loss(
+    hidden: Float[Array, "batch seq embed"],
+    weight: Float[Array, "student_vocab embed"],
+    teacher_logits: Float[Array, "batch seq teacher_vocab"],
+    mask: Shaped[Array, "batch seq"],
+    *,
+    temperature: float | Float[Array, ""] | Float[Array, "batch seq"],
+    kind: str,
+    beta: float = 0.5,
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """[`kd_loss`][] of the student logits `hidden @ weight.T`, the LM head applied one chunk at a time.
+
+    Each chunk's logits are computed (in `hidden`'s dtype, as `CausalLM.unembed`) inside the chunk's
+    `jax.checkpoint`, so neither the forward nor the backward pass holds the student's whole
+    `[batch, seq, vocab]` logits; the head's gradient is summed over the chunks by autodiff of the chunk loop.
+
+    **Arguments:** `hidden` is the student's final-normed hidden states (`CausalLM(..., output_logits=False)
+    .last_hidden`), `weight` its `unembedding_weight()`; the rest as [`kd_loss`][].
+
+    **Returns:** as [`kd_loss`][].
+    """
+    head = lambda h: jnp.einsum("bsd,vd->bsv", h, weight.astype(h.dtype))  # noqa: E731
+    return _kd(head, hidden, teacher_logits, mask, temperature=temperature, kind=kind, beta=beta,
+               chunk_size=chunk_size)
+
+
+def _kd(logits_of, student, teacher_logits, mask, *, temperature, kind: str, beta: float, chunk_size):
+    """The mean KD loss of the student logits `logits_of(chunk of student)` (see [`kd_loss`][])."""
     if kind not in KD_KINDS:
         raise ConfigError(f"kd kind must be one of {', '.join(KD_KINDS)}; got {kind!r}")
     if not 0.0 <= beta <= 1.0:
@@ -139,8 +172,8 @@ def kd_loss(
     valid = _as_valid(mask)
 
     def tokens(s, t, temp, v):
-        return _kd_tokens(s, t, temp, v, kind=kind, beta=float(beta))
+        return _kd_tokens(logits_of(s), t, temp, v, kind=kind, beta=float(beta))
 
-    div, agree = chunked_map(tokens, (student_logits, teacher_logits, temperature, valid), chunk_size)
+    div, agree = chunked_map(tokens, (student, teacher_logits, temperature, valid), chunk_size)
     loss = _masked_mean(div, valid)
     return loss, {"distill/kd": loss, "distill/top1_agreement": _masked_mean(agree, valid)}
