@@ -34,3 +34,37 @@ def test_demo_kd_beats_ce_only(tmp_path, monkeypatch):
     for out in (tmp_path / "kd", tmp_path / "ce"):
         assert (out / "student" / "tokenizer.json").is_file() and (out / "eval.json").is_file()
     assert os.path.isdir(ROOT / "vishwam" / "assets" / "demo" / "teacher")
+
+
+def test_chat_demo_distils_on_policy(tmp_path, monkeypatch):
+    """`configs/chat.yaml` as shipped, shortened: the chat teacher answers held-out questions (it was trained for
+    them, not random), and the on-policy run logs its figures and exports a student."""
+    import json
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vishwam.checkpoint import load_pretrained
+    from vishwam.generation import generate, left_pad
+    from vishwam.on_policy import prompt_answers
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "chat"
+    run = Run(load_config("configs/chat.yaml", ["--training.max-steps", "20", "--training.eval-every", "20",
+                                                "--training.save-every", "20", "--training.log-every", "10",
+                                                "--training.output-dir", str(out), "--tracking.aim", "false"]))
+    result = run.train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+    for r in rows:
+        assert r["on_policy/fraction"] == 0.5 and r["on_policy/gen_tokens_per_sec"] > 0
+        assert 0 < r["on_policy/completion_len"] <= 32 and np.isfinite(r["on_policy/loss"])
+    assert np.isfinite(result["eval"]["student_loss"]) and (out / "student" / "config.json").is_file()
+    # The teacher: greedy answers to the first held-out questions, checked against the data's own answers.
+    teacher = load_pretrained("vishwam/assets/demo/chat_teacher", dtype=jnp.float32)
+    prompts, answers = zip(*prompt_answers(run.prepared.eval_data)[:32])
+    ids, mask = left_pad(prompts)
+    out_ids = np.asarray(generate(teacher, ids, mask, max_new_tokens=32, eos_token_id=0))[:, ids.shape[1]:]
+    # An answer's targets run to its EOS (id 0) and the newline the template writes after it; generation ends at EOS.
+    right = sum(list(new[: list(a).index(0) + 1]) == list(a[: list(a).index(0) + 1]) for new, a in zip(out_ids, answers))
+    assert right >= 0.75 * len(prompts), right

@@ -18,7 +18,7 @@ from distill.logits import linear_kd_loss
 from distill.objective import Objective, TeacherOutputs, distill_loss
 from models.transformer import CausalLMOutput
 from vishwam.chat_data import pack_rows
-from vishwam.on_policy import merge, prompts_of, rollout_batch, rollout_rows, step_prompts
+from vishwam.on_policy import merge, prompt_answers, prompts_of, rollout_batch, rollout_rows, step_prompts
 
 ROWS, SEQ, VOCAB, EMBED = 4, 6, 9, 5
 
@@ -158,6 +158,8 @@ def test_prompts_are_each_packed_rows_tokens_before_its_last_target_run():
             (np.array([30, 31]), np.array([0, 0], bool))]  # no target: dropped by packing
     packed = pack_rows(rows, 9, name="t", log=lambda _: None)
     assert [p.tolist() for p in prompts_of(packed)] == [[10, 11, 12, 13, 14], [20]]
+    assert [(p.tolist(), a.tolist()) for p, a in prompt_answers(packed)] == [([10, 11, 12, 13, 14], [15]),
+                                                                            ([20], [21, 22])]
 
 
 def test_completion_rows_keep_the_eos_and_the_loss_counts_the_completion():

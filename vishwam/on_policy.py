@@ -51,21 +51,28 @@ class Rollout(eqx.Module):
         return cls(jnp.zeros((rows, seq_len + 1), jnp.int32), zeros, zeros)
 
 
-def prompts_of(dataset: PackedDataset) -> list[np.ndarray]:
-    """Each packed row's prompt: its tokens before the first token of its last run of targets (so for a
-    conversation, everything up to its last assistant turn's content, that turn's header included). Rows of
+def prompt_answers(dataset: PackedDataset) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each packed row's `(prompt, answer)`: its last run of target tokens (for a conversation, its last
+    assistant turn's content and end token) and every token before it (that turn's header included). Rows of
     `dataset` are its windows' segments; `dataset` must be packed from rows (`PackedDataset.of_rows`)."""
     if dataset.segment_ids is None:
-        raise ValueError("prompts_of needs rows packed with segment ids (chat data)")
-    prompts = []
+        raise ValueError("prompt_answers needs rows packed with segment ids (chat data)")
+    pairs = []
     for ids, segments, targets in zip(dataset.windows, dataset.segment_ids, dataset.targets):
         for s in np.unique(segments[segments > 0]):
             where = np.flatnonzero(segments == s)
             t = targets[where]
             starts = np.flatnonzero(t & ~np.concatenate([[False], t[:-1]]))
             if len(starts) and starts[-1] > 0:
-                prompts.append(ids[where[: starts[-1]]].astype(np.int32))
-    return prompts
+                last = starts[-1]
+                run = last + np.argmin(np.append(t[last:], False))  # the end of the last run
+                pairs.append((ids[where[:last]].astype(np.int32), ids[where[last:run]].astype(np.int32)))
+    return pairs
+
+
+def prompts_of(dataset: PackedDataset) -> list[np.ndarray]:
+    """Each packed row's prompt (see `prompt_answers`)."""
+    return [prompt for prompt, _ in prompt_answers(dataset)]
 
 
 def step_prompts(count: int, *, seed: int, step: int, rows: int) -> np.ndarray:
@@ -190,5 +197,5 @@ def place_rollout(rows: dict[str, np.ndarray], shardings: Rollout) -> Rollout:
                         Rollout(**rows), shardings)
 
 
-__all__ = ["ROLLOUT", "OnPolicy", "Rollout", "host_rollout", "merge", "place_rollout", "prompts_of", "rollout_batch",
-           "rollout_rows", "step_prompts", "usable_prompts"]
+__all__ = ["ROLLOUT", "OnPolicy", "Rollout", "host_rollout", "merge", "place_rollout", "prompt_answers", "prompts_of",
+           "rollout_batch", "rollout_rows", "step_prompts", "usable_prompts"]
