@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from hf_fixtures import hf_greedy_completions
 
@@ -59,7 +60,7 @@ def test_one_prompt_printed(capsys):
     (["--prompt", "x", "--prompts", "y.jsonl"], "exactly one of --prompt"),
     (["--prompts", "missing.jsonl"], "prompts file not found: missing.jsonl"),
     (["--prompts", "BAD"], "bad.jsonl:2: a row needs a non-empty string field 'prompt'"),
-    (["--prompt", "x", "--chat"], "--chat needs chat templates"),
+    (["--prompt", "x", "--chat"], "has no chat template"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature >= 0"),
     (["--prompt", "x", "--max-new-token", "3"], "--max-new-token"),
 ])
@@ -82,3 +83,25 @@ def test_vishwam_generate_is_the_function_after_the_command_module_is_imported()
 
     assert callable(vishwam.generate) and callable(command)
     assert vishwam.generation.generate.__name__ == "generate"
+
+
+def test_chat_prompts_are_user_turns_rendered_as_transformers_does(tmp_path):
+    """`--chat` on the chat demo teacher: each prompt rendered by `apply_chat_template(add_generation_prompt=True)`
+    and continued by transformers' greedy `generate` gives the same completion; the rows are chat data."""
+    chat_teacher = ROOT / "vishwam" / "assets" / "demo" / "chat_teacher"
+    questions = ["What is seven plus five?", "Count from two to six.", "Which is bigger, nine or four?"]
+    out = tmp_path / "chat.jsonl"
+    assert main(["--model", str(chat_teacher), "--prompts", str(_write_prompts(tmp_path / "q.jsonl", questions)), "--chat",
+                 "--max-new-tokens", "24", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = transformers.AutoTokenizer.from_pretrained(chat_teacher)
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat_teacher, attn_implementation="eager").eval()
+    for question, row in zip(questions, rows):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=0, pad_token_id=1)
+        expected = tok.decode(new[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert row["completion"] == expected and row["prompt"] == question
+        assert row["messages"] == [{"role": "user", "content": question},
+                                   {"role": "assistant", "content": expected}]

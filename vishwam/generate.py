@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from .chat import find_template
 from .checkpoint import load_pretrained, resolve_checkpoint_dir
 from .cli import parse_flags, run_main
 from .data import load_tokenizer, read_prompts
@@ -60,7 +61,8 @@ class GenerateFlags:
     fsdp: int = 1
     tensor: int = 1
     chat: bool = False
-    """Render each prompt with the checkpoint's chat template."""
+    """Each prompt is a user turn, rendered with the checkpoint's chat template for the assistant's answer; the
+    rows then carry `messages` (the user turn and the answer) instead of `text`."""
     out: str | None = None
     """Write the rows here (.jsonl) instead of printing them."""
 
@@ -73,9 +75,6 @@ def _prompts(flags: GenerateFlags) -> list[str]:
 
 def main(argv: list[str]) -> int:
     flags = parse_flags(GenerateFlags, argv, __doc__.splitlines()[0])
-    if flags.chat:
-        raise ConfigError("--chat needs chat templates, which land with on-policy distillation; until then pass "
-                          "the rendered prompt text")
     if flags.max_new_tokens < 1 or flags.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     if flags.temperature < 0 or flags.top_k < 0 or not 0 < flags.top_p <= 1:
@@ -91,7 +90,15 @@ def main(argv: list[str]) -> int:
     model = load_pretrained(directory, dtype=dtype, mesh=mesh)
     eos = checkpoint_eos_ids(directory, model.config)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
-    encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
+    if flags.chat:  # each prompt a user turn, rendered for the assistant's answer as apply_chat_template does
+        template = find_template(None, directory)
+        if template is None:
+            raise ConfigError(f"--chat: {directory} has no chat template (chat_template.jinja, or chat_template in "
+                              "tokenizer_config.json)")
+        rendered = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        encoded = [e.ids for e in tokenizer.encode_batch(rendered, add_special_tokens=False)]
+    else:
+        encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
     if not all(encoded):
         raise DataError(f"prompt {next(i for i, e in enumerate(encoded) if not e)} tokenizes to no tokens")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # batches of similar length
@@ -119,8 +126,13 @@ def main(argv: list[str]) -> int:
     seconds = time.perf_counter() - start
     print(f"generated {len(prompts)} rows, {new_tokens} tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} "
           "tokens/s, compilation included)", file=sys.stderr)
-    lines = [json.dumps({"prompt": p, "completion": completions[i], "text": p + completions[i]}, ensure_ascii=False)
-             for i, p in enumerate(prompts)]
+    def row(i: int, p: str) -> dict:
+        if flags.chat:  # a chat row as it is (sequence-level KD on chat data)
+            return {"prompt": p, "completion": completions[i],
+                    "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": completions[i]}]}
+        return {"prompt": p, "completion": completions[i], "text": p + completions[i]}
+
+    lines = [json.dumps(row(i, p), ensure_ascii=False) for i, p in enumerate(prompts)]
     if flags.out is None:
         print("\n".join(lines))
     else:
