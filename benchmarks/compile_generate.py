@@ -1,37 +1,64 @@
-"""Compile vishwam.generate's prefill and decode programs for the Qwen2.5-32B teacher (bf16) on tpu:v5p-16 (fsdp=8),
-batch 8, prompt 1024, 256 new tokens, from abstract inputs, and print XLA's bytes per chip:
-`python -m benchmarks.compile_generate` (needs the [tpu] extra)."""
-import os, time
+"""Compile vishwam.generate's prefill and decode programs at the flagship's size for tpu:v5p-16 (fsdp=8), from
+abstract inputs (`vishwam.generation.generation_programs`, the programs `generate` runs), and print XLA's bytes
+per chip:
+
+- the Qwen2.5-32B teacher (bf16): batch 8, prompt 1024, 256 new tokens (sequence-level KD, samples at eval);
+- the flagship's 7.7B student (`configs/qwen2.5-32b-to-7b.yaml`, bf16 compute) writing on-policy completions:
+  8 rows (on_policy.fraction 0.125 of 8 micro-batches of 8), prompts up to 4096 + 1 - 256 tokens, 256 new tokens.
+
+`python -m benchmarks.compile_generate` (needs the [tpu] extra; a few minutes on 2 CPU cores).
+"""
+
+import os
+import time
+
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-import jax
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
 jax.config.update("jax_platforms", "cpu")
-import jax.numpy as jnp, equinox as eqx
-from vishwam.targets import resolve_target
-from vishwam import specs
-from vishwam.sharding import make_mesh, tree_shardings
-from vishwam.generation import _prefill, _decode, CACHE_AXES, _eos_array
-from vishwam.sharding import spec_for, rows_sharding
-from jax.sharding import NamedSharding
-from models import init_model, cast_floating
-from models.decode import KVCache
-t = resolve_target("tpu:v5p-16", 8)
-mesh = make_mesh(1, 8, 1, devices=t.devices)
-cfg = specs.resolve_architecture("Qwen/Qwen2.5-32B")
-m = eqx.filter_eval_shape(lambda k: cast_floating(init_model(cfg, key=k), jnp.bfloat16), jax.random.key(0))
-arr, static = eqx.partition(m, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-sh = tree_shardings(arr, mesh)
-m = eqx.combine(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arr, sh), static)
-B, P, N = 8, 1024, 256
-slots = P + N - 1
-cs = NamedSharding(mesh, spec_for(CACHE_AXES, (cfg.num_hidden_layers, B, cfg.num_key_value_heads, slots, cfg.head_dim), mesh))
-rs = rows_sharding(mesh, B)
-ids = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=rs); mask = jax.ShapeDtypeStruct((B, P), bool, sharding=rs)
-for name, fn, args, kw in [("prefill", _prefill, (m, ids, mask), dict(slots=slots, cache_sharding=cs, attention_impl="xla"))]:
-    t0 = time.time(); c = fn.lower(*args, **kw).compile(); a = c.memory_analysis()
-    print(name, f"args {a.argument_size_in_bytes/2**30:.2f} out {a.output_size_in_bytes/2**30:.2f} temp {a.temp_size_in_bytes/2**30:.2f} GiB/chip, {time.time()-t0:.0f} s")
-logits, cache = jax.eval_shape(lambda *a: _prefill(*a, slots=slots, cache_sharding=cs, attention_impl="xla"), m, ids, mask)
-cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, KVCache(cs, cs, rs, rows_sharding(mesh, B, 1), NamedSharding(mesh, jax.sharding.PartitionSpec())))
-t0 = time.time()
-c = _decode.lower(m, cache, jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=rs), jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1), _eos_array([]), jnp.int32(0), max_new_tokens=N, cache_sharding=cs).compile()
-a = c.memory_analysis()
-print("decode", f"args {a.argument_size_in_bytes/2**30:.2f} out {a.output_size_in_bytes/2**30:.2f} alias {a.alias_size_in_bytes/2**30:.2f} temp {a.temp_size_in_bytes/2**30:.2f} GiB/chip, {time.time()-t0:.0f} s")
+
+from models import cast_floating, init_model  # noqa: E402
+from vishwam import specs  # noqa: E402
+from vishwam.cli import load_config  # noqa: E402
+from vishwam.generation import generation_programs  # noqa: E402
+from vishwam.sharding import make_mesh, tree_shardings  # noqa: E402
+from vishwam.targets import resolve_target  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def placed(config, mesh):
+    model = eqx.filter_eval_shape(lambda k: cast_floating(init_model(config, key=k), jnp.bfloat16), jax.random.key(0))
+    arrays, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    shardings = tree_shardings(arrays, mesh)
+    return eqx.combine(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays,
+                                    shardings), static)
+
+
+def main() -> None:
+    target = resolve_target("tpu:v5p-16", 8)
+    mesh = make_mesh(1, 8, 1, devices=target.devices)
+    teacher = specs.resolve_architecture("Qwen/Qwen2.5-32B")
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-32b-to-7b.yaml"))
+    student = specs.student_config(cfg, teacher)
+    print(f"# generation programs compiled for tpu:v5p-16 (fsdp=8); {time.strftime('%Y-%m-%d')}, jax "
+          f"{jax.__version__}; GiB per chip of {target.capacity / 2**30:.2f}")
+    for name, config, batch, prompt, new in (("teacher Qwen2.5-32B", teacher, 8, 1024, 256),
+                                             ("student 7.7B on-policy", student, 8, 4096 + 1 - 256, 256)):
+        model = placed(config, mesh)
+        for program, (fn, args, kwargs) in generation_programs(model, batch, prompt, new, mesh,
+                                                               attention_impl="xla").items():
+            t0 = time.time()
+            a = fn.lower(*args, **kwargs).compile().memory_analysis()
+            total = a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes - a.alias_size_in_bytes
+            print(f"{name} {program} (batch {batch}, prompt {prompt}, {new} new): args "
+                  f"{a.argument_size_in_bytes / 2**30:.2f} out {a.output_size_in_bytes / 2**30:.2f} alias "
+                  f"{a.alias_size_in_bytes / 2**30:.2f} temp {a.temp_size_in_bytes / 2**30:.2f} = "
+                  f"{total / 2**30:.2f} GiB/chip, {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

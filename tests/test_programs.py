@@ -165,3 +165,20 @@ def test_the_bytes_of_a_refused_tpu_program_are_read_from_xlas_message():
     assert _hbm_needed(message) == int(126.58 * 2**30)
     assert _hbm_needed("Used 3.5M of 2M hbm") == int(3.5 * 2**20)
     assert _hbm_needed("some other failure") is None
+
+
+def test_on_policy_generation_programs_are_compiled(config, tmp_path):
+    """With on-policy distillation the student's prefill and decode programs are compiled for its rows (2 per
+    micro-batch x 2 micro-batches) at the longest prompt allowed; the train state carries the rollout."""
+    out = tmp_path / "on_policy"
+    proc = dry_run(config, out, "cpu:4", memory="8GiB", extra=[
+        "--distillation-params.on-policy.fraction", "0.5", "--distillation-params.on-policy.max-new-tokens", "8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = json.loads((out / "memory_plan.json").read_text())["programs"]
+    assert {"train", "on_policy_prefill", "on_policy_decode"} <= set(programs), set(programs)
+    for name in ("on_policy_prefill", "on_policy_decode"):
+        assert programs[name]["fits"] is True and programs[name]["total_bytes"] > 0
+    # decode's cache: 2 layers x 4 rows x 1 kv head (the student's) x (32 prompt slots + 7) x head_dim 16 x 2 (k, v)
+    # fp32, donated and aliased: its argument bytes hold it (sharded over the 4 devices or not).
+    cache = 2 * 4 * 1 * (32 + 7) * 16 * 2 * 4
+    assert programs["on_policy_decode"]["alias_bytes"] >= cache / 4

@@ -201,10 +201,37 @@ def checkpoint_eos_ids(directory: Path, config: ModelConfig) -> list[int]:
     return list(config.eos_ids)
 
 
+def generation_programs(model: CausalLM, batch: int, prompt_len: int, max_new_tokens: int, mesh: Mesh,
+                        attention_impl: str = "auto") -> dict:
+    """`generate`'s two programs for `batch` prompts of up to `prompt_len` tokens on `mesh`, as `name -> (jitted
+    function, abstract args, kwargs)` to lower and compile (the compile dry run): `prefill` and `decode`, with the
+    shapes and shardings `generate` gives them. `model` may be abstract (`ShapeDtypeStruct` leaves)."""
+    c = model.config
+    bucket = prompt_bucket(prompt_len)
+    slots = bucket + max_new_tokens - 1
+    shape = (c.num_hidden_layers, batch, c.num_key_value_heads, slots, c.head_dim)
+    cache_sharding = NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh))
+    rows = rows_sharding(mesh, batch)
+    ids = jax.ShapeDtypeStruct((batch, bucket), jnp.int32, sharding=rows)
+    mask = jax.ShapeDtypeStruct((batch, bucket), bool, sharding=rows)
+    prefill_kw = dict(slots=slots, cache_sharding=cache_sharding, attention_impl=attention_impl)
+    logits, cache = jax.eval_shape(functools.partial(_prefill, **prefill_kw), model, ids, mask)
+    placed = KVCache(cache_sharding, cache_sharding, rows, rows_sharding(mesh, batch, 1),
+                     NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), cache, placed)
+    logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=rows_sharding(mesh, batch, logits.ndim))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+    decode_args = (model, cache, logits, jax.random.key(0), scalar(jnp.float32), scalar(jnp.int32),
+                   scalar(jnp.float32), _eos_array([]), scalar(jnp.int32))
+    return {"prefill": (_prefill, (model, ids, mask), prefill_kw),
+            "decode": (_decode, decode_args, dict(max_new_tokens=max_new_tokens, cache_sharding=cache_sharding))}
+
+
 def compiled_programs() -> dict[str, int]:
     """How many prefill and decode programs have been compiled in this process (one per shape bucket)."""
     return {"prefill": _prefill._cache_size(), "decode": _decode._cache_size()}
 
 
-__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "left_pad", "model_mesh",
+__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "generation_programs", "left_pad",
+           "model_mesh",
            "prompt_bucket", "until_eos"]

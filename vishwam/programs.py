@@ -9,7 +9,10 @@ From `config.json` alone (`vishwam.specs`) the teacher, the train state and the 
 - `train`: `vishwam.train_state.make_train_step` (its teacher outputs precomputed when streamed or cached);
 - `eval`: `vishwam.evaluation.eval_sums` on one micro-batch, when the run evaluates;
 - `eplb_probe`: `vishwam.remap.probe_similarity` on the probe sample, when EPLB re-maps with a resident teacher;
-- `streamed_group`: one streamed teacher group's forward (`vishwam.streamed`), with `loading: streamed`.
+- `streamed_group`: one streamed teacher group's forward (`vishwam.streamed`), with `loading: streamed`;
+- `prune_importance`, `prune_slice`: `init: from_teacher`'s ranking and slicing (`distill.student_init`);
+- `on_policy_prefill`, `on_policy_decode`: the student writing its on-policy completions
+  (`vishwam.generation.generation_programs`), with `on_policy.fraction` > 0.
 
 `output_dir/memory_plan.json` gets, per program, XLA's argument/output/alias/temp bytes and their total
 (argument + output + temp − alias) per device, the planner's figure where it models the program (the train
@@ -44,7 +47,9 @@ from .config import RunConfig
 from .errors import ConfigError
 from .evaluation import eval_sums
 from .files import atomic_write
+from .generation import generation_programs
 from .planner import GiB, Planner, Setup
+from .on_policy import Rollout
 from .remap import probe_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
 from .streamed import run_group
@@ -115,7 +120,9 @@ class AbstractRun:
         e = cfg.distillation_params.eplb
         balancer = LossBalancer(len(o.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio) \
             if o.balances else None
-        return init_state(student, projections, balancer, self.optimizer, key, o.feature_pairs)
+        rollout = Rollout.empty(o.on_policy_rows * cfg.training.grad_accum_steps, cfg.training.seq_len) \
+            if o.on_policy_rows else None
+        return init_state(student, projections, balancer, self.optimizer, key, o.feature_pairs, rollout)
 
     def _tokens(self, rows: int) -> dict:
         shape = (rows, self.cfg.training.seq_len)
@@ -161,6 +168,12 @@ class AbstractRun:
             out["streamed_group"] = self._streamed_group()
         if cfg.distillation.student_model.init == "from_teacher":
             out.update(self._pruning(resident))
+        if self.objective.on_policy_rows:  # the student writing its completions (the longest prompts allowed)
+            op = cfg.distillation_params.on_policy
+            student = cast_floating(self.state.student, self.compute_dtype)
+            programs = generation_programs(student, self.objective.on_policy_rows * tr.grad_accum_steps,
+                                           tr.seq_len + 1 - op.max_new_tokens, op.max_new_tokens, self.mesh)
+            out.update({f"on_policy_{name}": program for name, program in programs.items()})
         return out
 
     def _pruning(self, resident: bool) -> dict:
