@@ -308,12 +308,17 @@ def init_model(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> 
 
 
 def cast_floating(tree, dtype):
-    """Cast every floating-point array leaf of `tree` to `dtype` (others untouched)."""
+    """Cast every floating-point array leaf of `tree` to `dtype` (others untouched); an abstract leaf
+    (`jax.ShapeDtypeStruct`) becomes one of `dtype`, its sharding kept."""
     if dtype is None:
         return tree
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x, tree
-    )
+
+    def cast(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact) and x.dtype != dtype:
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype) if eqx.is_inexact_array(x) and x.dtype != dtype else x
+
+    return jax.tree.map(cast, tree)
 
 
 def _repr(self: CausalLM) -> str:

@@ -393,3 +393,18 @@ def test_remat_gradients_equal_saved(checkpoints):
     rematted = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(rematted)):  # recomputed: fp32 rounding differs
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_cast_floating_casts_abstract_leaves_and_keeps_their_sharding():
+    """The compile dry run casts the abstract student to the compute dtype (its on-policy generation programs):
+    abstract floating leaves change dtype, keep shape and sharding; integer leaves and arrays behave as before."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from models import cast_floating
+
+    sharding = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",)), PartitionSpec("fsdp"))
+    tree = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=sharding),
+            "i": jax.ShapeDtypeStruct((4,), jnp.int32, sharding=sharding), "a": jnp.ones(3, jnp.float32)}
+    out = cast_floating(tree, jnp.bfloat16)
+    assert out["w"].dtype == jnp.bfloat16 and out["w"].shape == (4, 2) and out["w"].sharding == sharding
+    assert out["i"].dtype == jnp.int32 and out["a"].dtype == jnp.bfloat16
