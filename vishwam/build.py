@@ -33,7 +33,7 @@ from .config import RunConfig, config_to_dict
 from .errors import ConfigError
 from .files import atomic_write
 from .fit import check_and_summarize
-from .on_policy import Rollout, usable_prompts
+from .on_policy import initial_rollout, usable_prompts
 from .sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
 from .streamed import StreamedTeacher
 from .teachers import TeacherSource, check_cacheable
@@ -55,7 +55,7 @@ class Prepared:
     eval_data: data_lib.PackedDataset | None
     batch_sharding: jax.sharding.NamedSharding
     prompts: list | None = None
-    """The training data's prompts, for on-policy distillation (`vishwam.on_policy.prompts_of`)."""
+    """The training data's prompts, for on-policy distillation (`vishwam.on_policy.usable_prompts`)."""
 
     @property
     def out(self) -> Path:
@@ -263,10 +263,8 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
         if objective.balances:
             e = cfg.distillation_params.eplb
             balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
-        rollout = None
-        if objective.on_policy_rows:
-            rollout = Rollout.empty(objective.on_policy_rows * cfg.training.grad_accum_steps, cfg.training.seq_len)
-        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs, rollout)
+        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs,
+                          initial_rollout(objective, cfg.training))
 
     if abstract:
         state = eqx.filter_eval_shape(

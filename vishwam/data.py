@@ -330,13 +330,19 @@ def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: 
     """
     if step < 0 or batch_size <= 0:
         raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")
-    positions = step * batch_size + np.arange(batch_size)
-    epochs, offsets = np.divmod(positions, dataset.num_windows)
-    indices = np.empty(batch_size, dtype=np.int64)
+    return dataset.batch(epoch_order(step, batch_size, dataset.num_windows,
+                                     lambda epoch: dataset.permutation(seed, epoch)))
+
+
+def epoch_order(step: int, rows: int, count: int, permutation) -> np.ndarray:
+    """The items of a step of `rows`: positions `step * rows ...` of the concatenated epoch orders of `count`
+    items (`permutation(epoch)`, a permutation of `range(count)`), wrapping across epochs."""
+    epochs, offsets = np.divmod(step * rows + np.arange(rows), count)
+    indices = np.empty(rows, dtype=np.int64)
     for epoch in np.unique(epochs):
-        rows = epochs == epoch
-        indices[rows] = dataset.permutation(seed, int(epoch))[offsets[rows]]
-    return dataset.batch(indices)
+        at = epochs == epoch
+        indices[at] = permutation(int(epoch))[offsets[at]]
+    return indices
 
 
 def eval_batches(dataset: PackedDataset, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:

@@ -23,7 +23,7 @@ from .errors import VishwamError
 from .evaluation import evaluate
 from .generation import checkpoint_eos_ids
 from .memory import peak_rss_bytes
-from .on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch
+from .on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from .remap import probe_batch, remap, remap_steps
 from .resume import Checkpointer
 from .samples import Samples
@@ -72,7 +72,7 @@ class Run:
                                eos=eos, pad=pad)
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
-                                      rows=self.objective.on_policy_rows * tr.grad_accum_steps, seq_len=tr.seq_len,
+                                      rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
                                       seed=tr.seed, eos=eos, pad=pad, compute_dtype=DTYPES[tr.compute_dtype])
         build.check_memory(run)
         teacher = self.open_teacher()

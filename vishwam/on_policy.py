@@ -27,9 +27,11 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from distill.config import OnPolicyConfig
+from distill.objective import Objective
 from models import CausalLM, cast_floating
 
-from .data import PackedDataset
+from .config import TrainingConfig
+from .data import PackedDataset, epoch_order
 from .errors import ConfigError
 from .generation import generate, left_pad
 
@@ -76,16 +78,21 @@ def prompts_of(dataset: PackedDataset) -> list[np.ndarray]:
 
 
 def step_prompts(count: int, *, seed: int, step: int, rows: int) -> np.ndarray:
-    """The prompt indices of a step's `rows` on-policy rows: positions `step·rows ...` of the concatenated epoch
-    orders of `count` prompts (`np.random.default_rng([seed, epoch, ROLLOUT])` each), as `batch_for_step` visits
-    windows."""
-    positions = step * rows + np.arange(rows)
-    epochs, offsets = np.divmod(positions, count)
-    out = np.empty(rows, np.int64)
-    for epoch in np.unique(epochs):
-        at = epochs == epoch
-        out[at] = np.random.default_rng([seed, int(epoch), ROLLOUT]).permutation(count)[offsets[at]]
-    return out
+    """The prompt indices of a step's `rows` on-policy rows: every one of `count` prompts once per epoch, in the
+    order `np.random.default_rng([seed, epoch, ROLLOUT])` gives (`vishwam.data.epoch_order`, as `batch_for_step`
+    visits windows)."""
+    return epoch_order(step, rows, count,
+                       lambda epoch: np.random.default_rng([seed, epoch, ROLLOUT]).permutation(count))
+
+
+def step_rows(objective: Objective, training: TrainingConfig) -> int:
+    """On-policy rows per step: `objective.on_policy_rows` in each of the step's micro-batches."""
+    return objective.on_policy_rows * training.grad_accum_steps
+
+
+def initial_rollout(objective: Objective, training: TrainingConfig) -> "Rollout | None":
+    """The train state's `rollout` before the first sampling (None without on-policy distillation)."""
+    return Rollout.empty(step_rows(objective, training), training.seq_len) if objective.on_policy_rows else None
 
 
 def rollout_rows(prompts: Sequence[np.ndarray], generated: np.ndarray, eos: Sequence[int], seq_len: int
@@ -152,7 +159,7 @@ class OnPolicy:
         self.prompts = prompts
         self.params, self.rows, self.seq_len, self.seed = params, rows, seq_len, seed
         self.eos, self.pad, self.compute_dtype = list(eos), pad, compute_dtype
-        self.seconds, self.tokens = 0.0, 0  # generation time and tokens since `rates` was last read
+        self.seconds, self.tokens = 0.0, 0  # generation time and tokens since `metrics` was last read
 
     def due(self, step: int) -> bool:
         return step % self.params.every == 0
@@ -197,5 +204,6 @@ def place_rollout(rows: dict[str, np.ndarray], shardings: Rollout) -> Rollout:
                         Rollout(**rows), shardings)
 
 
-__all__ = ["ROLLOUT", "OnPolicy", "Rollout", "host_rollout", "merge", "place_rollout", "prompt_answers", "prompts_of",
-           "rollout_batch", "rollout_rows", "step_prompts", "usable_prompts"]
+__all__ = ["ROLLOUT", "OnPolicy", "Rollout", "host_rollout", "initial_rollout", "merge", "place_rollout",
+           "prompt_answers", "prompts_of", "rollout_batch", "rollout_rows", "step_prompts", "step_rows",
+           "usable_prompts"]

@@ -49,7 +49,7 @@ from .evaluation import eval_sums
 from .files import atomic_write
 from .generation import generation_programs
 from .planner import GiB, Planner, Setup
-from .on_policy import Rollout
+from .on_policy import initial_rollout, step_rows
 from .remap import probe_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
 from .streamed import run_group
@@ -120,9 +120,8 @@ class AbstractRun:
         e = cfg.distillation_params.eplb
         balancer = LossBalancer(len(o.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio) \
             if o.balances else None
-        rollout = Rollout.empty(o.on_policy_rows * cfg.training.grad_accum_steps, cfg.training.seq_len) \
-            if o.on_policy_rows else None
-        return init_state(student, projections, balancer, self.optimizer, key, o.feature_pairs, rollout)
+        return init_state(student, projections, balancer, self.optimizer, key, o.feature_pairs,
+                          initial_rollout(o, cfg.training))
 
     def _tokens(self, rows: int) -> dict:
         shape = (rows, self.cfg.training.seq_len)
@@ -171,8 +170,8 @@ class AbstractRun:
         if self.objective.on_policy_rows:  # the student writing its completions (the longest prompts allowed)
             op = cfg.distillation_params.on_policy
             student = cast_floating(self.state.student, self.compute_dtype)
-            programs = generation_programs(student, self.objective.on_policy_rows * tr.grad_accum_steps,
-                                           tr.seq_len + 1 - op.max_new_tokens, op.max_new_tokens, self.mesh)
+            programs = generation_programs(student, step_rows(self.objective, tr), tr.seq_len + 1 - op.max_new_tokens,
+                                           op.max_new_tokens, self.mesh)
             out.update({f"on_policy_{name}": program for name, program in programs.items()})
         return out
 
