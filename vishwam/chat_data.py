@@ -1,6 +1,7 @@
 """Chat and instruction data: rows to token ids with per-token targets, packed into windows with segment ids.
 
-A `.jsonl` file is chat data when its rows hold, instead of `text`:
+A `.jsonl` file, a `.parquet` file or a `datasets` `save_to_disk` directory (`vishwam.data.records`; the last two
+need `pyarrow`) is chat data when its rows hold, instead of `text`:
 
 - `messages`: a list of `{"role", "content"}` (roles system, user, assistant, and tool when the template renders
   it; other keys, e.g. `tool_calls`, go to the template as they are), rendered with the chat template
@@ -30,16 +31,18 @@ from tokenizers import Tokenizer
 
 from .chat import ChatTemplate, find_template, token_mask
 from .config import DataConfig
-from .data import PackedDataset, check_vocab, expand_paths, jsonl_records, load_tokenizer
+from .data import PackedDataset, check_vocab, expand_paths, is_table, load_tokenizer, records, table_columns
 from .errors import DataError
 
 Row = tuple[np.ndarray, np.ndarray]  # token ids int32 [n], targets bool [n]
 
 
-def _kind(record) -> str:
-    if isinstance(record, dict) and ("messages" in record or ("prompt" in record and "completion" in record)):
-        return "chat"
-    return "text"
+def _kind(keys) -> str:
+    return "chat" if "messages" in keys or ("prompt" in keys and "completion" in keys) else "text"
+
+
+def _keys(record) -> tuple:
+    return tuple(record) if isinstance(record, dict) else ()
 
 
 def _first_record(path: str):
@@ -55,12 +58,20 @@ def _first_record(path: str):
     return None
 
 
+def _file_kind(path: str) -> str:
+    if is_table(path):
+        return _kind(table_columns(path))
+    if path.lower().endswith(".jsonl"):
+        return _kind(_keys(_first_record(path)))
+    return "text"
+
+
 def is_chat(paths_or_globs: str | Sequence[str]) -> bool:
-    """Whether the files hold chat rows (each `.jsonl` file is judged by its first row; `.txt`, `.npy` are
-    text); a `DataError` names a chat file and a text file when they are mixed."""
+    """Whether the files hold chat rows (a `.jsonl` file is judged by its first row, a table by its columns;
+    `.txt`, `.npy` are text); a `DataError` names a chat file and a text file when they are mixed."""
     kinds: dict[str, str] = {}
     for path in expand_paths(paths_or_globs):
-        kinds.setdefault(_kind(_first_record(path)) if path.lower().endswith(".jsonl") else "text", path)
+        kinds.setdefault(_file_kind(path), path)
     if len(kinds) > 1:
         raise DataError(f"the data mixes chat rows ({kinds['chat']}) and text ({kinds['text']}); give one kind")
     return "chat" in kinds
@@ -98,17 +109,16 @@ def _render(where: str, messages: list[dict], template: ChatTemplate, loss_on: s
 
 def encode_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate | None, *, loss_on: str,
                 eos_id: int | None) -> list[Row]:
-    """Every row of the chat file `path` as `(token ids, targets)` (see the module docstring); a bad row is a
-    `DataError` naming `file:line`."""
+    """Every row of the chat file or table `path` as `(token ids, targets)` (see the module docstring); a bad row
+    is a `DataError` naming `file:line` (a table's: `path row i`)."""
     rendered: list[tuple[int, str, list | None]] = []  # (row, text, assistant spans)
     plain: list[tuple[int, str, str]] = []  # (row, prompt, completion)
     rows: list[Row | None] = []
-    for number, record in jsonl_records(path):
-        where = f"{path}:{number}"
-        if _kind(record) != "chat":
+    for where, record in records(path):
+        if _kind(_keys(record)) != "chat":
             raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
                             f"file's first")
-        if "messages" in record:
+        if "messages" in record and (record["messages"] is not None or "prompt" not in record):
             if template is None:
                 raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
                                 f"data.chat_template, or put chat_template.jinja beside the tokenizer")
@@ -190,8 +200,8 @@ def load_chat_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None,
     def rows_of(paths) -> list[Row]:
         rows = []
         for path in expand_paths(paths):
-            if not path.lower().endswith(".jsonl"):
-                raise DataError(f"{path}: chat data must be .jsonl files")
+            if not (path.lower().endswith(".jsonl") or is_table(path)):
+                raise DataError(f"{path}: chat data must be .jsonl or .parquet files or save_to_disk datasets")
             encoded = encode_rows(path, tokenizer, template, loss_on=d.loss_on, eos_id=eos_id)
             if vocab_size is not None and encoded:
                 check_vocab(np.concatenate([ids for ids, _ in encoded]), vocab_size,

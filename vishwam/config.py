@@ -119,7 +119,8 @@ class DataConfig(Section):
 
     train: tuple[str, ...]
     """Training files or globs (relative to the working directory): .jsonl with 'text' (or chat rows: 'messages',
-    or 'prompt' + 'completion'), .txt, or 1-D token .npy."""
+    or 'prompt' + 'completion'), .txt, 1-D token .npy, or with pyarrow ([data] extra) .parquet files and
+    directories written by datasets' save_to_disk, with the same columns as .jsonl's fields."""
     eval: tuple[str, ...] = ()
     """Evaluation files or globs, in the same formats as train. Empty: see eval_fraction."""
     tokenizer: str | None = None

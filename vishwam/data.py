@@ -6,6 +6,9 @@ Formats (by extension):
 - `.txt`: documents separated by blank lines (a line holding only whitespace); a document holding no blank line
   is one paragraph block, so put documents with inner blank lines in a `.jsonl` instead.
 - `.npy`: a pre-tokenized 1-D integer token stream (`np.save(path, ids)`), used as one document.
+- `.parquet`, and a directory written by HF `datasets`' `save_to_disk` (`state.json` beside its `.arrow` files):
+  one row per document, a string column `text` (like `.jsonl`). These need `pyarrow` (`pip install
+  'vishwam[data]'`); a `DatasetDict`'s directory names its splits, and one split's directory is read.
 
 Text is tokenized with a `tokenizers` `tokenizer.json` without adding special tokens; documents (and `.npy`
 streams) are joined with the EOS id between them. Nothing is cached on disk.
@@ -36,17 +39,30 @@ _INT32_MAX = np.iinfo(np.int32).max
 # ---------------------------------------------------------------------------------------------------- files
 
 
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a directory written by `datasets.Dataset.save_to_disk` (a `state.json` beside it)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
+
+
 def expand_paths(paths_or_globs: str | Sequence[str]) -> list[str]:
-    """Files named by paths and globs, globs expanded in sorted order; a miss is a `DataError` naming it."""
+    """Files named by paths and globs, globs expanded in sorted order, and `save_to_disk` directories as they are;
+    a miss is a `DataError` naming it."""
     patterns = [paths_or_globs] if isinstance(paths_or_globs, (str, os.PathLike)) else list(paths_or_globs)
     files: list[str] = []
     for pattern in patterns:
         pattern = os.fspath(pattern)
         if _GLOB_CHARS.search(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            matches = sorted(p for p in glob.glob(pattern, recursive=True)
+                             if os.path.isfile(p) or is_saved_dataset(p))
             if not matches:
                 raise DataError(f"data glob '{pattern}' matches no files")
             files.extend(matches)
+        elif is_saved_dataset(pattern):
+            files.append(pattern)
+        elif os.path.isfile(os.path.join(pattern, "dataset_dict.json")):
+            splits = sorted(n for n in os.listdir(pattern) if is_saved_dataset(os.path.join(pattern, n)))
+            raise DataError(f"data path '{pattern}' is a saved DatasetDict with splits {', '.join(splits) or '(none)'}; "
+                            f"name one split's directory, e.g. '{os.path.join(pattern, splits[0] if splits else 'train')}'")
         elif os.path.isdir(pattern):
             raise DataError(f"data path '{pattern}' is a directory; name the files or use a glob like "
                             f"'{os.path.join(pattern, '*.jsonl')}'")
@@ -81,14 +97,106 @@ def jsonl_records(path: str) -> list[tuple[int, object]]:
     return records
 
 
-def _jsonl_documents(path: str) -> list[str]:
+def is_table(path: str) -> bool:
+    """Whether `path` is read as a table of rows by `table_records`: a `.parquet` file or a `save_to_disk`
+    directory."""
+    return path.lower().endswith(".parquet") or is_saved_dataset(path)
+
+
+def _pyarrow(path: str):
+    try:
+        import pyarrow  # optional: the [data] extra
+        import pyarrow.parquet  # noqa: F401  (the submodule, for read_table)
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet files and save_to_disk datasets needs pyarrow "
+                        f"(pip install 'vishwam[data]')") from None
+    return pyarrow
+
+
+def _arrow_files(path: str) -> list[str]:
+    """The `.arrow` files of a `save_to_disk` directory, in the order its `state.json` lists them."""
+    where = os.path.join(path, "state.json")
+    try:
+        state = json.loads(_read_bytes(where).decode("utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{where}: not a datasets save_to_disk state (expected '_data_files' with file names)") from None
+    files = [os.path.join(path, name) for name in names]
+    for file in files:
+        if not os.path.isfile(file):
+            raise DataError(f"{where} lists {os.path.basename(file)}, which is not in {path}")
+    return files
+
+
+def read_table(path: str):
+    """A `.parquet` file or a `save_to_disk` directory as one `pyarrow.Table` (a `DataError` names a file that
+    pyarrow cannot read)."""
+    pa = _pyarrow(path)
+    if not is_saved_dataset(path):
+        try:
+            return pa.parquet.read_table(path)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(error).split())})") from None
+    tables = []
+    for file in _arrow_files(path):
+        try:  # datasets writes the Arrow IPC stream format; the file format is read too
+            with pa.memory_map(file) as source:
+                try:
+                    tables.append(pa.ipc.open_stream(source).read_all())
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    tables.append(pa.ipc.open_file(source).read_all())
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{file}: not a readable Arrow file ({' '.join(str(error).split())})") from None
+    if not tables:
+        raise DataError(f"{path}: the saved dataset lists no .arrow files")
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid as error:
+        raise DataError(f"{path}: its .arrow files differ in columns ({' '.join(str(error).split())})") from None
+
+
+def table_columns(path: str) -> list[str]:
+    """The column names of a `.parquet` file or a `save_to_disk` directory, read from its schema alone."""
+    pa = _pyarrow(path)
+    try:
+        if not is_saved_dataset(path):
+            return list(pa.parquet.read_schema(path).names)
+        files = _arrow_files(path)
+        if not files:
+            raise DataError(f"{path}: the saved dataset lists no .arrow files")
+        with pa.memory_map(files[0]) as source:
+            try:
+                return list(pa.ipc.open_stream(source).schema.names)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return list(pa.ipc.open_file(source).schema.names)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot read its columns ({' '.join(str(error).split())})") from None
+
+
+def table_records(path: str) -> list[tuple[str, object]]:
+    """`(where, row as a dict)` of each row of a `.parquet` file or a `save_to_disk` directory; `where` is
+    `path row i` (`i` counts from 0, as `dataset[i]` does)."""
+    return [(f"{path} row {i}", record) for i, record in enumerate(read_table(path).to_pylist())]
+
+
+def records(path: str) -> list[tuple[str, object]]:
+    """`(where, record)` of each row of a `.jsonl` file (`where` is `file:line`) or of a table (`table_records`)."""
+    if is_table(path):
+        return table_records(path)
+    return [(f"{path}:{number}", record) for number, record in jsonl_records(path)]
+
+
+def _documents(path: str) -> list[str]:
+    """The `text` of each row of a `.jsonl` file or a table (empty documents skipped)."""
     documents = []
-    for number, record in jsonl_records(path):
+    for where, record in records(path):
         if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field")
+            raise DataError(f"{where}: expected a {'row' if is_table(path) else 'JSON object'} with a 'text' field")
         text = record["text"]
         if not isinstance(text, str):
-            raise DataError(f"{path}:{number}: field 'text' must be a string, got {type(text).__name__}")
+            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
         if text:
             documents.append(text)
     return documents
@@ -162,7 +270,8 @@ def load_token_stream(
 
     **Arguments:**
 
-    - `paths_or_globs`: files or globs (`.jsonl`, `.txt`, `.npy`), in order; globs expand sorted.
+    - `paths_or_globs`: files or globs (`.jsonl`, `.txt`, `.npy`, `.parquet`) and `save_to_disk` directories, in
+      order; globs expand sorted.
     - `tokenizer_path`: a `tokenizer.json` (or its directory); needed only when some file holds text.
     - `eos_id`: the id put between documents; None joins them with nothing in between.
     - `vocab_size`: when given, every file's ids must fit a vocabulary of this size (`check_vocab`).
@@ -181,12 +290,13 @@ def load_token_stream(
             if vocab_size is not None:
                 check_vocab(pieces[-1], vocab_size, path)
             continue
-        if extension == ".jsonl":
-            documents = _jsonl_documents(path)
+        if extension == ".jsonl" or is_table(path):
+            documents = _documents(path)
         elif extension == ".txt":
             documents = _txt_documents(path)
         else:
-            raise DataError(f"{path}: unsupported data file type '{extension}' (use .jsonl, .txt or .npy)")
+            raise DataError(f"{path}: unsupported data file type '{extension}' (use .jsonl, .txt, .npy, .parquet or "
+                            f"a datasets save_to_disk directory)")
         if tokenizer is None:
             if tokenizer_path is None:
                 raise DataError(f"{path} holds text but no tokenizer is given (set data.tokenizer)")
