@@ -31,7 +31,8 @@ from tokenizers import Tokenizer
 
 from .chat import ChatTemplate, find_template, token_mask
 from .config import DataConfig
-from .data import PackedDataset, check_vocab, expand_paths, is_table, load_tokenizer, records, table_columns
+from .data import PackedDataset, check_vocab, expand_paths, load_tokenizer, records
+from .tables import is_table, table_columns
 from .errors import DataError
 
 Row = tuple[np.ndarray, np.ndarray]  # token ids int32 [n], targets bool [n]
