@@ -174,7 +174,7 @@ def feature_loss(
 
 def mapped_feature_losses(
     student_hidden_states: Sequence[Float[Array, "batch seq student_hidden"]],
-    teacher_hidden_states: Sequence[Float[Array, "batch seq teacher_hidden"]],
+    teacher_hidden_states: Sequence[Float[Array, "batch seq teacher_hidden"] | None],
     mask: TokenMask,
     pairs: Sequence[Sequence[int]],
     projections: FeatureProjections | None,

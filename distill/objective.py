@@ -132,6 +132,17 @@ class Objective:
                     output_attentions=attention and self.params.attention_loss == "kl",
                     output_qkv=attention and self.params.attention_loss == "relation")
 
+    def teacher_model_outputs(self) -> dict:
+        """`model_outputs` for the teacher, narrowed to the layers the losses read: the hidden states of the
+        feature pairs' teacher layers (`hidden_states[t + 1]`) and the attention maps (or q/k/v) of the attention
+        pairs' teacher layers, so the teacher's forward never holds the other layers' (`models.run_layers`)."""
+        o = self.model_outputs()
+        attention = tuple(sorted({t for _, t in self.attention_pairs}))
+        return dict(output_hidden_states=tuple(sorted({t + 1 for _, t in self.feature_pairs}))
+                    if o["output_hidden_states"] else False,
+                    output_attentions=attention if o["output_attentions"] else False,
+                    output_qkv=attention if o["output_qkv"] else False)
+
     def schedule(self) -> TemperatureSchedule:
         """The KD temperature over steps; with the adaptive schedule, the constant `start` it falls back to when
         there are no teacher logits to adapt to."""
@@ -169,9 +180,9 @@ class TeacherOutputs(eqx.Module):
     """
 
     logits: Float[Array, "batch seq vocab"] | None = None
-    hidden_states: tuple[Array, ...] | None = None
-    attentions: tuple[Array, ...] | None = None
-    qkv: tuple[tuple[Array, Array, Array], ...] | None = None
+    hidden_states: tuple[Array | None, ...] | None = None
+    attentions: tuple[Array | None, ...] | None = None
+    qkv: tuple[tuple[Array, Array, Array] | None, ...] | None = None
     topk_values: Float[Array, "batch seq k"] | None = None
     topk_indices: Int[Array, "batch seq k"] | None = None
     tail_logsumexp: Float[Array, "batch seq"] | None = None
@@ -187,7 +198,7 @@ def teacher_outputs(teacher, input_ids, mask, objective: Objective, **call) -> T
     """Run a teacher for the objective (under stop_gradient: the teacher is never differentiated); `call` goes to
     the teacher's `__call__` (e.g. `attention_impl`, `segment_ids`)."""
     teacher = jax.lax.stop_gradient(teacher)
-    out = teacher(input_ids, attention_mask=mask, **objective.model_outputs(), **call)
+    out = teacher(input_ids, attention_mask=mask, **objective.teacher_model_outputs(), **call)
     return jax.lax.stop_gradient(TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states,
                                                 attentions=out.attentions, qkv=out.qkv))
 

@@ -8,6 +8,8 @@ with depth. `CausalLM.layer(i)` returns layer `i` as its own module; `CausalLM.w
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -96,24 +98,26 @@ class CausalLMOutput(eqx.Module):
       outputs of layers 0..L-2, and the *final-normed* output of layer L-1.
     - `attentions`: L entries `[batch, heads, seq, seq]`, per-head attention probabilities (float32).
     - `qkv`: L triples `(q [batch, heads, seq, head_dim], k, v [batch, kv_heads, seq, head_dim])`, after RoPE.
+    - With outputs asked for by index (`CausalLM.__call__`), the entries not asked for are None.
     - `last_hidden`: the final-normed hidden states `[batch, seq, embed]`, returned instead of `logits` when the
       caller unembeds them itself (`output_logits=False`, e.g. a loss fused with the LM head).
     """
 
     logits: Float[Array, "batch seq vocab"] | None
-    hidden_states: tuple[Array, ...] | None = None
-    attentions: tuple[Array, ...] | None = None
-    qkv: tuple[tuple[Array, Array, Array], ...] | None = None
+    hidden_states: tuple[Array | None, ...] | None = None
+    attentions: tuple[Array | None, ...] | None = None
+    qkv: tuple[tuple[Array, Array, Array] | None, ...] | None = None
     last_hidden: Float[Array, "batch seq embed"] | None = None
 
 
 class LayerStackOutput(eqx.Module):
-    """What a run over a stack of layers returns (per-layer entries stacked on a leading axis)."""
+    """What a run over a stack of layers returns: per-layer entries stacked on a leading axis, or, when only some
+    layers were asked for, tuples over the layers with None for the others (`run_layers`)."""
 
     hidden: Float[Array, "batch seq embed"]
-    layer_inputs: Array | None
-    attentions: Array | None
-    qkv: tuple[Array, Array, Array] | None
+    layer_inputs: Array | tuple | None
+    attentions: Array | tuple | None
+    qkv: tuple | None
 
 
 def prepare_inputs(
@@ -144,6 +148,18 @@ def prepare_inputs(
     return mask, cos, sin
 
 
+Layers = bool | tuple[int, ...] | list[int]
+
+
+def _layer_set(request: Layers, n: int) -> frozenset[int]:
+    if isinstance(request, bool):
+        return frozenset(range(n)) if request else frozenset()
+    chosen = frozenset(int(i) for i in request)
+    if any(not 0 <= i < n for i in chosen):
+        raise ValueError(f"layer indices {sorted(chosen)} must lie in [0, {n})")
+    return chosen
+
+
 def run_layers(
     layers: DecoderLayer,
     h: Float[Array, "batch seq embed"],
@@ -151,21 +167,30 @@ def run_layers(
     sin: Float[Array, "batch seq head_dim"],
     mask: CausalMask,
     *,
-    output_hidden_states: bool = False,
-    output_attentions: bool = False,
-    output_qkv: bool = False,
+    output_hidden_states: Layers = False,
+    output_attentions: Layers = False,
+    output_qkv: Layers = False,
     remat: bool = False,
     attention_impl: str = "auto",
 ) -> LayerStackOutput:
     """Run a stack of layers (leading axis = layer) over `h` with `lax.scan`; `remat` saves nothing per layer for
-    the backward pass (the default saves only the weight matmuls' outputs)."""
-    params, static = eqx.partition(layers, eqx.is_array)
+    the backward pass (the default saves only the weight matmuls' outputs).
 
-    def step(carry, layer_params):
+    Each `output_*` is a bool (every layer or none) or the layer indices (in the stack) to return it for: then
+    the scan is cut at those layers, they run one by one with the output asked for, and the others run in scans
+    that return nothing, so only the chosen layers' inputs, attention maps or q/k/v exist (the per-layer entries
+    come back as tuples, None for the layers not chosen). A teacher's forward asks for the mapped layers alone;
+    under differentiation prefer the bools (the scans then index the weights, and their gradients accumulate
+    at full size per scan)."""
+    params, static = eqx.partition(layers, eqx.is_array)
+    n = layers.input_layernorm.weight.shape[0]
+    hid, att, qkv = (_layer_set(r, n) for r in (output_hidden_states, output_attentions, output_qkv))
+
+    def step(carry, layer_params, attentions=bool(att), qkvs=bool(qkv)):
         layer = eqx.combine(layer_params, static)
-        out, probs, qkv = layer(carry, cos, sin, mask, output_attentions=output_attentions, output_qkv=output_qkv,
-                                attention_impl=attention_impl)
-        return out, (carry if output_hidden_states else None, probs, qkv)
+        out, probs, q = layer(carry, cos, sin, mask, output_attentions=attentions, output_qkv=qkvs,
+                              attention_impl=attention_impl)
+        return out, (carry if hid else None, probs, q)
 
     # Under differentiation the scanned body is always rematerialised: with `remat` nothing is saved; without it
     # only the weight matmuls' outputs are, and the attention scores and elementwise work are recomputed. Storing
@@ -174,9 +199,32 @@ def run_layers(
     policies = jax.checkpoint_policies
     policy = policies.nothing_saveable if remat else policies.save_from_both_policies(
         policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(LINEAR_OUTPUT))
-    step = jax.checkpoint(step, prevent_cse=False, policy=policy)
-    h, (inputs, probs, qkv) = jax.lax.scan(step, h, params)
-    return LayerStackOutput(hidden=h, layer_inputs=inputs, attentions=probs, qkv=qkv)
+    every = frozenset(range(n))
+    if all(chosen in (frozenset(), every) for chosen in (hid, att, qkv)):
+        h, (inputs, probs, q) = jax.lax.scan(jax.checkpoint(step, prevent_cse=False, policy=policy), h, params)
+        return LayerStackOutput(hidden=h, layer_inputs=inputs, attentions=probs, qkv=q)
+
+    def quiet(carry, i):  # layer i of the stack, returning nothing but its output
+        layer_params = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), params)
+        return step(carry, layer_params, False, False)[0], None
+
+    quiet = jax.checkpoint(quiet, prevent_cse=False, policy=policy)
+    inputs, probs, qs = [None] * n, [None] * n, [None] * n
+    done = 0
+    for i in sorted(hid | att | qkv):
+        if i > done:
+            h, _ = jax.lax.scan(quiet, h, jnp.arange(done, i))
+        if i in hid:
+            inputs[i] = h
+        layer_params = jax.tree.map(lambda x: x[i], params)
+        one = functools.partial(step, attentions=i in att, qkvs=i in qkv)
+        h, (_, probs[i], qs[i]) = jax.checkpoint(one, prevent_cse=False, policy=policy)(h, layer_params)
+        done = i + 1
+    if done < n:
+        h, _ = jax.lax.scan(quiet, h, jnp.arange(done, n))
+    q = None if not qkv else tuple(tuple(None if t is None else t[k] for t in qs) for k in range(3))
+    return LayerStackOutput(hidden=h, layer_inputs=tuple(inputs) if hid else None,
+                            attentions=tuple(probs) if att else None, qkv=q)
 
 
 class CausalLM(eqx.Module):
@@ -214,9 +262,9 @@ class CausalLM(eqx.Module):
         attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
         position_ids: Int[Array, "batch seq"] | None = None,
         *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_qkv: bool = False,
+        output_hidden_states: Layers = False,
+        output_attentions: Layers = False,
+        output_qkv: Layers = False,
         remat: bool = False,
         attention_impl: str = "auto",
         output_logits: bool = True,
@@ -227,7 +275,9 @@ class CausalLM(eqx.Module):
         - `input_ids`: token ids `[batch, seq]`.
         - `attention_mask`: 1 for real tokens, 0 for padding (left or right), `[batch, seq]`.
         - `position_ids`: optional explicit positions; default counts real tokens (see `prepare_inputs`).
-        - `output_hidden_states`, `output_attentions`, `output_qkv`: which optional outputs to return.
+        - `output_hidden_states`, `output_attentions`, `output_qkv`: which optional outputs to return: a bool
+            (all or none), or the indices to return (`hidden_states` indices 0..L, `attentions`/`qkv` layer
+            indices); the entries not asked for are None, and they are never computed (`run_layers`).
         - `remat`: rematerialise each layer in the backward pass (`jax.checkpoint` per scan step).
         - `attention_impl`: `"auto"` (cuDNN flash attention on GPUs in bf16/fp16 when no attention probabilities
             are asked for, else XLA), `"xla"` or `"cudnn"`; see `models.attention.resolve_implementation`.
@@ -240,20 +290,23 @@ class CausalLM(eqx.Module):
         """
         mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids, segment_ids)
         h = self.embed(input_ids)
+        n = self.config.num_hidden_layers
+        hidden = _layer_set(output_hidden_states, n + 1)
         stack = run_layers(
             self.model.layers, h, cos, sin, mask,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_qkv=output_qkv, remat=remat, attention_impl=attention_impl,
+            output_hidden_states=True if len(hidden) > n else tuple(sorted(hidden - {n})),
+            output_attentions=output_attentions, output_qkv=output_qkv, remat=remat, attention_impl=attention_impl,
         )
         normed = self.model.norm(stack.hidden)
-        n = self.config.num_hidden_layers
         hidden_states = attentions = qkv = None
-        if output_hidden_states:
-            hidden_states = tuple(stack.layer_inputs[i] for i in range(n)) + (normed,)
-        if output_attentions:
+        if hidden:
+            inputs = stack.layer_inputs
+            hidden_states = tuple(None if inputs is None or i not in hidden else inputs[i] for i in range(n)) + (
+                normed if n in hidden else None,)
+        if output_attentions is not False and stack.attentions is not None:
             attentions = tuple(stack.attentions[i] for i in range(n))
-        if output_qkv:
-            qkv = tuple(tuple(t[i] for t in stack.qkv) for i in range(n))
+        if output_qkv is not False and stack.qkv is not None:
+            qkv = tuple(None if stack.qkv[0][i] is None else tuple(t[i] for t in stack.qkv) for i in range(n))
         if not output_logits:
             return CausalLMOutput(logits=None, hidden_states=hidden_states, attentions=attentions, qkv=qkv,
                                   last_hidden=normed)

@@ -408,3 +408,40 @@ def test_cast_floating_casts_abstract_leaves_and_keeps_their_sharding():
     out = cast_floating(tree, jnp.bfloat16)
     assert out["w"].dtype == jnp.bfloat16 and out["w"].shape == (4, 2) and out["w"].sharding == sharding
     assert out["i"].dtype == jnp.int32 and out["a"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_chosen_layers_outputs_match_transformers(tmp_path, family):
+    """Outputs asked for by index (what a teacher's forward asks for: its mapped layers) equal transformers' at
+    those indices, are None elsewhere, and leave the logits and the gradients as they are."""
+    hf = make_hf_model(hf_config(family, kv_heads=2, layers=5))
+    model = vishwam.load_pretrained(save_hf(hf, tmp_path), dtype=jnp.float32)
+    ids, mask, pos = left_padded_batch()
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                 output_hidden_states=True, output_attentions=True)
+    call = dict(attention_mask=jnp.asarray(mask))
+    full = model(jnp.asarray(ids), **call, output_qkv=True)
+    out = model(jnp.asarray(ids), **call, output_hidden_states=(1, 3, 5), output_attentions=(0, 3), output_qkv=(4,))
+    real = mask.astype(bool)
+    _close(np.asarray(out.logits)[real], _np(ref.logits)[real])
+    assert [h is not None for h in out.hidden_states] == [False, True, False, True, False, True]
+    for i in (1, 3, 5):
+        _close(np.asarray(out.hidden_states[i])[real], _np(ref.hidden_states[i])[real])
+    assert [a is not None for a in out.attentions] == [True, False, False, True, False]
+    for i in (0, 3):
+        ours, theirs = np.asarray(out.attentions[i]), _np(ref.attentions[i])
+        for b in range(ids.shape[0]):
+            rows = np.nonzero(real[b])[0]
+            _close(ours[b][:, rows], theirs[b][:, rows])
+    assert [q is not None for q in out.qkv] == [False, False, False, False, True]
+    for ours, theirs in zip(out.qkv[4], full.qkv[4]):
+        _close(ours, theirs)
+
+    def loss(m, chosen):
+        o = m(jnp.asarray(ids), **call, output_attentions=chosen, output_hidden_states=chosen and (2,))
+        return o.attentions[2].sum() + o.hidden_states[2].sum() + o.logits.sum()
+
+    grads = [jax.tree.leaves(eqx.filter_grad(loss)(model, chosen)) for chosen in ((2,), True)]
+    for ours, theirs in zip(*grads):
+        _close(ours, theirs)

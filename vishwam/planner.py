@@ -321,7 +321,7 @@ class Planner:
             student_layers = boundary + (L + 1) * layer_set(s_cfg, c)
             attention = (L + 1) * scores(s_cfg, saved)
         attention += b * S * S  # the boolean mask
-        outputs = objective.model_outputs()
+        outputs, attention_pairs = objective.model_outputs(), objective.attention_pairs
         attn_kl, attn_rel = outputs["output_attentions"], outputs["output_qkv"]
         qkv = lambda m, nbytes: b * S * (local("heads", m.num_attention_heads)  # noqa: E731
                                          + 2 * local("kv_heads", m.num_key_value_heads)) * m.head_dim * nbytes
@@ -351,12 +351,13 @@ class Planner:
             teacher_out = tb_rows * S * (8 * k + 8)  # top-k values and ids, tail logsumexp, label log-prob
         else:
             teacher_out = tb_rows * S * t_vocab * tb if objective.needs_teacher_logits else 0
-            if objective.uses_features:
-                teacher_out += (t_cfg.num_hidden_layers + 1) * tb_rows * S * t_cfg.hidden_size * tb
+            t_hidden, t_attention = (len({t for _, t in p}) for p in (objective.feature_pairs, attention_pairs))
+            if objective.uses_features:  # the mapped layers' alone (`Objective.teacher_model_outputs`)
+                teacher_out += t_hidden * tb_rows * S * t_cfg.hidden_size * tb
             if attn_kl:
-                teacher_out += t_cfg.num_hidden_layers * scores(t_cfg, 4) * (tb_rows // b)
+                teacher_out += t_attention * scores(t_cfg, 4) * (tb_rows // b)
             if attn_rel:
-                teacher_out += t_cfg.num_hidden_layers * qkv(t_cfg, tb) * (tb_rows // b)
+                teacher_out += t_attention * qkv(t_cfg, tb) * (tb_rows // b)
         teacher_fwd = 0 if setup.loading == "cached" else layer_set(t_cfg, tb) + scores(t_cfg, 3 * 4 + tb)
 
         # Weights in flight: the student cast to the compute dtype (sharded), and under fsdp the all-gathered

@@ -25,6 +25,10 @@ def run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bo
                       output_qkv=qkv)
 
 
+def _chosen(request, n: int) -> frozenset[int]:
+    return frozenset(range(n)) if request is True else frozenset(request or ())
+
+
 _stack_stats = eqx.filter_jit(stack_stats)
 _final_norm_stats = eqx.filter_jit(final_norm_stats)
 
@@ -67,6 +71,10 @@ class StreamedTeacher:
 
     def __call__(self, input_ids, attention_mask=None, *, output_hidden_states=False, output_attentions=False,
                  output_qkv=False, segment_ids=None):
+        """The teacher's `CausalLMOutput`, group by group; the `output_*` take a bool or indices, as
+        `CausalLM.__call__` does (each group computes only its own chosen layers')."""
+        n = self.config.num_hidden_layers
+        wanted = [_chosen(output_hidden_states, n + 1), _chosen(output_attentions, n), _chosen(output_qkv, n)]
         h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask, segment_ids)
         hidden, attns, qkvs = [], [], []
         pending = self._pool.submit(self._load, self.groups[0]) if self.prefetch else None
@@ -78,21 +86,23 @@ class StreamedTeacher:
                 self.max_groups_resident = max(self.max_groups_resident, 2)
             else:
                 self.max_groups_resident = max(self.max_groups_resident, 1)
-            out = run_group(layers, h, cos, sin, mask, output_hidden_states, output_attentions, output_qkv)
+            size = group[1] - group[0]
+            local = [tuple(i - group[0] for i in sorted(w) if group[0] <= i < group[1]) for w in wanted]
+            out = run_group(layers, h, cos, sin, mask, *(True if len(c) == size else c for c in local))
             h = out.hidden
-            if output_hidden_states:
-                hidden.extend(out.layer_inputs[i] for i in range(group[1] - group[0]))
-            if output_attentions:
-                attns.extend(out.attentions[i] for i in range(group[1] - group[0]))
-            if output_qkv:
-                qkvs.extend(tuple(t[i] for t in out.qkv) for i in range(group[1] - group[0]))
+            if wanted[0]:
+                hidden.extend(out.layer_inputs[i] if group[0] + i in wanted[0] else None for i in range(size))
+            if wanted[1]:
+                attns.extend(out.attentions[i] if group[0] + i in wanted[1] else None for i in range(size))
+            if wanted[2]:
+                qkvs.extend(tuple(t[i] for t in out.qkv) if group[0] + i in wanted[2] else None for i in range(size))
             jax.block_until_ready(h)
             del layers, out  # release this group before the one after next is read
             pending = nxt
         normed, logits = _head(self.norm, self.head_weight, h)
         return CausalLMOutput(
-            logits=logits, hidden_states=tuple(hidden) + (normed,) if output_hidden_states else None,
-            attentions=tuple(attns) if output_attentions else None, qkv=tuple(qkvs) if output_qkv else None,
+            logits=logits, hidden_states=tuple(hidden) + (normed if n in wanted[0] else None,) if wanted[0] else None,
+            attentions=tuple(attns) if wanted[1] else None, qkv=tuple(qkvs) if wanted[2] else None,
         )
 
     def importance(self, input_ids, attention_mask, segment_ids=None) -> dict:
@@ -123,7 +133,7 @@ class StreamedTeacher:
 
     def outputs(self, batch, objective: Objective) -> TeacherOutputs:
         segments = batch.get("segment_ids")  # packed chat rows: the masks the student sees in the step
-        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]), **objective.model_outputs(),
+        out = self(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]), **objective.teacher_model_outputs(),
                    segment_ids=None if segments is None else jnp.asarray(segments))
         return TeacherOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
                               qkv=out.qkv)
