@@ -182,3 +182,28 @@ def test_on_policy_generation_programs_are_compiled(config, tmp_path):
     # fp32, donated and aliased: its argument bytes hold it (sharded over the 4 devices or not).
     cache = 2 * 4 * 1 * (32 + 7) * 16 * 2 * 4
     assert programs["on_policy_decode"]["alias_bytes"] >= cache / 4
+
+
+def test_chat_data_programs_take_the_batches_the_run_feeds(config, tmp_path):
+    """On chat data the loop's batches carry `segment_ids` and `loss_mask`; the dry run's abstract batches have
+    the same keys, shapes and dtypes, so it compiles the program the run executes (text data: neither)."""
+    from vishwam import chat_data
+    from vishwam.cli import load_config
+    from vishwam.data import batch_for_step
+    from vishwam.programs import AbstractRun
+    from vishwam.targets import resolve_target
+
+    demo = ROOT / "vishwam" / "assets" / "demo"
+    chat = ["--data.train", str(demo / "chat_train.jsonl"), "--data.tokenizer", str(demo / "chat_teacher"),
+            "--data.eval-fraction", "0"]
+    for flags, packed in (([], False), (chat, True)):
+        cfg = load_config(str(config), flags)
+        run = AbstractRun(cfg, resolve_target("cpu:4", 4))
+        if packed:
+            train, _ = chat_data.load_chat_splits(cfg.data, seq_len=cfg.training.seq_len, tokenizer_path=str(
+                demo / "chat_teacher"), eos_id=0, vocab_size=None, log=lambda _: None)
+            real = batch_for_step(train, seed=0, step=0, batch_size=cfg.training.batch_size)
+            real.pop("window")
+            assert {k: (v.shape, str(v.dtype)) for k, v in real.items()} == {
+                k: (v.shape, str(v.dtype)) for k, v in run.batch.items()}
+        assert ({"segment_ids", "loss_mask"} <= set(run.batch)) is packed, sorted(run.batch)

@@ -44,7 +44,8 @@ from models import CausalLM, cast_floating, init_model, prepare_inputs
 from . import specs
 from .build import optimizer_of
 from .config import RunConfig
-from .errors import ConfigError
+from .chat_data import is_chat
+from .errors import ConfigError, DataError
 from .evaluation import eval_sums
 from .files import atomic_write
 from .generation import generation_programs
@@ -77,6 +78,13 @@ class ProgramMemory:
         return None if capacity is None else self.total_bytes <= capacity
 
 
+def _chat_data(cfg: RunConfig) -> bool:
+    try:
+        return is_chat(cfg.data.train)
+    except DataError:
+        return False
+
+
 def _placed(tree, mesh):
     """`tree`'s array leaves as ShapeDtypeStructs with the rule table's shardings on `mesh`."""
     arrays, static = eqx.partition(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct))
@@ -107,6 +115,9 @@ class AbstractRun:
         state = eqx.filter_eval_shape(self._init_state, jax.random.key(0))
         self.state, self.shardings = _placed(state, self.mesh)
         self.rows = batch_sharding(self.mesh)
+        # Chat rows come packed with segment ids and a loss mask, and the programs take them (on-policy needs
+        # chat data); data not on this host is taken for text windows.
+        self.packed = cfg.distillation_params.on_policy.enabled or _chat_data(cfg)
         self.batch = self._tokens(tr.batch_size)
         self.micro = self._tokens(tr.micro_batch_size)
 
@@ -125,7 +136,8 @@ class AbstractRun:
 
     def _tokens(self, rows: int) -> dict:
         shape = (rows, self.cfg.training.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.rows) for k in ("input_ids", "labels", "mask")}
+        keys = ("input_ids", "labels", "mask") + (("segment_ids", "loss_mask") if self.packed else ())
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.rows) for k in keys}
 
     def teacher_outputs(self, rows: int) -> TeacherOutputs:
         """What a streamed or cached teacher hands the step for `rows` sequences."""
