@@ -207,3 +207,25 @@ def test_chat_data_programs_take_the_batches_the_run_feeds(config, tmp_path):
             assert {k: (v.shape, str(v.dtype)) for k, v in real.items()} == {
                 k: (v.shape, str(v.dtype)) for k, v in run.batch.items()}
         assert ({"segment_ids", "loss_mask"} <= set(run.batch)) is packed, sorted(run.batch)
+
+
+def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, monkeypatch):
+    """`training.compile_check: on`: a program XLA says does not fit stops the run with the dry run's one line
+    before the teacher is opened and before output_dir exists; when everything fits the run goes on."""
+    from vishwam import loop
+    from vishwam.cli import load_config
+    from vishwam.errors import ConfigError
+
+    real_open = loop.Run.open_teacher
+    opened = []
+    monkeypatch.setattr(loop.Run, "open_teacher", lambda self: opened.append(1) or real_open(self))
+    out = tmp_path / "out"
+    flags = ["--training.compile-check", "on", "--training.output-dir", str(out), "--training.max-steps", "1"]
+    monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "1MiB")
+    with pytest.raises(ConfigError, match=r"compiled program '\w+' needs .* GiB/device on local \(XLA:CPU\), a "
+                                          r"device holds 1\.00 MiB"):
+        loop.Run(load_config(str(config), flags)).train()
+    assert not opened and not out.exists()
+    monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "8GiB")
+    result = loop.Run(load_config(str(config), flags)).train()
+    assert opened and result["state"].step == 1 and not (out / "memory_plan.json").exists()

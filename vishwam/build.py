@@ -158,6 +158,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh), prompts)
 
 
+def compile_check_due(cfg: RunConfig) -> bool:
+    """Whether the run compiles its programs from abstract shapes before reading weights (`training.compile_check`:
+    'on', or 'auto' on accelerators)."""
+    check = cfg.training.compile_check
+    return check == "on" or (check == "auto" and jax.devices()[0].platform != "cpu")
+
+
 def check_memory(run: Prepared) -> None:
     """Stop (one line) before allocating what cannot fit; else print the plan's summary."""
     check_and_summarize(run.cfg, run.teacher_config)
@@ -281,5 +288,5 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 
 
-__all__ = ["Prepared", "build_state", "check_memory", "detected_cluster", "init_student", "optimizer_of", "prepare",
+__all__ = ["Prepared", "build_state", "check_memory", "compile_check_due", "detected_cluster", "init_student", "optimizer_of", "prepare",
            "setup_distributed", "tokenizer_path"]

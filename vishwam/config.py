@@ -208,6 +208,10 @@ class TrainingConfig(Section):
     compile_target: str | None = None
     """Where a dry run compiles for: tpu:<v4|v5e|v5p|v6e>-<size> (libtpu, the [tpu] extra), cpu:<N> (N simulated
     host devices), or None (this host's devices)."""
+    compile_check: Literal["auto", "on", "off"] = "auto"
+    """Before a run reads any weight: compile its programs from the abstract shapes on this host's devices and stop
+    (one line, exit 2) if XLA's bytes for one exceed a device's capacity. 'auto': on accelerators (GPU, TPU),
+    where it costs a second compile of each program; 'on' also on CPU hosts."""
 
     @property
     def micro_batch_size(self) -> int:

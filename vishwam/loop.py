@@ -23,6 +23,7 @@ from .errors import VishwamError
 from .evaluation import evaluate
 from .generation import checkpoint_eos_ids
 from .memory import peak_rss_bytes
+from .programs import dry_run_compile
 from .on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from .remap import probe_batch, remap, remap_steps
 from .resume import Checkpointer
@@ -75,6 +76,8 @@ class Run:
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
                                       seed=tr.seed, eos=eos, pad=pad, compute_dtype=DTYPES[tr.compute_dtype])
         build.check_memory(run)
+        if build.compile_check_due(cfg):
+            dry_run_compile(cfg, local=True, log=log)  # a misfit raises its one-line ConfigError
         teacher = self.open_teacher()
         stack.callback(teacher.close)
         log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "

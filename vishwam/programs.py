@@ -259,11 +259,12 @@ def compile_program(name: str, fn, args, kwargs) -> ProgramMemory:
     return result
 
 
-def dry_run_compile(cfg: RunConfig, *, log=print) -> dict:
+def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False) -> dict:
     """Compile every program of `cfg` for `training.compile_target`, write `memory_plan.json`, print the table;
-    raise a one-line `ConfigError` when a program does not fit. **Returns:** the plan as written."""
+    raise a one-line `ConfigError` when a program does not fit. `local`: for this host's devices whatever
+    `compile_target` says, writing nothing (a real run's `compile_check`). **Returns:** the plan."""
     tr = cfg.training
-    target = resolve_target(tr.compile_target, cfg.parallelism.num_devices)
+    target = resolve_target(None if local else tr.compile_target, cfg.parallelism.num_devices)
     run = AbstractRun(cfg, target)
     plan = Planner(cfg, run.t_config).plan(Setup.from_config(cfg), target.capacity, target.capacity_source)
     results = []
@@ -281,8 +282,8 @@ def dry_run_compile(cfg: RunConfig, *, log=print) -> dict:
         "programs": {r.name: {**{k: v for k, v in dataclasses.asdict(r).items() if k != "name"},
                               "fits": r.fits(target.capacity)} for r in results},
     }
-    out = Path(tr.output_dir)
-    atomic_write(out / "memory_plan.json", json.dumps(report, indent=2) + "\n")
+    if not local:
+        atomic_write(Path(tr.output_dir) / "memory_plan.json", json.dumps(report, indent=2) + "\n")
     log(render(report))
     if target.name.startswith("cpu:"):
         return report  # XLA:CPU's figures estimate another machine's (a GPU host): reported, not binding
