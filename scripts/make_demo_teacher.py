@@ -9,11 +9,17 @@ Usage::
     python scripts/make_demo_corpus.py     # the corpus first
     python scripts/make_demo_teacher.py    # writes vishwam/assets/demo/teacher/
     python scripts/make_demo_teacher.py --steps 20 --out-dir /tmp/teacher   # a quick smoke run
+
+The quality benchmark's teacher, pretrained on real text (the Python standard library, `make_pysrc_corpus.py`),
+comes from the same script with a larger model and vocabulary (`benchmarks/assets/pysrc/teacher/README.md` has
+the command); it also records the SHA-256 of the corpus it was trained on in `training_data.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -96,6 +102,16 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def corpus_record(train_path: str, eval_path: str) -> dict:
+    """The corpus files' names, sizes and SHA-256 (written beside the teacher as `training_data.json`)."""
+    record = {}
+    for name, path in (("train", train_path), ("eval", eval_path)):
+        with open(path, "rb") as f:
+            data = f.read()
+        record[name] = {"file": os.path.basename(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return record
+
+
 def loss_fn(model: CausalLM, input_ids, labels, mask):
     logits = model(input_ids).logits.astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
@@ -119,9 +135,9 @@ def eval_step(model, input_ids, labels, mask):
     return loss_fn(model, input_ids, labels, mask) * mask.sum(), mask.sum()
 
 
-def evaluate(model, dataset: PackedDataset) -> float:
+def evaluate(model, dataset: PackedDataset, batch_size: int = BATCH_SIZE) -> float:
     total = count = 0.0
-    for batch in eval_batches(dataset, BATCH_SIZE, n=10**9):
+    for batch in eval_batches(dataset, batch_size, n=10**9):
         nll, n = eval_step(model, batch["input_ids"], batch["labels"], batch["mask"])
         total, count = total + float(nll), count + float(n)
     return total / count
@@ -134,24 +150,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--vocab-size", type=int, default=CONFIG.vocab_size)
+    parser.add_argument("--hidden-size", type=int, default=CONFIG.hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=CONFIG.intermediate_size)
+    parser.add_argument("--layers", type=int, default=CONFIG.num_hidden_layers)
+    parser.add_argument("--heads", type=int, default=CONFIG.num_attention_heads)
+    parser.add_argument("--kv-heads", type=int, default=CONFIG.num_key_value_heads)
+    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE)
     args = parser.parse_args()
+    config = dataclasses.replace(
+        CONFIG, vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden_size // args.heads)
+    batch_size = args.batch_size
     start = time.perf_counter()
     train_path = os.path.join(args.data_dir, "train.jsonl")
     eval_path = os.path.join(args.data_dir, "eval.jsonl")
 
     with tempfile.TemporaryDirectory() as tok_dir:
-        train_tokenizer(train_path, tok_dir, CONFIG.vocab_size)
+        train_tokenizer(train_path, tok_dir, config.vocab_size)
         train_tokens = load_token_stream(train_path, tok_dir, EOS_ID)
         eval_tokens = load_token_stream(eval_path, tok_dir, EOS_ID)
         train_set = PackedDataset(train_tokens, SEQ_LEN, name="demo train")
         eval_set = PackedDataset(eval_tokens, SEQ_LEN, name="demo eval")
         text_bytes = os.path.getsize(train_path)
-        print(f"tokenizer: vocab {CONFIG.vocab_size}, {len(train_tokens)} train tokens "
+        print(f"tokenizer: vocab {config.vocab_size}, {len(train_tokens)} train tokens "
               f"({text_bytes / len(train_tokens):.2f} bytes/token), {len(eval_tokens)} eval tokens; "
               f"{train_set.num_windows} train windows, {eval_set.num_windows} eval windows")
-        print(f"unigram entropy of the train tokens: {unigram_entropy(train_tokens, CONFIG.vocab_size):.3f} nats")
+        print(f"unigram entropy of the train tokens: {unigram_entropy(train_tokens, config.vocab_size):.3f} nats")
 
-        model = CausalLM(CONFIG, key=jax.random.key(SEED))
+        model = CausalLM(config, key=jax.random.key(SEED))
         print(f"teacher: {vishwam.count_parameters(model):,} parameters")
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup, decay_steps=args.steps,
@@ -164,12 +193,12 @@ def main() -> None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         train_step = make_train_step(optimizer)
 
-        epochs = args.steps * BATCH_SIZE / train_set.num_windows
-        print(f"training {args.steps} steps of {BATCH_SIZE} x {SEQ_LEN} tokens ({epochs:.1f} epochs)")
+        epochs = args.steps * batch_size / train_set.num_windows
+        print(f"training {args.steps} steps of {batch_size} x {SEQ_LEN} tokens ({epochs:.1f} epochs)")
         recent: list[float] = []
         train_start = time.perf_counter()
         for step in range(args.steps):
-            batch = batch_for_step(train_set, seed=SEED, step=step, batch_size=BATCH_SIZE)
+            batch = batch_for_step(train_set, seed=SEED, step=step, batch_size=batch_size)
             model, opt_state, loss = train_step(model, opt_state, batch["input_ids"], batch["labels"],
                                                 batch["mask"].astype(np.float32))
             recent.append(float(loss))
@@ -179,13 +208,17 @@ def main() -> None:
                       f"{elapsed:6.1f}s", flush=True)
                 recent = []
         train_time = time.perf_counter() - train_start
-        train_loss = evaluate(model, PackedDataset(train_tokens[: len(eval_tokens) * 4], SEQ_LEN))
-        eval_loss = evaluate(model, eval_set)
+        train_loss = evaluate(model, PackedDataset(train_tokens[: len(eval_tokens) * 4], SEQ_LEN), batch_size)
+        eval_loss = evaluate(model, eval_set, batch_size)
         print(f"final: train loss {train_loss:.4f} (first {4 * len(eval_tokens)} train tokens), eval loss "
               f"{eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f}); training took {train_time:.0f}s")
 
-        out = vishwam.save_pretrained(model, args.out_dir, dtype=np.float32, max_shard_size=MAX_SHARD_SIZE,
+        out = vishwam.save_pretrained(model, args.out_dir, dtype=np.float32, max_shard_size=args.max_shard_size,
                                       tokenizer_from=tok_dir)
+        record = {**corpus_record(train_path, eval_path), "steps": args.steps, "eval_loss": round(eval_loss, 4)}
+        with open(os.path.join(out, "training_data.json"), "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
     files = sorted(os.listdir(out))
     print(f"saved {out}: " + ", ".join(f"{f} ({os.path.getsize(os.path.join(out, f)) / 1e3:.0f} KB)"
                                         for f in files))

@@ -110,7 +110,8 @@ def test_teacher_config_resolution(tmp_path):
 
 
 def test_weight_bytes_equal_the_abstract_pytrees_divisible_fsdp(teacher):
-    plan = planner.plan(_cfg(), teacher, device_bytes=BIG)  # fsdp=8; every sharded dim divides by 8
+    # fsdp=8; every sharded dim divides by 8. Feature matching on: its projections are trainable weights too.
+    plan = planner.plan(_cfg("--distillation-params.feature-weight", "1.0"), teacher, device_bytes=BIG)
     t_total, _ = _bytes(teacher, 2)  # bf16 teacher
     s_total, _ = _bytes(plan.student_config, 4)  # fp32 params
     assert plan.teacher_total_bytes == t_total and plan.student_total_bytes == s_total
