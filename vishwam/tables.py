@@ -60,6 +60,15 @@ def _arrow_files(path: str) -> list[str]:
     return files
 
 
+def _ipc_reader(pa, source):
+    """A reader of an `.arrow` file: the IPC stream format `datasets` writes, else the IPC file format."""
+    try:
+        return pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source)
+
+
 def read_table(path: str):
     """A `.parquet` file or a `save_to_disk` directory as one `pyarrow.Table` (a `DataError` names a file that
     pyarrow cannot read)."""
@@ -73,11 +82,7 @@ def read_table(path: str):
     for file in _arrow_files(path):
         try:  # datasets writes the Arrow IPC stream format; the file format is read too
             with pa.memory_map(file) as source:
-                try:
-                    tables.append(pa.ipc.open_stream(source).read_all())
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    tables.append(pa.ipc.open_file(source).read_all())
+                tables.append(_ipc_reader(pa, source).read_all())
         except (pa.ArrowException, OSError) as error:
             raise DataError(f"{file}: not a readable Arrow file ({' '.join(str(error).split())})") from None
     if not tables:
@@ -98,11 +103,7 @@ def table_columns(path: str) -> list[str]:
         if not files:
             raise DataError(f"{path}: the saved dataset lists no .arrow files")
         with pa.memory_map(files[0]) as source:
-            try:
-                return list(pa.ipc.open_stream(source).schema.names)
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return list(pa.ipc.open_file(source).schema.names)
+            return list(_ipc_reader(pa, source).schema.names)
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: cannot read its columns ({' '.join(str(error).split())})") from None
 
