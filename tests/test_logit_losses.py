@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from distill.logits import (
     KD_KINDS,
     align_vocab,
+    chunked_map,
     cross_entropy_loss,
     kd_ce_loss,
     kd_loss,
@@ -567,3 +568,27 @@ def test_linear_kd_ce_equals_unembed_then_kd_ce(tied_vocab):
             np.testing.assert_allclose(ghb, gha, rtol=tol, atol=tol * scale_h, err_msg=what)
             np.testing.assert_allclose(gwb, gwa, rtol=tol, atol=tol * scale_w, err_msg=what)
             assert gwb.dtype == weight.dtype
+
+
+def test_chunks_stay_on_the_devices_that_hold_their_rows():
+    """Rows sharded over 4 devices: each chunk is the same positions of every row, so a device works on its own
+    rows' `[2, chunk, vocab]` logits. (Cutting the flat token axis put a whole chunk on one device, and the scan
+    over chunks then had every device compute every chunk: XLA held a whole `[8, chunk, vocab]` chunk.)"""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vishwam.sharding import make_mesh
+
+    mesh = make_mesh(1, 4, 1)
+    rows, seq, dim, vocab, chunk = 8, 64, 32, 1000, 16
+
+    def per_token(h, w):
+        return chunked_map(lambda x: jax.nn.logsumexp(x @ w.T, axis=-1), (h,), chunk)
+
+    h = jax.ShapeDtypeStruct((rows, seq, dim), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+    w = jax.ShapeDtypeStruct((vocab, dim), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    compiled = jax.jit(per_token).lower(h, w).compile()
+    whole_chunk = rows * chunk * vocab * 4  # one chunk's logits of all rows, fp32
+    assert compiled.memory_analysis().temp_size_in_bytes < whole_chunk
+    assert compiled.output_shardings.spec[0] == "fsdp"  # the per-token outputs stay with their rows
+    hlo = compiled.as_text()
+    assert f"f32[{rows // 4},{chunk},{vocab}]" in hlo and f"f32[{rows},{chunk},{vocab}]" not in hlo

@@ -27,12 +27,15 @@ def chunked_map(fn: Callable[..., Any], arrays: Sequence[Array], chunk_size: int
     Each chunk runs under `jax.checkpoint` inside `lax.map`, so forward and backward hold one chunk's
     intermediates at a time.
 
-    A chunk is `batch · chunk_size` consecutive tokens of the row-major `[batch, seq]` grid, handed to `fn`
-    shaped `[batch, chunk_size]`: cutting the flat token axis is a free reshape, whereas cutting the sequence axis
-    of every row would copy all the logits into chunk-major order. So `fn` must be per-token (each output token
-    depends only on the same token's inputs), which the losses are. When `chunk_size` does not divide `seq`, the
-    sequence is padded (one copy of the inputs) with zeros, False for booleans: `fn` must give finite results
-    there, which sanitising with the mask (passed as one of the arrays) does.
+    A chunk is the same `chunk_size` positions of every row, handed to `fn` shaped `[batch, chunk_size]`, so each
+    row stays on the devices that hold it (the batch axis is sharded over the mesh's batch axes) and every device
+    works on its own rows' chunk. (Cutting the flat `[batch·seq]` token axis instead is a free reshape, but it puts
+    a whole chunk on the devices of one or two rows: the scan over chunks then gathers it and every device
+    computes every chunk, all rows' `[batch, chunk, vocab]` softmaxes, redundantly.) The price is one transposed
+    copy of the (per-device) inputs and outputs. `fn` must be per-token (each output token depends only on the
+    same token's inputs), which the losses are. When `chunk_size` does not divide `seq`, the sequence is padded
+    with zeros, False for booleans: `fn` must give finite results there, which sanitising with the mask (passed as
+    one of the arrays) does.
 
     **Arguments:**
 
@@ -55,20 +58,21 @@ def chunked_map(fn: Callable[..., Any], arrays: Sequence[Array], chunk_size: int
 
 
 def _split_chunks(x: Array, chunk_size: int) -> Array:
-    """`[batch, seq, ...]` -> `[n_chunks, batch, chunk_size, ...]` (flat token chunks, the sequence zero-padded
-    to a multiple of `chunk_size`; see [`chunked_map`][])."""
+    """`[batch, seq, ...]` -> `[n_chunks, batch, chunk_size, ...]`: chunk `j` is positions
+    `j·chunk_size ... (j+1)·chunk_size - 1` of every row (the sequence zero-padded to a multiple of `chunk_size`;
+    see [`chunked_map`][])."""
     batch, seq = x.shape[:2]
     n_chunks = -(-seq // chunk_size)
     pad = n_chunks * chunk_size - seq
     if pad:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(n_chunks, batch, chunk_size, *x.shape[2:])
+    return jnp.moveaxis(x.reshape(batch, n_chunks, chunk_size, *x.shape[2:]), 1, 0)
 
 
 def _merge_chunks(y: Array, seq: int) -> Array:
     """The inverse of `_split_chunks`."""
     n_chunks, batch, chunk_size = y.shape[:3]
-    return y.reshape(batch, n_chunks * chunk_size, *y.shape[3:])[:, :seq]
+    return jnp.moveaxis(y, 0, 1).reshape(batch, n_chunks * chunk_size, *y.shape[3:])[:, :seq]
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
