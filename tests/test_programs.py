@@ -84,12 +84,35 @@ def test_pruning_programs_are_compiled(config, tmp_path, loading):
     assert proc.returncode == 0, proc.stderr[-3000:]
     programs = json.loads((out / "memory_plan.json").read_text())["programs"]
     assert {"prune_importance", "prune_slice"} <= set(programs), set(programs)
+    if loading == "streamed":  # a layer group's forward and the head over the step's hidden states
+        assert {"streamed_group", "streamed_head"} <= set(programs), set(programs)
+        # the head's output: the step's teacher logits, 8 rows x 32 x vocab 96 in fp32, rows over 4 devices
+        assert programs["streamed_head"]["output_bytes"] >= 8 * 32 * 96 * 4 // 4
     student_fp32_bytes = 4 * sum(n for n in (96 * 32 * 2, 32, 2 * (32 * 32 * 2 + 2 * 16 * 32 + 3 * 48 * 32 + 32 +
                                                                  16 * 2 + 2 * 32)))
     # 4 devices, fsdp: each holds about a quarter of the student (small leaves replicated)
     assert programs["prune_slice"]["output_bytes"] < student_fp32_bytes / 2
     for name in ("prune_importance", "prune_slice"):
         assert programs[name]["fits"] is True and programs[name]["total_bytes"] > 0
+
+
+def test_a_cached_teacher_compiles_its_cache_build(config, tmp_path):
+    """`loading: cached`: the run builds a missing cache, so the cache build's program is compiled, its output the
+    cache rows of one micro-batch (4 rows over 4 devices): top-k values, ids, tail and label log-probability, and
+    the two mapped teacher layers' hidden states (feature matching on) in float32."""
+    out = tmp_path / "cached"
+    proc = dry_run(config, out, "cpu:4", memory="8GiB", extra=[
+        "--distillation.teacher-model.loading", "cached", "--distillation.teacher-model.top-k", "8",
+        "--distillation.teacher-model.cache-dir", str(tmp_path / "cache"),
+        "--distillation-params.logit-chunk-size", "8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = json.loads((out / "memory_plan.json").read_text())["programs"]
+    assert {"train", "eval", "cache_build"} <= set(programs) and "eplb_probe" not in programs, set(programs)
+    rows, S, k, D = 4, 32, 8, 32
+    per_token = 4 * k + 4 * k + 4 + 4 + 2 * D * 4
+    tuple_table = 6 * 8  # XLA counts the 6 outputs' pointers in the output bytes
+    assert programs["cache_build"]["output_bytes"] == rows * S * per_token // 4 + tuple_table
+    assert programs["cache_build"]["fits"] is True
 
 
 def test_cpu_estimates_are_reported_not_binding(config, tmp_path):
@@ -128,9 +151,11 @@ def _np_log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def test_evaluation_matches_a_numpy_reference(tmp_path):
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_evaluation_matches_a_numpy_reference(tmp_path, chunk_size):
     """Micro-batched evaluation (one program for every teacher kind) against float64 NumPy over the same tokens,
-    with a partly filled last batch (masked rows)."""
+    with a partly filled last batch (masked rows); the logits all at once, and in chunks of 5 positions (not
+    dividing the 12 of a window: the padded tail is left out)."""
     from models import ModelConfig
 
     t_cfg = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -141,7 +166,8 @@ def test_evaluation_matches_a_numpy_reference(tmp_path):
     data = PackedDataset(rng.integers(0, 48, 7 * 12 + 1).astype(np.int32), 12, name="data.eval")  # 7 windows
     mesh = make_mesh(1, 1, 1)
     result = evaluate(student, TeacherSource(teacher), data, step=3, batch_size=4, micro_batch_size=2, num_batches=2,
-                      compute_dtype=jnp.float32, batch_sharding=batch_sharding(mesh), out_dir=tmp_path, log=print)
+                      compute_dtype=jnp.float32, batch_sharding=batch_sharding(mesh), out_dir=tmp_path, log=print,
+                      chunk_size=chunk_size)
     ids = data.windows[:, :-1]
     labels = data.windows[:, 1:]
     s = _np_log_softmax(np.asarray(student(jnp.asarray(ids)).logits, np.float64))
@@ -229,3 +255,54 @@ def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, m
     monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "8GiB")
     result = loop.Run(load_config(str(config), flags)).train()
     assert opened and result["state"].step == 1 and not (out / "memory_plan.json").exists()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_evaluation_of_streamed_and_cached_teachers_matches_numpy(chunk_size):
+    """The evaluation program with the teacher's outputs handed in: full logits (a streamed teacher) and a top-k
+    cache (its KL is that of the collapsed top-k + tail distributions), against float64 NumPy, with masked tokens."""
+    from distill.logits import teacher_topk
+    from distill.objective import TeacherOutputs
+    from models import ModelConfig
+    from vishwam.evaluation import eval_sums
+
+    V, k = 48, 6
+    cfg = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    student = init_model(cfg, key=jax.random.key(2))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, (3, 12)).astype(np.int32)
+    labels = rng.integers(0, V, (3, 12)).astype(np.int32)
+    mask = np.ones((3, 12), np.int32)
+    mask[2, 7:] = 0
+    t_logits = rng.normal(0, 2, (3, 12, V)).astype(np.float32)
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "mask": jnp.asarray(mask)}
+    s = _np_log_softmax(np.asarray(student(jnp.asarray(ids)).logits, np.float64))
+    t = _np_log_softmax(t_logits.astype(np.float64))
+    m = mask.astype(bool)
+    pick = lambda lp: -np.take_along_axis(lp, labels[..., None], -1)[..., 0]  # noqa: E731
+
+    dense = eval_sums(None, student, batch, TeacherOutputs(logits=jnp.asarray(t_logits)), compute_dtype=jnp.float32,
+                      chunk_size=chunk_size)
+    assert float(dense["tokens"]) == m.sum()
+    assert float(dense["student_nll"]) == pytest.approx(pick(s)[m].sum(), rel=1e-5)
+    assert float(dense["teacher_nll"]) == pytest.approx(pick(t)[m].sum(), rel=1e-5)
+    assert float(dense["kl"]) == pytest.approx((np.exp(t) * (t - s)).sum(-1)[m].sum(), rel=1e-4)
+    assert float(dense["agree"]) == (s.argmax(-1) == t.argmax(-1))[m].sum()
+
+    values, indices, tail = teacher_topk(jnp.asarray(t_logits), k)
+    label_logprob = -pick(t).astype(np.float32)
+    cached = eval_sums(None, student, batch, TeacherOutputs(topk_values=values, topk_indices=indices,
+                                                             tail_logsumexp=tail,
+                                                             label_logprob=jnp.asarray(label_logprob)),
+                       compute_dtype=jnp.float32, chunk_size=chunk_size)
+    top = np.argsort(-t_logits, -1)[..., :k]
+    p = np.concatenate([np.take_along_axis(t, top, -1), np.log1p(-np.exp(np.take_along_axis(t, top, -1)).sum(-1,
+                        keepdims=True).clip(max=1 - 1e-12))], -1)
+    q_top = np.take_along_axis(s, top, -1)
+    q = np.concatenate([q_top, np.log1p(-np.exp(q_top).sum(-1, keepdims=True))], -1)
+    collapsed_kl = (np.exp(p) * (p - q)).sum(-1)
+    assert float(cached["student_nll"]) == pytest.approx(pick(s)[m].sum(), rel=1e-5)
+    assert float(cached["teacher_nll"]) == pytest.approx(pick(t)[m].sum(), rel=1e-5)
+    assert float(cached["kl"]) == pytest.approx(collapsed_kl[m].sum(), rel=1e-4)
+    assert float(cached["agree"]) == (s.argmax(-1) == top[..., 0])[m].sum()

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill.logits import align_vocab, sparse_kd_loss
+from distill.logits import align_vocab, chunked_map, sparse_kd_tokens
 from distill.objective import TeacherOutputs
 from models import CausalLM, cast_floating
 
@@ -39,46 +39,58 @@ def _nll(logits, labels):
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def _token_stats(s_logits, t_logits, labels):
+    """Per token of a dense teacher: the student's and the teacher's NLL, KL(teacher ‖ student), top-1 agreement."""
+    s_logits, t_logits = s_logits.astype(jnp.float32), t_logits.astype(jnp.float32)
+    teacher_nll = _nll(t_logits, labels)
+    s, t = align_vocab(s_logits, t_logits)
+    s_logp, t_logp = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    agree = (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32)
+    return _nll(s_logits, labels), teacher_nll, kl, agree
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "chunk_size"))
 def eval_sums(teacher: CausalLM | None, student: CausalLM, batch: dict, teacher_out: TeacherOutputs | None, *,
-              compute_dtype) -> dict:
+              compute_dtype, chunk_size: int | None = None) -> dict:
     """Sums over one micro-batch: `student_nll`, `teacher_nll`, `kl`, `agree`, `tokens` (valid tokens).
 
     The teacher is `teacher` run here (resident) or its precomputed `teacher_out`: full logits (streamed) or
-    top-k cache rows."""
+    top-k cache rows. The logits are made and reduced `chunk_size` positions of every row at a time
+    (`distill.logits.chunked_map`, as the training loss does): with a resident teacher both LM heads run inside
+    the chunks, so no `[rows, seq, vocab]` array of either model exists; `None` does all positions at once."""
     student = cast_floating(student, compute_dtype)
     counted = batch.get("loss_mask", batch["mask"])  # chat data: the target tokens
     mask = counted.astype(jnp.float32)
     segments = batch.get("segment_ids")
-    s_logits = student(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments).logits
-    s_logits = s_logits.astype(jnp.float32)
-    if teacher_out is None:
-        teacher_out = TeacherOutputs(logits=teacher(batch["input_ids"], attention_mask=batch["mask"],
-                                                    segment_ids=segments).logits)
-    tokens = jnp.sum(mask)
-    if teacher_out.dense:
-        t_logits = teacher_out.logits.astype(jnp.float32)
-        teacher_nll = _nll(t_logits, batch["labels"])
-        s, t = align_vocab(s_logits, t_logits)
-        s_logp, t_logp = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
-        kl = jnp.sum(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * mask)
-        t_top1 = jnp.argmax(t, -1)
-        s_top1 = jnp.argmax(s, -1)
+    s_hidden = student(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments,
+                       output_logits=False).last_hidden
+    labels = batch["labels"]
+    if teacher_out is None:  # resident: the teacher's final hidden states, its head applied per chunk
+        t_hidden = teacher(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments,
+                           output_logits=False).last_hidden
+        per_token = chunked_map(lambda h, g, y: _token_stats(student.unembed(h), teacher.unembed(g), y),
+                                (s_hidden, t_hidden, labels), chunk_size)
+    elif teacher_out.dense:
+        per_token = chunked_map(lambda h, t, y: _token_stats(student.unembed(h), t, y),
+                                (s_hidden, teacher_out.logits, labels), chunk_size)
     else:
-        teacher_nll = -teacher_out.label_logprob
-        kl_mean, _ = sparse_kd_loss(s_logits, teacher_out.topk_values, teacher_out.topk_indices,
-                                    teacher_out.tail_logsumexp, counted, temperature=1.0)
-        kl = kl_mean * tokens
-        t_top1 = teacher_out.topk_indices[..., 0]
-        s_top1 = jnp.argmax(s_logits, -1)
-    agree = (s_top1 == t_top1).astype(jnp.float32)
-    return {"student_nll": jnp.sum(_nll(s_logits, batch["labels"]) * mask), "teacher_nll": jnp.sum(teacher_nll * mask),
-            "kl": kl, "agree": jnp.sum(agree * mask), "tokens": tokens}
+        def cached(h, values, indices, tail, label_logprob, y, valid):
+            s_logits = student.unembed(h).astype(jnp.float32)
+            kl, agree, _ = sparse_kd_tokens(s_logits, values, indices, tail, valid)  # agreement: with the top-1
+            return _nll(s_logits, y), -label_logprob, kl, agree
+
+        per_token = chunked_map(cached, (s_hidden, teacher_out.topk_values, teacher_out.topk_indices,
+                                         teacher_out.tail_logsumexp, teacher_out.label_logprob, labels,
+                                         counted.astype(bool)), chunk_size)
+    student_nll, teacher_nll, kl, agree = (jnp.sum(jnp.where(mask > 0, x, 0.0)) for x in per_token)
+    return {"student_nll": student_nll, "teacher_nll": teacher_nll, "kl": kl, "agree": agree,
+            "tokens": jnp.sum(mask)}
 
 
 def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, step: int, batch_size: int,
              micro_batch_size: int, num_batches: int, compute_dtype, batch_sharding, out_dir: Path | None,
-             log: Callable[[str], None]) -> dict:
+             log: Callable[[str], None], chunk_size: int | None = None) -> dict:
     """Evaluate `student` against `teacher` on the first `num_batches` batches of `data`; write `eval.json` to
     `out_dir` (process 0) and return the result (see the module docstring)."""
     sums: dict[str, float] = {}
@@ -88,7 +100,7 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
             t_out = teacher.outputs(micro, "eval")  # a cache reads the rows of micro["window"]
             micro.pop("window")
             out = jax.device_get(eval_sums(teacher.in_step, student, global_batch(micro, batch_sharding), t_out,
-                                           compute_dtype=compute_dtype))
+                                           compute_dtype=compute_dtype, chunk_size=chunk_size))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
     n = max(sums.get("tokens", 0.0), 1.0)

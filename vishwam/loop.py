@@ -114,7 +114,7 @@ class Run:
                 result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
                                   micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
                                   compute_dtype=compute_dtype, batch_sharding=run.batch_sharding, out_dir=run.out,
-                                  log=log)
+                                  log=log, chunk_size=self.objective.params.logit_chunk_size)
                 tracker.log(step, result, context="eval")
                 tracker.log_samples(step, self.samples(step, state.student, teacher.model, compute_dtype))
                 return result

@@ -11,7 +11,7 @@ gradient.
 - `chunks`: [`chunked_map`][] and the helpers every loss shares (chunk checks, masked mean, temperatures).
 - `dense`: [`kd_loss`][] (forward/reverse KL, JSD, TV), [`linear_kd_loss`][] (the same with the LM head inside)
   and [`align_vocab`][].
-- `sparse`: [`teacher_topk`][] (the top-k cache) and [`sparse_kd_loss`][] from it.
+- `sparse`: [`teacher_topk`][] (the top-k cache) and [`sparse_kd_loss`][] from it ([`sparse_kd_tokens`][]: per token).
 - `ce`: [`cross_entropy_loss`][] with label smoothing.
 - `fused`: [`kd_ce_loss`][] and [`linear_kd_ce_loss`][], forward KL + CE with a closed-form gradient.
 """
@@ -20,7 +20,7 @@ from .ce import cross_entropy_loss
 from .chunks import chunked_map
 from .dense import KD_KINDS, align_vocab, kd_loss, linear_kd_loss
 from .fused import kd_ce_loss, linear_kd_ce_loss
-from .sparse import sparse_kd_loss, teacher_topk
+from .sparse import sparse_kd_loss, sparse_kd_tokens, teacher_topk
 
 __all__ = [
     "KD_KINDS",
@@ -32,5 +32,6 @@ __all__ = [
     "linear_kd_ce_loss",
     "linear_kd_loss",
     "sparse_kd_loss",
+    "sparse_kd_tokens",
     "teacher_topk",
 ]

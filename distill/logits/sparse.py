@@ -4,7 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Shaped
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ..errors import ConfigError
 from .chunks import _as_valid, _check_chunk_size, _masked_mean, _token_temperature, chunked_map
@@ -95,6 +95,21 @@ def _sparse_kd_tokens(student, values, indices, tail_lse, temperature, valid, *,
     teacher_top1 = jnp.take_along_axis(idx, jnp.argmax(v, axis=-1)[..., None], axis=-1)[..., 0]
     agree = (jnp.argmax(s, axis=-1) == teacher_top1).astype(jnp.float32)
     return div, agree, tail_mass
+
+
+def sparse_kd_tokens(
+    student_logits: Float[Array, "batch seq vocab"],
+    topk_values: Float[Array, "batch seq k"],
+    topk_indices: Int[Array, "batch seq k"],
+    tail_logsumexp: Float[Array, "batch seq"],
+    valid: Bool[Array, "batch seq"],
+) -> tuple[Float[Array, "batch seq"], Float[Array, "batch seq"], Float[Array, "batch seq"]]:
+    """[`sparse_kd_loss`][] at `T = 1` before its reduction, for a caller that sums over chunks itself
+    (evaluation): per token the KL of the collapsed distributions, whether the student's top-1 is the cache's
+    top-1, and the teacher's tail mass. Values at tokens where `valid` is False are finite and meaningless."""
+    n_tail = student_logits.shape[-1] - topk_values.shape[-1]
+    return _sparse_kd_tokens(student_logits, topk_values, topk_indices, tail_logsumexp,
+                             jnp.ones(valid.shape, jnp.float32), valid, n_tail=n_tail)
 
 
 def sparse_kd_loss(
