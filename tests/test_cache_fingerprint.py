@@ -196,7 +196,7 @@ def test_a_build_for_another_fingerprint_resumes_nothing_and_deletes_the_old_sha
     a = PackedDataset(rng.integers(2, 96, 40 * 9).astype(np.int32), 8)
     b = PackedDataset(rng.integers(2, 96, 20 * 9).astype(np.int32), 8)
     calls = {"n": 0}
-    original = T._cache_rows
+    original = T.cache_rows
 
     def counted(*args, **kwargs):
         calls["n"] += 1
@@ -205,7 +205,7 @@ def test_a_build_for_another_fingerprint_resumes_nothing_and_deletes_the_old_sha
     def listing():
         return sorted(p.name for p in (tmp_path / "c").iterdir())
 
-    monkeypatch.setattr(T, "_cache_rows", counted)
+    monkeypatch.setattr(T, "cache_rows", counted)
     kw = dict(top_k=4, vocab_size=96, windows_per_shard=16, batch_size=4)
     shards = [f"cache-0000{i}.safetensors" for i in range(3)]
     for fingerprint, batches in (({"x": 1}, 10), ({"x": 1}, 0), ({"x": 2}, 10)):

@@ -18,6 +18,7 @@ import vishwam
 from distill.logits import teacher_topk
 from vishwam.data import PackedDataset
 from vishwam.errors import DataError
+from vishwam.sharding import make_mesh, shard_tree
 from vishwam.streamed import StreamedTeacher
 from vishwam.teacher_cache import TeacherCache, build_cache
 
@@ -79,8 +80,11 @@ def small_cache(teacher_dir, tmp_path):
     tokens = np.random.default_rng(1).integers(2, 96, 40 * 9).astype(np.int32)
     data = PackedDataset(tokens, 8)
     directory = tmp_path / "cache"
-    index = build_cache(teacher, data, directory, top_k=5, vocab_size=96, hidden_layers=(2,), windows_per_shard=16,
-                        batch_size=4)
+    # The teacher and the rows spread over 4 devices, logits in chunks of 3 positions (not dividing the 8 of a
+    # window), as a run builds it.
+    mesh = make_mesh(1, 4, 1)
+    index = build_cache(shard_tree(teacher, mesh), data, directory, top_k=5, vocab_size=96, hidden_layers=(2,),
+                        windows_per_shard=16, batch_size=4, mesh=mesh, chunk_size=3)
     return teacher, data, directory, index
 
 
@@ -130,7 +134,7 @@ def test_interrupted_build_resumes_without_redoing_finished_shards(teacher_dir, 
     data = PackedDataset(np.random.default_rng(2).integers(2, 96, 48 * 9).astype(np.int32), 8)
     directory = tmp_path / "cache"
     calls = {"n": 0}
-    original = T._cache_rows
+    original = T.cache_rows
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -138,14 +142,14 @@ def test_interrupted_build_resumes_without_redoing_finished_shards(teacher_dir, 
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_cache_rows", failing)
+    monkeypatch.setattr(T, "cache_rows", failing)
     with pytest.raises(KeyboardInterrupt):
         build_cache(teacher, data, directory, top_k=4, vocab_size=96, windows_per_shard=16, batch_size=4)
     index = json.loads((directory / "index.json").read_text())
     assert [s["file"] for s in index["shards"]] == ["cache-00000.safetensors"]
     first_mtime = (directory / "cache-00000.safetensors").stat().st_mtime_ns
     calls["n"] = 0
-    monkeypatch.setattr(T, "_cache_rows", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), original(*a, **k))[1])
+    monkeypatch.setattr(T, "cache_rows", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), original(*a, **k))[1])
     index = build_cache(teacher, data, directory, top_k=4, vocab_size=96, windows_per_shard=16, batch_size=4)
     assert calls["n"] == 8  # only shards 1 and 2 (4 batches each) were computed again
     assert (directory / "cache-00000.safetensors").stat().st_mtime_ns == first_mtime

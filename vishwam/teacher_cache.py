@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distill.logits import teacher_topk
+from distill.logits import chunked_map, teacher_topk
 from distill.objective import TeacherOutputs
 from models import CausalLM
 
@@ -28,6 +28,7 @@ from .cache_fingerprint import describe_change
 from .errors import DataError
 from .files import atomic_write, sha256_file
 from .safetensors_io import SafetensorsFile, write_file
+from .sharding import global_batch, rows_sharding
 
 CACHE_VERSION = 1
 
@@ -39,12 +40,23 @@ def _write_index(directory: Path, index: dict):
     atomic_write(directory / "index.json", json.dumps(index, indent=1))
 
 
-@eqx.filter_jit
-def _cache_rows(teacher: CausalLM, ids, labels, mask, segment_ids, k: int, vocab: int, layers: tuple[int, ...]):
-    out = teacher(ids, attention_mask=mask, output_hidden_states=bool(layers), segment_ids=segment_ids)
-    logits = out.logits.astype(jnp.float32)[..., :vocab]
-    values, indices, tail = teacher_topk(logits, k)
-    label_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
+@functools.partial(jax.jit, static_argnames=("k", "vocab", "layers", "chunk_size"))
+def cache_rows(teacher: CausalLM, batch: dict, *, k: int, vocab: int, layers: tuple[int, ...] = (),
+               chunk_size: int | None = None) -> dict:
+    """The cache's rows for one batch of windows (`input_ids`, `labels`, `mask`, optional `segment_ids`): the
+    teacher's top-k logits, the logsumexp of the rest and the label's log-probability, made `chunk_size`
+    positions of every row at a time with the LM head inside the chunks (no `[rows, seq, vocab]` array), and the
+    hidden states of `layers` (the mapped teacher layers' outputs) in float32."""
+    out = teacher(batch["input_ids"], attention_mask=batch["mask"], segment_ids=batch.get("segment_ids"),
+                  output_hidden_states=tuple(layer + 1 for layer in layers) or False, output_logits=False)
+
+    def tokens(h, labels):
+        logits = teacher.unembed(h).astype(jnp.float32)[..., :vocab]
+        values, indices, tail = teacher_topk(logits, k)
+        label_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)[..., 0]
+        return values, indices, tail, label_logp
+
+    values, indices, tail, label_logp = chunked_map(tokens, (out.last_hidden, batch["labels"]), chunk_size)
     rows = {"topk_values": values, "topk_indices": indices, "tail_logsumexp": tail, "label_logprob": label_logp}
     for layer in layers:
         rows[f"hidden_{layer}"] = out.hidden_states[layer + 1].astype(jnp.float32)
@@ -101,14 +113,16 @@ def _clear(directory: Path, index: dict, keep: set[str]) -> None:
 
 def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, vocab_size: int,
                 hidden_layers: tuple[int, ...] = (), windows_per_shard: int = 256, batch_size: int = 8,
-                meta: dict | None = None, fingerprint: dict | None = None, log=print) -> dict:
+                meta: dict | None = None, fingerprint: dict | None = None, log=print, mesh=None,
+                chunk_size: int | None = None) -> dict:
     """Run `teacher` once over every window of `dataset` and store its outputs in `directory` (see module doc).
 
     Resumable: shards already listed in `index.json` (and whose checksum still matches) are kept, the build goes
     on from the first missing one, provided the index was built with the same settings and `fingerprint`
     (`vishwam.cache_fingerprint`, stored in the index); otherwise the cache is rebuilt from scratch, its old
     shards deleted. `meta` holds notes stored in the index (e.g. the teacher's path), not compared. Returns the
-    index.
+    index. The teacher runs on `batch_size` windows at a time (`cache_rows`), their rows spread over `mesh`'s batch
+    axes when they divide them, its logits `chunk_size` positions at a time.
 
     Multi-process: every process runs the teacher (it is sharded over all of them) and must call this; process 0
     alone writes the shards and the index (each through a uniquely named temporary file renamed into place), and
@@ -139,8 +153,11 @@ def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, voca
             idx = np.arange(begin, min(last, begin + batch_size))
             pad = batch_size - len(idx)
             batch = dataset.batch(np.concatenate([idx, np.full(pad, idx[-1])]))
-            rows = _cache_rows(teacher, batch["input_ids"], batch["labels"], batch["mask"], batch.get("segment_ids"),
-                               top_k, vocab_size, tuple(hidden_layers))
+            batch.pop("window", None)
+            if mesh is not None:
+                batch = global_batch(batch, rows_sharding(mesh, batch_size))
+            rows = cache_rows(teacher, batch, k=top_k, vocab=vocab_size, layers=tuple(hidden_layers),
+                              chunk_size=chunk_size)
             for name, value in _host(rows).items():
                 parts.setdefault(name, []).append(value[: len(idx)])
         if writer:

@@ -144,7 +144,9 @@ def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
         log(f"building teacher cache in {directory} (top-{t.top_k}, {data.num_windows} windows)")
         built[split] = build_cache(teacher, data, directory, top_k=t.top_k, vocab_size=vocab_size,
                                    hidden_layers=cached_layers(objective), meta={"teacher": str(lazy.directory)},
-                                   fingerprint=fingerprints[split], log=log)
+                                   fingerprint=fingerprints[split], log=log, mesh=mesh,
+                                   batch_size=cfg.training.micro_batch_size,
+                                   chunk_size=objective.params.logit_chunk_size)
         log(f"teacher cache {split}: {data.num_windows} windows, {len(built[split]['shards'])} shard(s), "
             f"{built[split]['bytes_per_token']:.0f} bytes per token")
     return built
