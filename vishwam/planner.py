@@ -65,7 +65,7 @@ from models import CausalLM, ModelConfig
 from models.pytree import named_leaves
 
 from . import specs
-from .checkpoint import LazyCheckpoint
+from .checkpoint import INDEX_FILE, SINGLE_FILE, LazyCheckpoint
 from .config import ParallelismConfig, RunConfig
 from .capacity import device_capacity
 from .sharding import RULES, logical_axes, spec_for
@@ -271,7 +271,8 @@ class Planner:
         if self._group_layers is None:
             t = self.cfg.distillation.teacher_model
             n = self.t_config.num_hidden_layers
-            if Path(t.path).expanduser().is_dir():
+            local = Path(t.path).expanduser()
+            if (local / INDEX_FILE).is_file() or (local / SINGLE_FILE).is_file():  # not a config.json alone
                 ckpt = LazyCheckpoint(t.path, self.t_config)
                 try:
                     self._group_layers = max(stop - start for start, stop in ckpt.layer_groups(t.max_resident_shards))

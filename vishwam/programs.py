@@ -9,7 +9,10 @@ From `config.json` alone (`vishwam.specs`) the teacher, the train state and the 
 - `train`: `vishwam.train_state.make_train_step` (its teacher outputs precomputed when streamed or cached);
 - `eval`: `vishwam.evaluation.eval_sums` on one micro-batch, when the run evaluates;
 - `eplb_probe`: `vishwam.remap.probe_similarity` on the probe sample, when EPLB re-maps with a resident teacher;
-- `streamed_group`: one streamed teacher group's forward (`vishwam.streamed`), with `loading: streamed`;
+- `streamed_group`, `streamed_head`: one streamed teacher group's forward and the final norm + LM head over the
+  step's hidden states (`vishwam.streamed`), with `loading: streamed`;
+- `cache_build`: the teacher's top-k rows of one micro-batch (`vishwam.teacher_cache.cache_rows`), with
+  `loading: cached` (the run builds a missing cache, as `python -m vishwam.cache` does);
 - `prune_importance`, `prune_slice`: `init: from_teacher`'s ranking and slicing (`distill.student_init`);
 - `on_policy_prefill`, `on_policy_decode`: the student writing its on-policy completions
   (`vishwam.generation.generation_programs`), with `on_policy.fraction` > 0.
@@ -53,7 +56,9 @@ from .planner import GiB, Planner, Setup
 from .on_policy import initial_rollout, step_rows
 from .remap import probe_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
-from .streamed import run_group
+from .streamed import head_logits, run_group
+from .teacher_cache import cache_rows
+from .teachers import cached_layers
 from .targets import Target, resolve_target
 from .train_state import StepConfig, init_state, make_train_step
 
@@ -169,14 +174,22 @@ class AbstractRun:
         if (cfg.data.eval or cfg.data.eval_fraction > 0) and tr.eval_batches > 0:
             out["eval"] = (eval_sums, (self.teacher if resident else None, self.state.student, self.micro,
                                        None if resident else self.teacher_outputs(tr.micro_batch_size)),
-                           {"compute_dtype": self.compute_dtype})
+                           {"compute_dtype": self.compute_dtype,
+                            "chunk_size": self.objective.params.logit_chunk_size})
         e = cfg.distillation_params.eplb
         if self.objective.uses_eplb and e.remap and resident and self.objective.eplb_stages > 1:
             rows = max(1, e.probe_tokens // tr.seq_len)
             ids = _replicated((rows, tr.seq_len), jnp.int32, self.mesh)
             out["eplb_probe"] = (probe_similarity, (self.state.student, self.teacher, ids, ids), {})
         if loading == "streamed":
-            out["streamed_group"] = self._streamed_group()
+            out["streamed_group"] = group = self._streamed_group()
+            h = group[1][1]  # the step's hidden states, as the groups hand them on
+            out["streamed_head"] = (head_logits, (self.teacher.model.norm, self.teacher.unembedding_weight(), h), {})
+        if loading == "cached":  # the run builds a missing cache first, as `python -m vishwam.cache` does
+            vocab = min(self.s_config.vocab_size, self.t_config.vocab_size)
+            out["cache_build"] = (cache_rows, (self.teacher, self.micro), {
+                "k": self.cfg.distillation.teacher_model.top_k, "vocab": vocab,
+                "layers": cached_layers(self.objective), "chunk_size": self.objective.params.logit_chunk_size})
         if cfg.distillation.student_model.init == "from_teacher":
             out.update(self._pruning(resident))
         if self.objective.on_policy_rows:  # the student writing its completions (the longest prompts allowed)
@@ -197,7 +210,7 @@ class AbstractRun:
         if resident:
             importance = (activation_stats, (self.teacher, probe, valid), {})
         else:  # group by group, as StreamedTeacher.importance runs it
-            group, h, mask, cos, sin = self._group_inputs(probe, valid, probe.sharding)
+            group, h, mask, cos, sin = self._group_inputs(probe, valid)
             importance = (jax.jit(stack_stats), (group, h, cos, sin, mask, valid), {})
         s = self.s_config
         param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
@@ -210,21 +223,20 @@ class AbstractRun:
         return {"prune_importance": importance, "prune_slice": (slicer, (sources, index), {})}
 
     def _streamed_group(self):
-        group, h, mask, cos, sin = self._group_inputs(self.batch["input_ids"], None, self.rows)
+        group, h, mask, cos, sin = self._group_inputs(self.batch["input_ids"], None)
         o = self.objective.model_outputs()
         return (run_group, (group, h, cos, sin, mask, o["output_hidden_states"], o["output_attentions"],
                             o["output_qkv"]), {})
 
-    def _group_inputs(self, ids, valid, rows_sharding):
+    def _group_inputs(self, ids, valid):
         """One streamed layer group (as many layers as the planner puts in one) and its inputs for `ids`:
-        `(group, h, mask, cos, sin)`, abstract."""
+        `(group, h, mask, cos, sin)`, abstract, their rows spread as `ids`' are."""
         layers = Planner(self.cfg, self.t_config).streamed_layers()
-        group = eqx.filter_eval_shape(lambda: jax.tree.map(
-            lambda x: x[:layers] if eqx.is_array(x) else x, self.teacher.model.layers))
-        group, _ = _placed(group, self.mesh)
+        group = jax.tree.map(lambda x: jax.ShapeDtypeStruct((layers, *x.shape[1:]), x.dtype, sharding=x.sharding)
+                             if isinstance(x, jax.ShapeDtypeStruct) else x, self.teacher.model.layers)
         h, mask, cos, sin = eqx.filter_eval_shape(
             lambda i, v: (self.teacher.model.embed_tokens(i), *prepare_inputs(self.t_config, i, v)), ids, valid)
-        h, cos, sin = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding if x.ndim == 2 else None)
+        h, cos, sin = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows_sharding(self.mesh, x.shape[0], x.ndim))
                        for x in (h, cos, sin))
         return group, h, mask, cos, sin
 

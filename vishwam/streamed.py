@@ -8,6 +8,7 @@ once used. Embeddings, final norm and head stay resident.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 
 import equinox as eqx
 import jax
@@ -19,8 +20,10 @@ from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
 
-@eqx.filter_jit
-def run_group(layers, h, cos, sin, mask, hidden: bool, attentions: bool, qkv: bool):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def run_group(layers, h, cos, sin, mask, hidden, attentions, qkv):
+    """One layer group's forward (a plain `jax.jit`, so the compile dry run lowers it from abstract weights);
+    `hidden`, `attentions`, `qkv`: True or the group's layer indices whose outputs to return."""
     return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
                       output_qkv=qkv)
 
@@ -39,8 +42,9 @@ def _embed(embed, config, ids, attention_mask, segment_ids=None):
     return embed(ids), mask, cos, sin
 
 
-@eqx.filter_jit
-def _head(norm, head_weight, h):
+@jax.jit
+def head_logits(norm, head_weight, h):
+    """The streamed teacher's last program: its final norm and LM head over the step's hidden states."""
     normed = norm(h)
     return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
 
@@ -99,7 +103,7 @@ class StreamedTeacher:
             jax.block_until_ready(h)
             del layers, out  # release this group before the one after next is read
             pending = nxt
-        normed, logits = _head(self.norm, self.head_weight, h)
+        normed, logits = head_logits(self.norm, self.head_weight, h)
         return CausalLMOutput(
             logits=logits, hidden_states=tuple(hidden) + (normed if n in wanted[0] else None,) if wanted[0] else None,
             attentions=tuple(attns) if wanted[1] else None, qkv=tuple(qkvs) if wanted[2] else None,
