@@ -252,8 +252,10 @@ def test_packed_rows_give_each_row_its_own_logits_and_losses(tmp_path, models):
         only = dict(packed, loss_mask=packed["loss_mask"] * (segments == number)[None])
         got = _step_loss(student, objective, only, teacher=teacher)
         want = _step_loss(student, objective, single, teacher=teacher)
+        # The KD term is a small difference of fp32 sums of the cross-entropy's size (sum p log p - sum p log q,
+        # ~6 here, KD ~0.016): its rounding is relative to those sums, i.e. to the loss, not to the difference.
         for key in ("loss", "distill/kd", "distill/ce", "distill/feature"):
-            assert got[key] == pytest.approx(want[key], rel=ALONE_TOL), key
+            assert got[key] == pytest.approx(want[key], rel=ALONE_TOL, abs=ALONE_TOL * want["loss"]), key
 
 
 def test_losses_count_assistant_tokens_only(tmp_path, models):
