@@ -115,7 +115,7 @@ def tree_bytes(tree, mesh: ParallelismConfig, dtype: str | None = None, rules=RU
     return total, per_device
 
 
-def _split_layers(tree, num_layers: int, mesh: ParallelismConfig, dtype: str) -> tuple[int, int]:
+def split_layers(tree, num_layers: int, mesh: ParallelismConfig, dtype: str) -> tuple[int, int]:
     """Per-device bytes of `(one decoder layer, everything outside the layers)` of a model skeleton."""
     layers = outside = 0
     for name, leaf in named_leaves(tree):
@@ -271,15 +271,14 @@ class Planner:
         if self._group_layers is None:
             t = self.cfg.distillation.teacher_model
             n = self.t_config.num_hidden_layers
-            local = Path(t.path).expanduser()
-            if (local / INDEX_FILE).is_file() or (local / SINGLE_FILE).is_file():  # not a config.json alone
+            if any((Path(t.path).expanduser() / f).is_file() for f in (INDEX_FILE, SINGLE_FILE)):  # weights here
                 ckpt = LazyCheckpoint(t.path, self.t_config)
                 try:
                     self._group_layers = max(stop - start for start, stop in ckpt.layer_groups(t.max_resident_shards))
                 finally:
                     ckpt.close()
             else:
-                per_layer, _ = _split_layers(self.teacher, n, ParallelismConfig(), t.dtype)
+                per_layer, _ = split_layers(self.teacher, n, ParallelismConfig(), t.dtype)
                 per_shard = max(1, DEFAULT_SHARD_BYTES // max(1, per_layer))
                 self._group_layers = min(n, t.max_resident_shards * per_shard)
         return self._group_layers
@@ -290,7 +289,7 @@ class Planner:
             return 0
         if setup.loading == "resident":
             return tree_bytes(self.teacher, setup.mesh, dtype)[1]
-        layer, outside = _split_layers(self.teacher, self.t_config.num_hidden_layers, setup.mesh, dtype)
+        layer, outside = split_layers(self.teacher, self.t_config.num_hidden_layers, setup.mesh, dtype)
         return self.streamed_layers() * layer + outside
 
     # -- activations
@@ -368,9 +367,9 @@ class Planner:
             weights += tree_bytes(self.student, mesh, tr.compute_dtype)[1]
         if mesh.fsdp > 1:
             gathered = ParallelismConfig(tensor=mesh.tensor)
-            weights += 2 * _split_layers(self.student, L, gathered, tr.compute_dtype)[0]
+            weights += 2 * split_layers(self.student, L, gathered, tr.compute_dtype)[0]
             if setup.loading != "cached":
-                weights += 2 * _split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
+                weights += 2 * split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
                                              self.cfg.distillation.teacher_model.dtype)[0]
 
         parts = [
@@ -448,4 +447,4 @@ def plan(cfg: RunConfig, teacher_config: ModelConfig | None = None, *, device_co
     return Planner(cfg, teacher_config).plan(setup, capacity, source)
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "GiB", "MemoryPlan", "Setup", "abstract_model", "plan", "tree_bytes"]
+__all__ = ["DEFAULT_SHARD_BYTES", "GiB", "MemoryPlan", "Setup", "abstract_model", "plan", "split_layers", "tree_bytes"]

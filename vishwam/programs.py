@@ -53,6 +53,7 @@ from .evaluation import eval_sums
 from .files import atomic_write
 from .generation import generation_programs
 from .planner import GiB, Planner, Setup
+from .program_plan import ProgramPlanner
 from .on_policy import initial_rollout, step_rows
 from .remap import probe_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
@@ -69,6 +70,7 @@ class ProgramMemory:
 
     name: str
     planner_bytes: int | None = None
+    planner_parts: dict[str, int] | None = None
     argument_bytes: int | None = None
     output_bytes: int | None = None
     alias_bytes: int | None = None
@@ -200,6 +202,31 @@ class AbstractRun:
             out.update({f"on_policy_{name}": program for name, program in programs.items()})
         return out
 
+    def abstract_outputs(self, name: str, fn, args, kwargs):
+        """Program `name`'s outputs as `ShapeDtypeStruct`s placed as it places them: the pruned student in its
+        training sharding, a KV cache in the cache's sharding, an array of the input rows' rows spread as they
+        are (when they divide over the batch axes), anything else whole on every device."""
+        shapes = fn.eval_shape(*args, **kwargs)
+        if name == "prune_slice":
+            shardings = jax.tree.leaves(self.shardings.student)
+            return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(shapes, shardings)]
+        leaves = [x for x in jax.tree.leaves(args) if isinstance(x, jax.ShapeDtypeStruct)]
+        tokens = [x for x in leaves if x.ndim >= 2 and not jnp.issubdtype(x.dtype, jnp.floating)]  # ids, masks
+        rows = (tokens or [x for x in leaves if x.ndim == 3])[0].shape[0]  # else hidden states
+
+        def place(x):
+            if x.ndim == 5 and "cache_sharding" in kwargs:  # [layers, rows, kv heads, slots, head_dim]
+                sharding = kwargs["cache_sharding"]
+            elif rows in x.shape[:2]:  # [rows, ...], or [layers, rows, ...] stacked by a scan
+                axis = x.shape.index(rows)
+                spec = rows_sharding(self.mesh, rows, 1).spec
+                sharding = NamedSharding(self.mesh, PartitionSpec(*(None,) * axis, *spec))
+            else:
+                sharding = NamedSharding(self.mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        return jax.tree.map(place, shapes)
+
     def _pruning(self, resident: bool) -> dict:
         """`init: from_teacher`'s two programs: the importance pass over the probe (the whole teacher when it
         is resident, one streamed group otherwise) and the slicing of the student from the mapped layers."""
@@ -279,12 +306,20 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False) -> dict:
     target = resolve_target(None if local else tr.compile_target, cfg.parallelism.num_devices)
     run = AbstractRun(cfg, target)
     plan = Planner(cfg, run.t_config).plan(Setup.from_config(cfg), target.capacity, target.capacity_source)
+    planner = ProgramPlanner(Planner(cfg, run.t_config), cfg.parallelism)
     results = []
     for name, (fn, args, kwargs) in run.programs().items():
         log(f"compiling {name} for {target.name} ({target.compiler}) ...")
         result = compile_program(name, fn, args, kwargs)
         if name == "train":
             result.planner_bytes = plan.total_bytes
+            result.planner_parts = {"teacher weights": plan.teacher_bytes, "student params": plan.student_bytes,
+                                    "projections": plan.projection_bytes, "optimizer state": plan.optimizer_bytes,
+                                    "gradients": plan.gradient_bytes, **dict(plan.activation_parts)}
+        elif (planned := planner.plan(name, args, kwargs, run.abstract_outputs(name, fn, args, kwargs))) is not None:
+            result.planner_bytes = planned.total_bytes
+            result.planner_parts = {"arguments": planned.argument_bytes, "outputs": planned.output_bytes,
+                                    "aliased": -planned.alias_bytes, **dict(planned.parts)}
         results.append(result)
     report = {
         "target": target.name, "compiler": target.compiler, "mesh": str(cfg.parallelism),

@@ -1,0 +1,121 @@
+"""The planner's figures against XLA's compiled bytes, for every program of a mid-size config's runs.
+
+The config: a 34M-parameter bfloat16 Qwen2 teacher (8 layers of 512, 8/4 heads, MLP 1536, vocabulary 8192; its
+config.json alone), a 4-layer half-width student pruned from it (float32 parameters, bfloat16 compute), 16 x 512
+tokens a step in 2 micro-batches, fsdp 4, logit chunks of 128, feature matching with EPLB re-mapping; with a
+resident, a cached and a streamed teacher, and on-policy distillation on the demo chat data. Each program is
+planned (`vishwam.program_plan`, the train step by `vishwam.planner`) and compiled (`vishwam.programs`) for the
+target; one line per program: planner and XLA bytes per device (MiB) and their ratio.
+
+    python -m benchmarks.plan_vs_xla [--target tpu:v5p-8] [--layouts resident cached streamed on_policy]
+                                     [--programs eval ...] [--json OUT]
+
+`tpu:v5p-8` needs the [tpu] extra (libtpu); `cpu:4` compiles on 4 simulated CPU devices (XLA:CPU's figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from vishwam.targets import configure_process
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "vishwam" / "assets" / "demo"
+TEACHER = dict(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=64, qkv_bias=True)
+LAYOUTS = {
+    "resident": [],
+    "cached": ["--distillation.teacher-model.loading", "cached"],
+    "streamed": ["--distillation.teacher-model.loading", "streamed"],
+    "on_policy": ["--data.train", str(DEMO / "chat_train.jsonl"), "--data.eval", str(DEMO / "chat_train.jsonl"),
+                  "--data.tokenizer", str(DEMO / "chat_teacher"), "--distillation-params.on-policy.fraction", "0.5",
+                  "--distillation-params.on-policy.max-new-tokens", "64", "--distillation.student-model.init",
+                  "random"],
+}
+
+
+def mid_config(directory: Path) -> Path:
+    """Write the mid-size run config (and the teacher's config.json) under `directory`."""
+    import yaml
+
+    from models import ModelConfig
+
+    (directory / "teacher").mkdir(parents=True, exist_ok=True)
+    (directory / "teacher" / "config.json").write_text(json.dumps(ModelConfig(**TEACHER).to_hf(dtype="bfloat16")))
+    unused = str(directory / "unused.npy")
+    text = {
+        "distillation": {
+            "teacher_model": {"path": str(directory / "teacher"), "dtype": "bfloat16",
+                              "cache_dir": str(directory / "cache")},
+            "student_model": {"init": "from_teacher", "num_hidden_layers": 4, "hidden_size": 256,
+                              "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 2}},
+        "data": {"train": unused, "eval": unused},
+        "training": {"output_dir": str(directory / "out"), "batch_size": 16, "seq_len": 512, "grad_accum_steps": 2,
+                     "compute_dtype": "bfloat16", "param_dtype": "float32", "eval_batches": 2},
+        "distillation_params": {"kd_weight": 1.0, "feature_weight": 1.0, "logit_chunk_size": 128,
+                                "eplb": {"enabled": True, "num_stages": 2, "stage_steps": 2, "probe_tokens": 1024}},
+        "parallelism": {"fsdp": 4},
+        "tracking": {"aim": False},
+    }
+    (directory / "mid.yaml").write_text(yaml.safe_dump(text))
+    return directory / "mid.yaml"
+
+
+def compare(config: Path, target: str, layouts, programs=None, log=print) -> list[dict]:
+    """Plan and compile the programs of each layout; one row per program."""
+    from vishwam.cli import load_config
+    from vishwam.planner import Planner, Setup
+    from vishwam.program_plan import ProgramPlanner
+    from vishwam.programs import AbstractRun, compile_program
+    from vishwam.targets import resolve_target
+
+    rows = []
+    for layout in layouts:
+        cfg = load_config(str(config), LAYOUTS[layout])
+        run = AbstractRun(cfg, resolve_target(target, cfg.parallelism.num_devices))
+        planner = Planner(cfg, run.t_config)
+        programs_planner = ProgramPlanner(planner, cfg.parallelism)
+        for name, (fn, args, kwargs) in run.programs().items():
+            if programs and name not in programs:
+                continue
+            xla = compile_program(name, fn, args, kwargs)
+            if name == "train":
+                plan = planner.plan(Setup.from_config(cfg), None, "")
+                planned = {"total_bytes": plan.total_bytes, "argument_bytes": None, "output_bytes": None}
+            else:
+                p = programs_planner.plan(name, args, kwargs, run.abstract_outputs(name, fn, args, kwargs))
+                planned = {"total_bytes": p.total_bytes, "argument_bytes": p.argument_bytes,
+                           "output_bytes": p.output_bytes}
+            row = {"layout": layout, "program": name, "planner": planned,
+                   "xla": {k: getattr(xla, k) for k in ("argument_bytes", "output_bytes", "alias_bytes",
+                                                        "temp_bytes", "total_bytes", "compile_seconds", "error")}}
+            row["ratio"] = None if not xla.total_bytes else planned["total_bytes"] / xla.total_bytes
+            rows.append(row)
+            mib = lambda n: f"{n / 2**20:9.1f}" if n is not None else f"{'-':>9}"  # noqa: E731
+            log(f"{layout:10} {name:18} planner {mib(planned['total_bytes'])}  XLA {mib(xla.total_bytes)} MiB  "
+                f"ratio {row['ratio'] or float('nan'):5.2f}  ({xla.compile_seconds:.1f} s"
+                f"{', ' + xla.error[:80] if xla.error else ''})")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="tpu:v5p-8")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--programs", nargs="+", default=None)
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args()
+    configure_process(args.target)
+    with tempfile.TemporaryDirectory() as d:
+        config = mid_config(Path(d))
+        print(f"planner vs XLA, mid-size config, {args.target}; MiB per device; ratio = planner / XLA", flush=True)
+        rows = compare(config, args.target, args.layouts, args.programs, log=lambda s: print(s, flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

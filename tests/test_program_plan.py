@@ -1,0 +1,68 @@
+"""The planner's figures for the run's programs (`vishwam.program_plan`) against XLA's compiled bytes, at the
+mid-size config of `benchmarks/plan_vs_xla.py` (a 34M-parameter bfloat16 teacher, its half-width student pruned
+from it, 16 x 512 tokens a step, fsdp 4) with resident, cached and streamed teachers.
+
+Compiled for tpu:v5p-8 through libtpu when it is installed (the `[tpu]` extra, which CI installs): XLA's TPU
+compiler, the target the planner's temporaries are set against. Without libtpu the programs compile on 4
+simulated CPU devices and only what every compiler agrees on is held (arguments and outputs): XLA:CPU keeps other
+temporaries than XLA:TPU (bfloat16 work in float32, a schedule for speed), so its totals are not the planner's.
+
+Held within 15% of XLA's total (argument + output + temporary - aliased bytes): evaluation with each kind of teacher,
+pruning's importance pass and slicing, the cache build and the streamed teacher's head. Not yet within 15% at this
+size, and so not held here (the benchmark prints their ratios): the train step, the EPLB probe, the streamed layer
+group, the streamed importance pass and on-policy generation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU = importlib.util.find_spec("libtpu") is not None
+TARGET = "tpu:v5p-8" if TPU else "cpu:4"
+HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_head")
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan_vs_xla") / "rows.json"
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_vs_xla", "--target", TARGET, "--layouts", "resident",
+                           "cached", "streamed", "--programs", *HELD, "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    rows = json.loads(out.read_text())
+    assert {(r["layout"], r["program"]) for r in rows} == {
+        ("resident", "eval"), ("resident", "prune_importance"), ("resident", "prune_slice"),
+        ("cached", "eval"), ("cached", "cache_build"), ("cached", "prune_importance"), ("cached", "prune_slice"),
+        ("streamed", "eval"), ("streamed", "streamed_head"), ("streamed", "prune_importance"),
+        ("streamed", "prune_slice")}
+    for r in rows:
+        assert r["xla"]["error"] is None, r
+    return rows
+
+
+def test_planned_arguments_and_outputs_are_xlas(rows):
+    """Arguments and outputs on one device are counted exactly: XLA's own figures, but for what it adds to each
+    output buffer (a pointer on CPU; on TPU a buffer takes at least 512 bytes, so a scalar sum counts 512)."""
+    for r in rows:
+        planned, xla = r["planner"], r["xla"]
+        assert planned["argument_bytes"] == xla["argument_bytes"], r
+        assert 0 <= xla["output_bytes"] - planned["output_bytes"] <= 512 * 64, r  # < 64 outputs a program
+
+
+@pytest.mark.skipif(not TPU, reason="libtpu (the [tpu] extra) is not installed: XLA:CPU's temporaries are not what the "
+                                    "planner models; arguments and outputs are still held")
+def test_planned_totals_are_within_15_percent_of_xla_tpu(rows):
+    # A teacher that is not resident prunes group by group (the streamed importance pass): not yet held.
+    held = [r for r in rows if not (r["program"] == "prune_importance" and r["layout"] != "resident")]
+    bad = [f"{r['layout']} {r['program']}: ratio {r['ratio']:.2f}" for r in held if not 0.85 <= r["ratio"] <= 1.15]
+    assert not bad, bad

@@ -1,0 +1,268 @@
+"""The planner's figures for the run's other programs: bytes per device of everything the compile dry run compiles
+besides the train step (`vishwam.planner` plans that one), from abstract inputs alone, before any compile.
+
+Each program is planned as XLA reports it: argument + output + temporary bytes − aliased bytes on one device.
+
+- Arguments are exact: each abstract input's bytes on one device (the shard shape its sharding gives).
+- Outputs are exact where the program fixes their layout (the pruned student in its training sharding, a KV cache
+  in its own, rows spread as the input rows are) and small everywhere else (sums, statistics).
+- Temporaries are estimated from the shapes, per device (`b` rows of `S` tokens, weights in their dtype `w`):
+  - a layer's weights gathered by fsdp (`fsdp > 1`): one layer of each model being run, unsharded but for `tensor`;
+  - a layer's forward working set: its normed input, q/k/v and attention output, the MLP's three `F`-wide
+    activations and the residual, `b·S·w·(4D + 2(H + 2G)·hd + 3F)`, plus the largest causal block's float32
+    scores and probabilities (`b·H·(S/n)·S`, `n` blocks: `models.attention`);
+  - the weights cast to the compute dtype when a program runs the student in it (eval, generation);
+  - per program: the final hidden states and one chunk's logits and float32 softmaxes (`eval`, `cache_build`),
+    the hidden states of every layer and the `(student layers + 2)` Gram matrices of the probe's tokens
+    (`eplb_probe`), the float32 activation magnitudes (`prune_importance`), one gathered teacher layer beside the
+    output (`prune_slice`), the logits of the step (`streamed_head`), the prompt's forward (`on_policy_prefill`),
+    one token's forward and the sampling over the vocabulary (`on_policy_decode`).
+
+The estimates were set against XLA:TPU's compiled figures (`tests/test_program_plan.py`, `benchmarks/plan_vs_xla.py`);
+XLA:CPU keeps more temporaries (it computes bfloat16 work in float32 and schedules for speed), so its figures run
+higher than these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from models import ModelConfig
+
+from .config import ParallelismConfig
+from .planner import DTYPE_BYTES, Planner, split_layers, tree_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramPlan:
+    """One program's planned bytes per device."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    parts: tuple[tuple[str, int], ...]
+    """The temporaries' parts, `(label, bytes)`."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+
+def device_bytes(tree) -> int:
+    """Bytes on one device of the abstract leaves of `tree` (a leaf without a sharding is whole on every device)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            shape = leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape)
+            total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _blocks(seq: int) -> int:  # as models.attention._causal_blocks
+    n = min(8, seq // 32)
+    while n > 1 and seq % n:
+        n -= 1
+    return max(n, 1)
+
+
+class ProgramPlanner:
+    """Plans the programs of one run (`planner`: its train-step planner, holding both architectures)."""
+
+    def __init__(self, planner: Planner, mesh: ParallelismConfig):
+        self.p, self.mesh = planner, mesh
+        cfg = planner.cfg
+        self.c = DTYPE_BYTES[cfg.training.compute_dtype]
+        self.pb = DTYPE_BYTES[cfg.training.param_dtype]
+        self.tb = DTYPE_BYTES[cfg.distillation.teacher_model.dtype]
+        self.batch_shards = mesh.data * mesh.fsdp
+
+    # -- the parts every forward pass has
+
+    def local(self, n: int) -> int:
+        """Per device of `n` heads / MLP units, split over `tensor` when they divide."""
+        return n // self.mesh.tensor if n % self.mesh.tensor == 0 else n
+
+    def _model(self, model: str):
+        return (self.p.student, self.p.s_config) if model == "student" else (self.p.teacher, self.p.t_config)
+
+    def gathered(self, model: str, nbytes: int) -> int:
+        """One decoder layer's weights as fsdp gathers them for the layer being run (nothing without fsdp)."""
+        if self.mesh.fsdp == 1:
+            return 0
+        tree, config = self._model(model)
+        return split_layers(tree, config.num_hidden_layers, ParallelismConfig(tensor=self.mesh.tensor),
+                            _DTYPE[nbytes])[0]
+
+    def embedding(self, model: str, nbytes: int) -> int:
+        """The embedding table as the token lookup gathers it (fsdp splits its hidden axis), before the layers."""
+        if self.mesh.fsdp == 1:
+            return 0
+        _, config = self._model(model)
+        return self.local(config.vocab_size) * config.hidden_size * nbytes
+
+    def forward(self, m: ModelConfig, b: int, S: int, w: int) -> int:
+        """One layer's forward working set: the residual, and the larger of the attention half (q, k, v, the heads'
+        output and o_proj's, the largest causal block's float32 scores and probabilities) and the MLP half (its
+        normed input and output, gate and the gated product)."""
+        h, g, f = (self.local(n) for n in (m.num_attention_heads, m.num_key_value_heads, m.intermediate_size))
+        attention = b * S * w * ((h + 2 * g) * m.head_dim + h * m.head_dim + m.hidden_size) \
+            + b * h * -(-S // _blocks(S)) * S * (4 + 4 + w)
+        mlp = b * S * w * (2 * m.hidden_size + 2 * f)  # silu(gate) * up fuses into the second projection
+        return b * S * w * m.hidden_size + max(attention, mlp)
+
+    def rows_per_device(self, rows: int) -> int:
+        return rows // self.batch_shards if rows % self.batch_shards == 0 else rows
+
+    # -- the programs
+
+    def plan(self, name: str, args, kwargs, outputs) -> ProgramPlan | None:
+        """The plan of program `name` (the dry run's names) called with abstract `args`, `kwargs`; `outputs`: its
+        abstract outputs as the program places them. None for a program this planner does not model (the train
+        step: `vishwam.planner`)."""
+        method = getattr(self, "_" + name, None)
+        if method is None:
+            return None
+        unused, alias, phases, parts = method(args, kwargs)
+        out = device_bytes(outputs)
+        phase = max(phases.values()) if phases else 0
+        live = sum(n for _, n in parts)
+        label = max(phases, key=phases.get) if phases else ""
+        return ProgramPlan(device_bytes((args, kwargs)) - unused, out, alias, phase + live,
+                           tuple((k, n) for k, n in [(f"peak phase: {label}", phase), *parts] if n))
+
+    # Each program below returns `(unused argument bytes, aliased bytes, {phase: bytes}, [(live part, bytes)])`:
+    # the temporaries are the largest phase plus what lives through all of them. XLA drops arguments a program
+    # never reads (LM heads a probe does not use, hidden states evaluation does not read).
+
+    def _eval(self, args, kwargs):
+        teacher, _, batch, teacher_out = args
+        c, tb = self.c, self.tb
+        s, t = self.p.s_config, self.p.t_config
+        b, S = self.rows_per_device(batch["input_ids"].shape[0]), batch["input_ids"].shape[1]
+        chunk = min(kwargs.get("chunk_size") or S, S)
+        layers = self.gathered("student", c) + self.forward(s, b, S, c)
+        logits = b * chunk * self.local(s.vocab_size) * (c + 4 * _f32_copies(c))
+        embed = self.embedding("student", c)
+        live = [("final hidden states", b * S * s.hidden_size * c), ("student weights in the compute dtype",
+                                                                     self.cast_student())]
+        unused = 0
+        if teacher is not None:
+            layers = max(layers, self.gathered("teacher", tb) + self.forward(t, b, S, tb))
+            logits += b * chunk * self.local(t.vocab_size) * (tb + 4 * _f32_copies(tb))
+            embed = max(embed, self.embedding("teacher", tb))
+            live[0] = ("final hidden states", live[0][1] + b * S * t.hidden_size * tb)
+        else:
+            unused = device_bytes(teacher_out.hidden_states)
+            if teacher_out.dense:  # the teacher's logits as the chunks read them
+                logits += b * chunk * self.local(t.vocab_size) * 4 * _f32_copies(teacher_out.logits.dtype.itemsize)
+            else:  # the top-k collapse: one more float32 copy of the student's, and the top-k membership mask
+                logits += b * chunk * self.local(s.vocab_size) * (4 + 1)
+        phases = {"embedding lookup": embed, "one layer of the larger model": layers,
+                  f"one chunk's logits and float32 softmaxes ({chunk} positions)": logits}
+        return unused, 0, phases, live
+
+    def cast_student(self) -> int:
+        """The student's weights cast to the compute dtype, when it is not the parameters' dtype."""
+        tr = self.p.cfg.training
+        return tree_bytes(self.p.student, self.mesh, tr.compute_dtype)[1] if tr.compute_dtype != tr.param_dtype else 0
+
+    def _eplb_probe(self, args, kwargs):
+        student, teacher, ids, _ = args
+        tb, pb = self.tb, self.pb
+        s, t = self.p.s_config, self.p.t_config
+        rows, S = ids.shape
+        b = rows if ids.sharding is None or ids.sharding.is_fully_replicated else self.rows_per_device(rows)
+        n = b * S
+        hidden = n * ((s.num_hidden_layers + 1) * s.hidden_size * pb + (t.num_hidden_layers + 1) * t.hidden_size * tb)
+        layers = max(self.gathered("student", pb) + self.forward(s, b, S, pb),
+                     self.gathered("teacher", tb) + self.forward(t, b, S, tb))
+        phases = {"embedding lookup": max(self.embedding("student", pb), self.embedding("teacher", tb)),
+                  "one layer of the larger model": layers,
+                  f"CKA: {s.num_hidden_layers} student Gram matrices of {n}² float32 and one teacher's":
+                      (s.num_hidden_layers + 1) * n * n * 4}
+        return _head_bytes(student) + _head_bytes(teacher), 0, phases, [("every layer's hidden states", hidden)]
+
+    def _prune_importance(self, args, kwargs):
+        t, tb = self.p.t_config, self.tb
+        resident = len(args) == 3  # (teacher, ids, valid); streamed: (group, h, cos, sin, mask, valid)
+        ids = args[1]
+        b, S = self.rows_per_device(ids.shape[0]), ids.shape[1]
+        stats = b * S * 4 * self.local(t.intermediate_size)  # the MLP's |activation| in float32 (the rest fuse)
+        phases = {"one teacher layer and its activation magnitudes in float32":
+                  self.gathered("teacher", tb) + self.forward(t, b, S, tb) + stats}
+        if resident:
+            phases["embedding lookup"] = self.embedding("teacher", tb)
+        return _head_bytes(args[0]) if resident else 0, 0, phases, []
+
+    def _prune_slice(self, args, kwargs):
+        return 0, 0, {}, [("one teacher layer gathered", self.gathered("teacher", self.tb)),
+                          ("the student's leaves as sliced, before they are placed", self._student_bytes())]
+
+    def _student_bytes(self) -> int:
+        return tree_bytes(self.p.student, self.mesh, self.p.cfg.training.param_dtype)[1]
+
+    def _streamed_group(self, args, kwargs):
+        h = args[1]
+        b, S = self.rows_per_device(h.shape[0]), h.shape[1]
+        return 0, 0, {"one teacher layer": self.gathered("teacher", self.tb) + self.forward(
+            self.p.t_config, b, S, self.tb)}, []
+
+    def _streamed_head(self, args, kwargs):
+        h = args[2]
+        b, S = self.rows_per_device(h.shape[0]), h.shape[1]
+        return 0, 0, {"the final norm in float32": b * S * self.p.t_config.hidden_size * 4}, []
+
+    def _cache_build(self, args, kwargs):
+        _, batch = args
+        t, tb = self.p.t_config, self.tb
+        b, S = self.rows_per_device(batch["input_ids"].shape[0]), batch["input_ids"].shape[1]
+        chunk = min(kwargs.get("chunk_size") or S, S)
+        layers = len(kwargs.get("layers", ()))
+        phases = {"embedding lookup": self.embedding("teacher", tb),
+                  "one teacher layer": self.gathered("teacher", tb) + self.forward(t, b, S, tb),
+                  f"one chunk's logits, float32 softmax and top-k ({chunk} positions)":
+                      b * chunk * self.local(kwargs["vocab"]) * (tb + 4 * _f32_copies(tb) + 1 + 4 * 3)}  # + top-k
+        return 0, 0, phases, [("final and cached hidden states", b * S * t.hidden_size * tb * (1 + layers))]
+
+    def _on_policy_prefill(self, args, kwargs):
+        _, ids, _ = args
+        s, c = self.p.s_config, self.c
+        b, P = self.rows_per_device(ids.shape[0]), ids.shape[1]
+        cache = 2 * s.num_hidden_layers * b * self.local(s.num_key_value_heads) * kwargs["slots"] * s.head_dim * c
+        return 0, 0, {"embedding lookup": self.embedding("student", c),
+                      "one layer over the prompt": self.gathered("student", c) + self.forward(s, b, P, c)}, [
+            ("the cache as the layers' scan writes it, and its copy before it is placed", 2 * cache)]
+
+    def _on_policy_decode(self, args, kwargs):
+        _, cache, logits = args[:3]
+        s, c = self.p.s_config, self.c
+        b = self.rows_per_device(logits.shape[0])
+        cache_bytes = device_bytes(cache)
+        slots = cache.k.shape[3]
+        step = self.gathered("student", c) + 2 * cache_bytes // s.num_hidden_layers \
+            + b * self.local(s.num_attention_heads) * slots * 4 * 2
+        return 0, cache_bytes, {"embedding lookup": self.embedding("student", c), "one layer of one token": step}, [
+            ("the cache as the layers' scan writes it", cache_bytes),
+            ("the sampling over the vocabulary, float32", b * s.vocab_size * 4 * 4)]
+
+
+_DTYPE = {4: "float32", 2: "bfloat16"}
+
+
+def _f32_copies(nbytes: int) -> int:
+    """Float32 `[rows, chunk, vocab]` arrays a logit chunk's softmax math holds, as XLA:TPU compiles it: one for
+    bfloat16 logits (the upcast fuses into the reductions), three for float32 ones (measured, mid-size config)."""
+    return 1 if nbytes == 2 else 3
+
+
+def _head_bytes(model) -> int:
+    """The LM head's bytes on one device, for a program that never reads it (XLA drops the argument)."""
+    return 0 if model is None or getattr(model, "lm_head", None) is None else device_bytes(model.lm_head)
+
+
+__all__ = ["ProgramPlan", "ProgramPlanner", "device_bytes"]
