@@ -471,3 +471,25 @@ def test_resume_never_prunes_the_teacher_again(assets, tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(eqx.filter(full["state"], eqx.is_array)),
                     jax.tree.leaves(eqx.filter(resumed["state"], eqx.is_array))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_every_device_holds_its_share_of_every_micro_batch():
+    """The host batch, interleaved, splits in the step into the same micro-batches as the host's consecutive
+    ones, and with its rows over 4 devices each micro-batch is spread over all 4 (the micro-batch axis is not
+    sharded); a contiguous split put micro-batch m on the devices of block m alone."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vishwam.sharding import make_mesh
+    from vishwam.train_state import interleave_micro_batches, split_micro_batches
+
+    accum, rows = 4, 16
+    host = {"input_ids": np.arange(rows * 3, dtype=np.int32).reshape(rows, 3)}
+    micro = split_micro_batches(interleave_micro_batches(host, accum), accum)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(micro), host["input_ids"].reshape(accum, rows // accum, 3))
+    mesh = make_mesh(1, 4, 1)
+    x = jax.device_put(jnp.asarray(interleave_micro_batches(host, accum)["input_ids"]),
+                       NamedSharding(mesh, PartitionSpec("fsdp")))
+    split = jax.jit(lambda t: split_micro_batches(t, accum))(x)
+    for m in range(accum):
+        assert {s.device for s in split[m].addressable_shards if s.data.size} == set(mesh.devices.flat)
+        assert all(s.data.shape[0] == rows // accum // 4 for s in split[m].addressable_shards)

@@ -32,7 +32,7 @@ from .sharding import global_batch
 from .specs import DTYPES
 from .teachers import TeacherSource, open_teacher
 from .tracking import Progress, Tracker, log
-from .train_state import StepConfig, make_train_step
+from .train_state import StepConfig, interleave_micro_batches, make_train_step
 
 
 class Run:
@@ -139,6 +139,7 @@ class Run:
                 batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=data_rows)
                 if sampler is not None:
                     batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
+                batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
                 t_out = teacher.outputs(batch)
                 batch.pop("window", None)
                 state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)

@@ -8,6 +8,7 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int
 
@@ -133,9 +134,8 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
     @functools.partial(jax.jit, donate_argnums=(1,))
     def step_fn(teacher, state: TrainState, batch, teacher_out):
         params, static = eqx.partition((state.student, state.projections), eqx.is_inexact_array)
-        split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])  # noqa: E731
-        micro_batches = jax.tree.map(split, batch)
-        micro_teacher = None if teacher_out is None else jax.tree.map(split, teacher_out)
+        micro_batches = split_micro_batches(batch, accum)
+        micro_teacher = None if teacher_out is None else split_micro_batches(teacher_out, accum)
 
         def micro_step(carry, inputs):
             micro, t_out = inputs
@@ -195,4 +195,20 @@ def make_train_step(cfg: StepConfig, optimizer: optax.GradientTransformation, sc
     return step_fn
 
 
-__all__ = ["StepConfig", "TrainState", "init_state", "make_optimizer", "make_train_step"]
+def split_micro_batches(tree, accum: int):
+    """`[batch, ...]` leaves -> `[accum, batch / accum, ...]`: micro-batch `m` is rows `m, m + accum, m + 2·accum,
+    ...`. A batch's rows sit on the devices in contiguous blocks, so every device holds its share of every
+    micro-batch. (Contiguous rows would put micro-batch `m` on the devices of block `m` alone: each micro-step
+    would move its rows, a streamed teacher's logits for the whole step among them, across the mesh.)"""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), tree)
+
+
+def interleave_micro_batches(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+    """A host batch of `accum` consecutive micro-batches laid out as the train step reads them: row `i` of
+    micro-batch `m` at position `i·accum + m` (`split_micro_batches` takes every `accum`-th row from `m`)."""
+    return {k: np.ascontiguousarray(np.swapaxes(v.reshape((accum, v.shape[0] // accum) + v.shape[1:]), 0, 1)
+                                    .reshape(v.shape)) for k, v in batch.items()}
+
+
+__all__ = ["StepConfig", "TrainState", "init_state", "interleave_micro_batches", "make_optimizer", "make_train_step",
+           "split_micro_batches"]
