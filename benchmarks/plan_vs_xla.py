@@ -66,6 +66,8 @@ def mid_config(directory: Path) -> Path:
 
 def compare(config: Path, target: str, layouts, programs=None, log=print) -> list[dict]:
     """Plan and compile the programs of each layout; one row per program."""
+    import jax
+
     from vishwam.cli import load_config
     from vishwam.planner import Planner, Setup
     from vishwam.program_plan import ProgramPlanner
@@ -89,6 +91,7 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
                 p = programs_planner.plan(name, args, kwargs, run.abstract_outputs(name, fn, args, kwargs))
                 planned = {"total_bytes": p.total_bytes, "argument_bytes": p.argument_bytes,
                            "output_bytes": p.output_bytes}
+            planned["buffers"] = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((args, kwargs)))
             row = {"layout": layout, "program": name, "planner": planned,
                    "xla": {k: getattr(xla, k) for k in ("argument_bytes", "output_bytes", "alias_bytes",
                                                         "temp_bytes", "total_bytes", "compile_seconds", "error")}}

@@ -8,9 +8,9 @@ simulated CPU devices and only what every compiler agrees on is held (arguments 
 temporaries than XLA:TPU (bfloat16 work in float32, a schedule for speed), so its totals are not the planner's.
 
 Held within 15% of XLA's total (argument + output + temporary - aliased bytes): evaluation with each kind of teacher,
-pruning's importance pass and slicing, the cache build and the streamed teacher's head. Not yet within 15% at this
-size, and so not held here (the benchmark prints their ratios): the train step, the EPLB probe, the streamed layer
-group, the streamed importance pass and on-policy generation.
+pruning's importance pass and slicing, the cache build, a streamed teacher's layer group and head. Not yet within
+15% at this size, and so not held here (the benchmark prints their ratios): the train step, the EPLB probe, the
+importance pass of a teacher that is not resident (group by group) and on-policy generation.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p-8" if TPU else "cpu:4"
-HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_head")
+HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_group", "streamed_head")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def rows(tmp_path_factory):
     assert {(r["layout"], r["program"]) for r in rows} == {
         ("resident", "eval"), ("resident", "prune_importance"), ("resident", "prune_slice"),
         ("cached", "eval"), ("cached", "cache_build"), ("cached", "prune_importance"), ("cached", "prune_slice"),
-        ("streamed", "eval"), ("streamed", "streamed_head"), ("streamed", "prune_importance"),
+        ("streamed", "eval"), ("streamed", "streamed_group"), ("streamed", "streamed_head"), ("streamed", "prune_importance"),
         ("streamed", "prune_slice")}
     for r in rows:
         assert r["xla"]["error"] is None, r
@@ -51,12 +51,13 @@ def rows(tmp_path_factory):
 
 
 def test_planned_arguments_and_outputs_are_xlas(rows):
-    """Arguments and outputs on one device are counted exactly: XLA's own figures, but for what it adds to each
-    output buffer (a pointer on CPU; on TPU a buffer takes at least 512 bytes, so a scalar sum counts 512)."""
+    """Arguments and outputs on one device are counted exactly: XLA's own figures, but for the padding XLA gives a
+    buffer (on CPU a pointer per output; on TPU an array is laid out in tiles of at most 8 x 128 elements, so a
+    small one takes up to 4 KiB, and a buffer at least 512 bytes)."""
     for r in rows:
         planned, xla = r["planner"], r["xla"]
-        assert planned["argument_bytes"] == xla["argument_bytes"], r
-        assert 0 <= xla["output_bytes"] - planned["output_bytes"] <= 512 * 64, r  # < 64 outputs a program
+        assert abs(xla["argument_bytes"] - planned["argument_bytes"]) <= 4096 * planned["buffers"], r
+        assert 0 <= xla["output_bytes"] - planned["output_bytes"] <= 4096 * 64, r  # < 64 outputs a program
 
 
 @pytest.mark.skipif(not TPU, reason="libtpu (the [tpu] extra) is not installed: XLA:CPU's temporaries are not what the "
