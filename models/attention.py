@@ -209,7 +209,7 @@ class Attention(eqx.Module):
             # Causal blocks: the queries of block i read only the keys up to the block's end, skipping the masked
             # upper triangle, (n - 1) / 2n of the scores (2 CPU cores: demo step 33.7 -> 31.3 ms with four
             # blocks of 32, d512 step 1202 -> 1151 ms with eight).
-            n = _causal_blocks(s)
+            n = causal_blocks(s)
             size = s // n
             parts = []
             for i in range(n):
@@ -222,7 +222,7 @@ class Attention(eqx.Module):
         return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd), probs
 
 
-def _causal_blocks(seq: int) -> int:
+def causal_blocks(seq: int) -> int:
     """How many query blocks causal attention splits `seq` into: blocks of at least 32 queries, at most 8, an
     exact divisor of `seq` (1 when none is)."""
     n = min(8, seq // 32)

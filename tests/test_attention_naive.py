@@ -169,7 +169,7 @@ def test_reference_tables_and_positions():
                                                                       "llama-o_bias"])
 def test_attention_matches_naive_float64(family, impl):
     cfg = _config(family)
-    assert models.attention._causal_blocks(SEQ) == 4  # the XLA path runs four causal query blocks of 32
+    assert models.attention.causal_blocks(SEQ) == 4  # the XLA path runs four causal query blocks of 32
     attn = _module(cfg, seed=1)
     x, valid, mask, cos, sin = _inputs(cfg, seed=1)
     cos64, sin64 = np.asarray(cos, np.float64), np.asarray(sin, np.float64)

@@ -347,12 +347,12 @@ def test_linear_backward_matches_autodiff(widths):
 
 
 def test_causal_block_counts():
-    from models.attention import _causal_blocks
+    from models.attention import causal_blocks
 
-    assert [_causal_blocks(s) for s in (7, 31, 32, 64, 96, 128, 100, 256, 4096, 200)] == [1, 1, 1, 2, 3, 4, 2, 8, 8, 5]
+    assert [causal_blocks(s) for s in (7, 31, 32, 64, 96, 128, 100, 256, 4096, 200)] == [1, 1, 1, 2, 3, 4, 2, 8, 8, 5]
 
 
-def test_causal_blocks_equal_one_block(monkeypatch):
+def testcausal_blocks_equal_one_block(monkeypatch):
     """Attention split into causal query blocks (seq 128: four) gives the single block's logits and gradients,
     left padding included."""
     import models.attention
@@ -368,9 +368,9 @@ def test_causal_blocks_equal_one_block(monkeypatch):
         logits = eqx.combine(p, static)(ids, attention_mask=mask).logits
         return jnp.sum(jnp.where(mask[..., None] > 0, jnp.sin(logits), 0.0)), logits
 
-    assert models.attention._causal_blocks(128) == 4
+    assert models.attention.causal_blocks(128) == 4
     (_, blocked), g_blocked = jax.value_and_grad(run, has_aux=True)(params)
-    monkeypatch.setattr(models.attention, "_causal_blocks", lambda seq: 1)
+    monkeypatch.setattr(models.attention, "causal_blocks", lambda seq: 1)
     (_, single), g_single = jax.value_and_grad(run, has_aux=True)(params)
     np.testing.assert_allclose(blocked, single, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g_blocked), jax.tree.leaves(g_single)):  # fp32 sums in another order

@@ -3,24 +3,26 @@ besides the train step (`vishwam.planner` plans that one), from abstract inputs 
 
 Each program is planned as XLA reports it: argument + output + temporary bytes − aliased bytes on one device.
 
-- Arguments are exact: each abstract input's bytes on one device (the shard shape its sharding gives).
-- Outputs are exact where the program fixes their layout (the pruned student in its training sharding, a KV cache
-  in its own, rows spread as the input rows are) and small everywhere else (sums, statistics).
-- Temporaries are estimated from the shapes, per device (`b` rows of `S` tokens, weights in their dtype `w`):
-  - a layer's weights gathered by fsdp (`fsdp > 1`): one layer of each model being run, unsharded but for `tensor`;
-  - a layer's forward working set: its normed input, q/k/v and attention output, the MLP's three `F`-wide
-    activations and the residual, `b·S·w·(4D + 2(H + 2G)·hd + 3F)`, plus the largest causal block's float32
-    scores and probabilities (`b·H·(S/n)·S`, `n` blocks: `models.attention`);
-  - the weights cast to the compute dtype when a program runs the student in it (eval, generation);
-  - per program: the final hidden states and one chunk's logits and float32 softmaxes (`eval`, `cache_build`),
-    the hidden states of every layer and the `(student layers + 2)` Gram matrices of the probe's tokens
-    (`eplb_probe`), the float32 activation magnitudes (`prune_importance`), one gathered teacher layer beside the
-    output (`prune_slice`), the logits of the step (`streamed_head`), the prompt's forward (`on_policy_prefill`),
-    one token's forward and the sampling over the vocabulary (`on_policy_decode`).
+- Arguments are exact: each abstract input's bytes on one device (the shard shape its sharding gives), less the
+  arguments XLA drops because the program never reads them (an LM head a probe does not use).
+- Outputs are exact: each output's bytes on one device as the program places it (the pruned student in its
+  training sharding, a KV cache in its own, rows spread as the input rows are, sums and statistics whole).
+- Temporaries are the largest of the program's phases plus what lives through all of them, per device (`b` rows
+  of `S` tokens, `w` bytes an element):
+  - the embedding lookup (fsdp splits the table's hidden axis, so the lookup gathers it);
+  - one decoder layer: its weights gathered by fsdp, the residual, and the larger of the attention half (q, k, v,
+    the heads' output, the largest causal block's float32 scores) and the MLP half (its normed input and the gated
+    product), as XLA:TPU fuses them;
+  - one logit chunk: the logits and the float32 arrays of their softmaxes, `[b, chunk, vocab]` each (`eval`,
+    `cache_build`, with the top-k's sort);
+  - living through: final hidden states, the student cast to the compute dtype (`eval`), every layer's hidden
+    states and the Gram matrices of the probe's tokens (`eplb_probe`), the float32 activation magnitudes
+    (`prune_importance`), the sliced student before it is placed (`prune_slice`), the KV cache as it is written
+    (`on_policy_*`).
 
-The estimates were set against XLA:TPU's compiled figures (`tests/test_program_plan.py`, `benchmarks/plan_vs_xla.py`);
-XLA:CPU keeps more temporaries (it computes bfloat16 work in float32 and schedules for speed), so its figures run
-higher than these.
+How close this comes to XLA:TPU, program by program, is measured by `benchmarks/plan_vs_xla.py` and held by
+`tests/test_program_plan.py`; XLA:CPU keeps more temporaries (it computes bfloat16 work in float32 and schedules
+for speed), so its figures run higher than these.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 import numpy as np
 
 from models import ModelConfig
+from models.attention import causal_blocks
 
 from .config import ParallelismConfig
 from .planner import DTYPE_BYTES, Planner, split_layers, tree_bytes
@@ -61,13 +64,6 @@ def device_bytes(tree) -> int:
             shape = leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape)
             total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
-
-
-def _blocks(seq: int) -> int:  # as models.attention._causal_blocks
-    n = min(8, seq // 32)
-    while n > 1 and seq % n:
-        n -= 1
-    return max(n, 1)
 
 
 class ProgramPlanner:
@@ -106,13 +102,12 @@ class ProgramPlanner:
         return self.local(config.vocab_size) * config.hidden_size * nbytes
 
     def forward(self, m: ModelConfig, b: int, S: int, w: int) -> int:
-        """One layer's forward working set: the residual, and the larger of the attention half (q, k, v, the heads'
-        output and o_proj's, the largest causal block's float32 scores and probabilities) and the MLP half (its
-        normed input and output, gate and the gated product)."""
+        """One layer's forward working set as XLA:TPU fuses it: the residual, and the larger of the attention half
+        (q, k, v and the heads' output, the largest causal block's float32 scores) and the MLP half (its normed
+        input and the gated product; gate, up and the activation fuse into their projections)."""
         h, g, f = (self.local(n) for n in (m.num_attention_heads, m.num_key_value_heads, m.intermediate_size))
-        attention = b * S * w * ((h + 2 * g) * m.head_dim + h * m.head_dim + m.hidden_size) \
-            + b * h * -(-S // _blocks(S)) * S * (4 + 4 + w)
-        mlp = b * S * w * (2 * m.hidden_size + 2 * f)  # silu(gate) * up fuses into the second projection
+        attention = b * S * w * (2 * h + 2 * g) * m.head_dim + b * h * -(-S // causal_blocks(S)) * S * 4
+        mlp = b * S * w * (m.hidden_size + f)
         return b * S * w * m.hidden_size + max(attention, mlp)
 
     def rows_per_device(self, rows: int) -> int:

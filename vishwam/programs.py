@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
 from distill.objective import TeacherOutputs
 from distill.student_init import activation_stats, slice_program, stack_stats
-from models import CausalLM, cast_floating, init_model, prepare_inputs
+from models import cast_floating, init_model, prepare_inputs
 
 from . import specs
 from .build import optimizer_of
@@ -305,8 +304,9 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False) -> dict:
     tr = cfg.training
     target = resolve_target(None if local else tr.compile_target, cfg.parallelism.num_devices)
     run = AbstractRun(cfg, target)
-    plan = Planner(cfg, run.t_config).plan(Setup.from_config(cfg), target.capacity, target.capacity_source)
-    planner = ProgramPlanner(Planner(cfg, run.t_config), cfg.parallelism)
+    planner = Planner(cfg, run.t_config)
+    plan = planner.plan(Setup.from_config(cfg), target.capacity, target.capacity_source)
+    programs_planner = ProgramPlanner(planner, cfg.parallelism)
     results = []
     for name, (fn, args, kwargs) in run.programs().items():
         log(f"compiling {name} for {target.name} ({target.compiler}) ...")
@@ -316,7 +316,8 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False) -> dict:
             result.planner_parts = {"teacher weights": plan.teacher_bytes, "student params": plan.student_bytes,
                                     "projections": plan.projection_bytes, "optimizer state": plan.optimizer_bytes,
                                     "gradients": plan.gradient_bytes, **dict(plan.activation_parts)}
-        elif (planned := planner.plan(name, args, kwargs, run.abstract_outputs(name, fn, args, kwargs))) is not None:
+        elif (planned := programs_planner.plan(name, args, kwargs,
+                                               run.abstract_outputs(name, fn, args, kwargs))) is not None:
             result.planner_bytes = planned.total_bytes
             result.planner_parts = {"arguments": planned.argument_bytes, "outputs": planned.output_bytes,
                                     "aliased": -planned.alias_bytes, **dict(planned.parts)}
