@@ -172,6 +172,7 @@ def run_layers(
     output_qkv: Layers = False,
     remat: bool = False,
     attention_impl: str = "auto",
+    activation_sharding=None,
 ) -> LayerStackOutput:
     """Run a stack of layers (leading axis = layer) over `h` with `lax.scan`; `remat` saves nothing per layer for
     the backward pass (the default saves only the weight matmuls' outputs).
@@ -181,12 +182,14 @@ def run_layers(
     that return nothing, so only the chosen layers' inputs, attention maps or q/k/v exist (the per-layer entries
     come back as tuples, None for the layers not chosen). A teacher's forward asks for the mapped layers alone;
     under differentiation prefer the bools (the scans then index the weights, and their gradients accumulate
-    at full size per scan)."""
+    at full size per scan). `activation_sharding`: each layer's input is constrained to it (see `CausalLM`)."""
     params, static = eqx.partition(layers, eqx.is_array)
     n = layers.input_layernorm.weight.shape[0]
     hid, att, qkv = (_layer_set(r, n) for r in (output_hidden_states, output_attentions, output_qkv))
 
     def step(carry, layer_params, attentions=bool(att), qkvs=bool(qkv)):
+        if activation_sharding is not None:
+            carry = jax.lax.with_sharding_constraint(carry, activation_sharding)
         layer = eqx.combine(layer_params, static)
         out, probs, q = layer(carry, cos, sin, mask, output_attentions=attentions, output_qkv=qkvs,
                               attention_impl=attention_impl)
@@ -269,6 +272,7 @@ class CausalLM(eqx.Module):
         attention_impl: str = "auto",
         output_logits: bool = True,
         segment_ids: Int[Array, "batch seq"] | None = None,
+        activation_sharding=None,
     ) -> CausalLMOutput:
         """**Arguments:**
 
@@ -285,17 +289,24 @@ class CausalLM(eqx.Module):
             applies `unembedding_weight()` itself).
         - `segment_ids`: rows packed into each sequence, `[batch, seq]` ints (each row's tokens contiguous):
             attention never crosses rows and positions restart with each (see `prepare_inputs`).
+        - `activation_sharding`: a sharding for the `[batch, seq, embed]` hidden states, applied after the
+            embedding and at every layer's input (`jax.lax.with_sharding_constraint`): under jit on a mesh whose
+            weights are split along `embed` (fsdp), XLA otherwise may follow the embedding table's split and run
+            every row on every device. None leaves the layout to XLA.
 
         **Returns:** a `CausalLMOutput`.
         """
         mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids, segment_ids)
         h = self.embed(input_ids)
+        if activation_sharding is not None:
+            h = jax.lax.with_sharding_constraint(h, activation_sharding)
         n = self.config.num_hidden_layers
         hidden = _layer_set(output_hidden_states, n + 1)
         stack = run_layers(
             self.model.layers, h, cos, sin, mask,
             output_hidden_states=True if len(hidden) > n else tuple(sorted(hidden - {n})),
             output_attentions=output_attentions, output_qkv=output_qkv, remat=remat, attention_impl=attention_impl,
+            activation_sharding=activation_sharding,
         )
         normed = self.model.norm(stack.hidden)
         hidden_states = attentions = qkv = None

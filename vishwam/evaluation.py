@@ -30,7 +30,7 @@ from models import CausalLM, cast_floating
 
 from .data import PackedDataset, eval_batches
 from .files import atomic_write
-from .sharding import global_batch
+from .sharding import global_batch, rows_sharding
 from .teachers import TeacherSource
 
 
@@ -50,25 +50,26 @@ def _token_stats(s_logits, t_logits, labels):
     return _nll(s_logits, labels), teacher_nll, kl, agree
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "chunk_size", "activation_sharding"))
 def eval_sums(teacher: CausalLM | None, student: CausalLM, batch: dict, teacher_out: TeacherOutputs | None, *,
-              compute_dtype, chunk_size: int | None = None) -> dict:
+              compute_dtype, chunk_size: int | None = None, activation_sharding=None) -> dict:
     """Sums over one micro-batch: `student_nll`, `teacher_nll`, `kl`, `agree`, `tokens` (valid tokens).
 
     The teacher is `teacher` run here (resident) or its precomputed `teacher_out`: full logits (streamed) or
     top-k cache rows. The logits are made and reduced `chunk_size` positions of every row at a time
     (`distill.logits.chunked_map`, as the training loss does): with a resident teacher both LM heads run inside
-    the chunks, so no `[rows, seq, vocab]` array of either model exists; `None` does all positions at once."""
+    the chunks, so no `[rows, seq, vocab]` array of either model exists; `None` does all positions at once.
+    `activation_sharding`: the hidden states' sharding (their rows over the batch axes; see `CausalLM`)."""
     student = cast_floating(student, compute_dtype)
     counted = batch.get("loss_mask", batch["mask"])  # chat data: the target tokens
     mask = counted.astype(jnp.float32)
     segments = batch.get("segment_ids")
     s_hidden = student(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments,
-                       output_logits=False).last_hidden
+                       output_logits=False, activation_sharding=activation_sharding).last_hidden
     labels = batch["labels"]
     if teacher_out is None:  # resident: the teacher's final hidden states, its head applied per chunk
         t_hidden = teacher(batch["input_ids"], attention_mask=batch["mask"], segment_ids=segments,
-                           output_logits=False).last_hidden
+                           output_logits=False, activation_sharding=activation_sharding).last_hidden
         per_token = chunked_map(lambda h, g, y: _token_stats(student.unembed(h), teacher.unembed(g), y),
                                 (s_hidden, t_hidden, labels), chunk_size)
     elif teacher_out.dense:
@@ -94,13 +95,15 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
     """Evaluate `student` against `teacher` on the first `num_batches` batches of `data`; write `eval.json` to
     `out_dir` (process 0) and return the result (see the module docstring)."""
     sums: dict[str, float] = {}
+    activations = rows_sharding(batch_sharding.mesh, micro_batch_size, 3)
     for batch in eval_batches(data, batch_size, num_batches):
         for start in range(0, batch_size, micro_batch_size):
             micro = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
             t_out = teacher.outputs(micro, "eval")  # a cache reads the rows of micro["window"]
             micro.pop("window")
             out = jax.device_get(eval_sums(teacher.in_step, student, global_batch(micro, batch_sharding), t_out,
-                                           compute_dtype=compute_dtype, chunk_size=chunk_size))
+                                           compute_dtype=compute_dtype, chunk_size=chunk_size,
+                                           activation_sharding=activations))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
     n = max(sums.get("tokens", 0.0), 1.0)

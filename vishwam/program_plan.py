@@ -141,21 +141,19 @@ class ProgramPlanner:
         b, S = self.rows_per_device(batch["input_ids"].shape[0]), batch["input_ids"].shape[1]
         chunk = min(kwargs.get("chunk_size") or S, S)
         layers = self.gathered("student", c) + self.forward(s, b, S, c)
-        logits = b * chunk * self.local(s.vocab_size) * (c + 4 * _f32_copies(c))
+        logits = b * chunk * self.local(s.vocab_size) * (c + _SOFTMAX)
         embed = self.embedding("student", c)
         live = [("final hidden states", b * S * s.hidden_size * c), ("student weights in the compute dtype",
                                                                      self.cast_student())]
         unused = 0
         if teacher is not None:
             layers = max(layers, self.gathered("teacher", tb) + self.forward(t, b, S, tb))
-            logits += b * chunk * self.local(t.vocab_size) * (tb + 4 * _f32_copies(tb))
+            logits += b * chunk * self.local(t.vocab_size) * (tb + _SOFTMAX)
             embed = max(embed, self.embedding("teacher", tb))
             live[0] = ("final hidden states", live[0][1] + b * S * t.hidden_size * tb)
         else:
             unused = device_bytes(teacher_out.hidden_states)
-            if teacher_out.dense:  # the teacher's logits as the chunks read them
-                logits += b * chunk * self.local(t.vocab_size) * 4 * _f32_copies(teacher_out.logits.dtype.itemsize)
-            else:  # the top-k collapse: one more float32 copy of the student's, and the top-k membership mask
+            if not teacher_out.dense:  # the top-k collapse: a float32 copy of the student's, the membership mask
                 logits += b * chunk * self.local(s.vocab_size) * (4 + 1)
         phases = {"embedding lookup": embed, "one layer of the larger model": layers,
                   f"one chunk's logits and float32 softmaxes ({chunk} positions)": logits}
@@ -221,7 +219,7 @@ class ProgramPlanner:
         phases = {"embedding lookup": self.embedding("teacher", tb),
                   "one teacher layer": self.gathered("teacher", tb) + self.forward(t, b, S, tb),
                   f"one chunk's logits, float32 softmax and top-k ({chunk} positions)":
-                      b * chunk * self.local(kwargs["vocab"]) * (tb + 4 * _f32_copies(tb) + 1 + 4 * 3)}  # + top-k
+                      b * chunk * self.local(kwargs["vocab"]) * (tb + _SOFTMAX + 1 + 4 * 2)}  # + top-k's sort
         return 0, 0, phases, [("final and cached hidden states", b * S * t.hidden_size * tb * (1 + layers))]
 
     def _on_policy_prefill(self, args, kwargs):
@@ -249,10 +247,10 @@ class ProgramPlanner:
 _DTYPE = {4: "float32", 2: "bfloat16"}
 
 
-def _f32_copies(nbytes: int) -> int:
-    """Float32 `[rows, chunk, vocab]` arrays a logit chunk's softmax math holds, as XLA:TPU compiles it: one for
-    bfloat16 logits (the upcast fuses into the reductions), three for float32 ones (measured, mid-size config)."""
-    return 1 if nbytes == 2 else 3
+#: Bytes per `[rows, chunk, vocab]` element a logit chunk's softmax math holds beyond the logits themselves, as
+#: XLA:TPU compiles it with the hidden states' rows kept on the batch axes: it fuses the float32 upcast and the
+#: reductions into the LM head's output (measured at the mid-size config, benchmarks/plan_vs_xla.py).
+_SOFTMAX = 2
 
 
 def _head_bytes(model) -> int:

@@ -175,8 +175,8 @@ class AbstractRun:
         if (cfg.data.eval or cfg.data.eval_fraction > 0) and tr.eval_batches > 0:
             out["eval"] = (eval_sums, (self.teacher if resident else None, self.state.student, self.micro,
                                        None if resident else self.teacher_outputs(tr.micro_batch_size)),
-                           {"compute_dtype": self.compute_dtype,
-                            "chunk_size": self.objective.params.logit_chunk_size})
+                           {"compute_dtype": self.compute_dtype, "chunk_size": self.objective.params.logit_chunk_size,
+                            "activation_sharding": rows_sharding(self.mesh, tr.micro_batch_size, 3)})
         e = cfg.distillation_params.eplb
         if self.objective.uses_eplb and e.remap and resident and self.objective.eplb_stages > 1:
             rows = max(1, e.probe_tokens // tr.seq_len)
@@ -190,7 +190,8 @@ class AbstractRun:
             vocab = min(self.s_config.vocab_size, self.t_config.vocab_size)
             out["cache_build"] = (cache_rows, (self.teacher, self.micro), {
                 "k": self.cfg.distillation.teacher_model.top_k, "vocab": vocab,
-                "layers": cached_layers(self.objective), "chunk_size": self.objective.params.logit_chunk_size})
+                "layers": cached_layers(self.objective), "chunk_size": self.objective.params.logit_chunk_size,
+                "activation_sharding": rows_sharding(self.mesh, tr.micro_batch_size, 3)})
         if cfg.distillation.student_model.init == "from_teacher":
             out.update(self._pruning(resident))
         if self.objective.on_policy_rows:  # the student writing its completions (the longest prompts allowed)

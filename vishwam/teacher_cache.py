@@ -40,15 +40,17 @@ def _write_index(directory: Path, index: dict):
     atomic_write(directory / "index.json", json.dumps(index, indent=1))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "vocab", "layers", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("k", "vocab", "layers", "chunk_size", "activation_sharding"))
 def cache_rows(teacher: CausalLM, batch: dict, *, k: int, vocab: int, layers: tuple[int, ...] = (),
-               chunk_size: int | None = None) -> dict:
+               chunk_size: int | None = None, activation_sharding=None) -> dict:
     """The cache's rows for one batch of windows (`input_ids`, `labels`, `mask`, optional `segment_ids`): the
     teacher's top-k logits, the logsumexp of the rest and the label's log-probability, made `chunk_size`
     positions of every row at a time with the LM head inside the chunks (no `[rows, seq, vocab]` array), and the
-    hidden states of `layers` (the mapped teacher layers' outputs) in float32."""
+    hidden states of `layers` (the mapped teacher layers' outputs) in float32. `activation_sharding`: the hidden
+    states' sharding (see `CausalLM`)."""
     out = teacher(batch["input_ids"], attention_mask=batch["mask"], segment_ids=batch.get("segment_ids"),
-                  output_hidden_states=tuple(layer + 1 for layer in layers) or False, output_logits=False)
+                  output_hidden_states=tuple(layer + 1 for layer in layers) or False, output_logits=False,
+                  activation_sharding=activation_sharding)
 
     def tokens(h, labels):
         logits = teacher.unembed(h).astype(jnp.float32)[..., :vocab]
@@ -154,10 +156,12 @@ def build_cache(teacher: CausalLM, dataset, directory: Path, *, top_k: int, voca
             pad = batch_size - len(idx)
             batch = dataset.batch(np.concatenate([idx, np.full(pad, idx[-1])]))
             batch.pop("window", None)
+            activations = None
             if mesh is not None:
                 batch = global_batch(batch, rows_sharding(mesh, batch_size))
+                activations = rows_sharding(mesh, batch_size, 3)
             rows = cache_rows(teacher, batch, k=top_k, vocab=vocab_size, layers=tuple(hidden_layers),
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, activation_sharding=activations)
             for name, value in _host(rows).items():
                 parts.setdefault(name, []).append(value[: len(idx)])
         if writer:
