@@ -306,3 +306,24 @@ def test_evaluation_of_streamed_and_cached_teachers_matches_numpy(chunk_size):
     assert float(cached["teacher_nll"]) == pytest.approx(pick(t)[m].sum(), rel=1e-5)
     assert float(cached["kl"]) == pytest.approx(collapsed_kl[m].sum(), rel=1e-4)
     assert float(cached["agree"]) == (s.argmax(-1) == top[..., 0])[m].sum()
+
+
+def test_the_train_step_keeps_each_row_on_its_device(config):
+    """The models' hidden states keep their rows on the batch axes: in the compiled train step (4 devices, micro-
+    batches of 4 rows) the MLP's [rows, seq, 48] activations hold 1 row a device. Left to XLA, they followed the
+    embedding table's fsdp-split hidden axis and every device ran all 4 rows."""
+    script = f"""
+import re
+from vishwam.targets import configure_process
+configure_process("cpu:4")
+from vishwam.cli import load_config
+from vishwam.programs import AbstractRun
+from vishwam.targets import resolve_target
+cfg = load_config({str(config)!r}, [])
+fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()["train"]
+print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).compile().as_text()))))
+"""
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['1']"
