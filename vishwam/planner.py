@@ -21,15 +21,16 @@ width and vocabulary divided by `tensor` where the rules shard them):
 - student layers: with `training.remat` the scan saves only the layer-boundary hidden states, `(L+1)·b·S·D·c`,
   and the layer being recomputed holds its matmul inputs and outputs twice (values and cotangents). Without
   remat every layer's intermediates are saved: `L` times one layer's working set.
-- attention scores: the model materialises `b·H·S²` scores and probabilities in float32 (and the probabilities
-  once more in `c`), `3·4 + c` bytes per score saved for the backward; with remat for the layer in flight and
-  its cotangents, without it for all `L` layers. Attention maps returned for an attention loss
+- attention scores: the model runs causal query blocks (`models.attention.causal_blocks`), so the largest
+  block's `b·H·(S/n)·S` scores and probabilities exist, `3·4 + c` bytes each; for the layer in flight and its
+  cotangents (remat), for every layer without it. Attention maps returned for an attention loss
   (`attention_loss: kl`) are `L·b·H·S²` float32 per model on top.
-- logits: the student's `b·S·V` logits and their cotangent in `c`, plus four float32 `[b, chunk, V]` arrays for
-  the loss (the softmaxes of both models and the gradient); `chunk` is `distillation_params.logit_chunk_size`
+- logits: the student's `b·S·V` logits and their cotangent in `c`, plus one float32 `[b, chunk, V]` array for
+  the loss (XLA fuses the softmaxes into the logits' producers); `chunk` is `distillation_params.logit_chunk_size`
   (all of `S` when unset, which is why long sequences want it set). When the LM head is fused into the KD + CE
   loss (`fused_logit_loss`, forward KL, a scheduled temperature, a live teacher) only one chunk's logits and
-  gradient exist, plus the hidden states' gradient `b·S·D·c` and the head's float32 gradient `V·D·4`.
+  gradient exist, plus the hidden states' gradient `b·S·D·c` and the head's float32 gradient (split like the
+  head).
 - feature matching: two float32 `[b, S, teacher_hidden]` arrays per mapped pair (projected student, normalised
   teacher), saved for the backward pass.
 - teacher outputs: the teacher's logits (and its hidden states for feature matching, its attention maps or q/k/v
@@ -37,13 +38,12 @@ width and vocabulary divided by `tensor` where the rules shard them):
   runs ahead of the step, so its outputs for all `grad_accum_steps` micro-batches are held; a cached one gives
   top-k values, indices and the tail log-sum-exp.
 - weights in flight: the student's weights cast to the compute dtype (sharded), and with `fsdp > 1` the
-  all-gathered weights of two layers (the one running and the next, prefetched) of each model.
+  all-gathered weights of the layer running, of each model in the step.
 - the teacher's own forward working set (one layer; it is never differentiated) is freed before the student's
   forward begins, so the peak counts `max(teacher forward, student part)`, not their sum.
 
 Weights, optimizer state and gradients are exact; activations are estimates on the high side (XLA fuses and
-reuses buffers): 5-20% above XLA's temporary buffers of the compiled step for a small float32 model on CPU,
-with and without remat and logit chunks (CPU upcasts bfloat16, so it is no reference for bfloat16 runs).
+reuses buffers; set against XLA:TPU's compiled steps in README "Memory at the flagship's size").
 
 Capacity: `device_bytes`, else `vishwam.capacity.device_capacity`. Whether a plan fits, and what would make it
 fit: `vishwam.fit`. Architectures: `vishwam.specs` (bundled for hub ids, so a dry run works offline).
@@ -61,7 +61,7 @@ import jax
 import numpy as np
 
 from distill.features import FeatureProjections
-from models import CausalLM, ModelConfig
+from models import CausalLM, ModelConfig, causal_blocks
 from models.pytree import named_leaves
 
 from . import specs
@@ -303,12 +303,12 @@ class Planner:
             return size // _axis_shards(logical, size, mesh)
 
         def layer_set(m: ModelConfig, nbytes: int) -> int:  # one layer's matmul inputs and outputs
-            h, g, f = local("heads", m.num_attention_heads), local("kv_heads", m.num_key_value_heads), \
-                local("mlp", m.intermediate_size)
+            h, g, f = (local(a, n) for a, n in zip(("heads", "kv_heads", "mlp"), (m.num_attention_heads,
+                                                                           m.num_key_value_heads, m.intermediate_size)))
             return b * S * nbytes * (6 * m.hidden_size + 3 * (h + g) * m.head_dim + 3 * f)
 
-        def scores(m: ModelConfig, per_elem: int) -> int:
-            return b * local("heads", m.num_attention_heads) * S * S * per_elem
+        def scores(m: ModelConfig, per_elem: int, block: bool = False) -> int:  # block: the largest causal block
+            return b * local("heads", m.num_attention_heads) * (-(-S // causal_blocks(S)) if block else S) * S * per_elem
 
         L = s_cfg.num_hidden_layers
         boundary = (L + 1) * b * S * s_cfg.hidden_size * c
@@ -316,11 +316,11 @@ class Planner:
         saved = 3 * 4 + c
         if setup.remat:
             student_layers = boundary + 2 * layer_set(s_cfg, c)
-            attention = 2 * scores(s_cfg, saved)
+            attention = 2 * scores(s_cfg, saved, block=True)
         else:
             student_layers = boundary + (L + 1) * layer_set(s_cfg, c)
-            attention = (L + 1) * scores(s_cfg, saved)
-        attention += b * S * S  # the boolean mask
+            attention = (L + 1) * scores(s_cfg, saved, block=True)
+        attention += scores(s_cfg, 1, block=True) // local("heads", s_cfg.num_attention_heads)  # the boolean mask
         outputs, attention_pairs = objective.model_outputs(), objective.attention_pairs
         attn_kl, attn_rel = outputs["output_attentions"], outputs["output_qkv"]
         qkv = lambda m, nbytes: b * S * (local("heads", m.num_attention_heads)  # noqa: E731
@@ -337,10 +337,10 @@ class Planner:
         # states' gradient and the head's fp32 gradient accumulator instead.
         fused_head = objective.fuses_lm_head(dense_teacher=setup.loading != "cached")
         if fused_head:
-            logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c + s_vocab * s_cfg.hidden_size * 4
-                      + 4 * b * chunk * max(s_vocab, t_vocab) * 4)
+            logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c
+                      + s_vocab * local("embed", s_cfg.hidden_size) * 4 + b * chunk * max(s_vocab, t_vocab) * 4)
         else:
-            logits = 2 * b * S * s_vocab * c + 4 * b * chunk * max(s_vocab, t_vocab) * 4
+            logits = 2 * b * S * s_vocab * c + b * chunk * max(s_vocab, t_vocab) * 4
         pairs = len(objective.feature_pairs)
         features = 2 * pairs * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
 
@@ -358,24 +358,24 @@ class Planner:
                 teacher_out += t_attention * scores(t_cfg, 4) * (tb_rows // b)
             if attn_rel:
                 teacher_out += t_attention * qkv(t_cfg, tb) * (tb_rows // b)
-        teacher_fwd = 0 if setup.loading == "cached" else layer_set(t_cfg, tb) + scores(t_cfg, 3 * 4 + tb)
+        teacher_fwd = layer_set(t_cfg, tb) + scores(t_cfg, 3 * 4 + tb, block=True) if setup.loading == "resident" else 0
 
         # Weights in flight: the student cast to the compute dtype (sharded), and under fsdp the all-gathered
-        # weights of the layer being run and of the next one (prefetched), for both models.
+        # weights of the layer being run, for both models.
         weights = 0
         if tr.compute_dtype != tr.param_dtype:
             weights += tree_bytes(self.student, mesh, tr.compute_dtype)[1]
         if mesh.fsdp > 1:
             gathered = ParallelismConfig(tensor=mesh.tensor)
-            weights += 2 * split_layers(self.student, L, gathered, tr.compute_dtype)[0]
-            if setup.loading != "cached":
-                weights += 2 * split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
-                                             self.cfg.distillation.teacher_model.dtype)[0]
+            weights += split_layers(self.student, L, gathered, tr.compute_dtype)[0]
+            if setup.loading == "resident":
+                weights += split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
+                                        self.cfg.distillation.teacher_model.dtype)[0]
 
         parts = [
             (f"student layers ({'remat: boundaries + 1 layer' if setup.remat else 'all layers saved'})",
              student_layers),
-            ("attention scores + probs, fp32 (b·H·S²)", attention),
+            ("attention scores + probs, fp32 (the largest causal block's)", attention),
             (f"{'LM head fused into the loss, ' if fused_head else ''}logits + loss in fp32 chunks of {chunk} tokens",
              logits),
         ]

@@ -33,8 +33,7 @@ import math
 import jax
 import numpy as np
 
-from models import ModelConfig
-from models.attention import causal_blocks
+from models import ModelConfig, causal_blocks
 
 from .config import ParallelismConfig
 from .planner import DTYPE_BYTES, Planner, split_layers, tree_bytes
