@@ -11,6 +11,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from .layers import rotary_tables
@@ -33,6 +34,14 @@ def _constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def _rows(cache_sharding):
+    """The hidden states' sharding that goes with a cache's: rows as the cache's batch axis, the rest whole (left
+    to itself XLA may follow the embedding table's split of the hidden axis and run every row on every device)."""
+    if cache_sharding is None:
+        return None
+    return NamedSharding(cache_sharding.mesh, PartitionSpec(cache_sharding.spec[1]))
+
+
 def prefill(model: CausalLM, input_ids: Int[Array, "batch prompt"], attention_mask: Bool[Array, "batch prompt"],
             slots: int, *, cache_sharding=None, attention_impl: str = "auto"
             ) -> tuple[Float[Array, "batch vocab"], KVCache]:
@@ -45,18 +54,19 @@ def prefill(model: CausalLM, input_ids: Int[Array, "batch prompt"], attention_ma
         raise ValueError(f"a cache of {slots} slots cannot hold a prompt of {s} tokens")
     mask, cos, sin = prepare_inputs(model.config, input_ids, attention_mask)
     params, static = eqx.partition(model.model.layers, eqx.is_array)
+    rows = _rows(cache_sharding)
 
     def step(h, layer_params):
         layer = eqx.combine(layer_params, static)
-        h, _, (_, k, v) = layer(h, cos, sin, mask, output_qkv=True, attention_impl=attention_impl)
+        h, _, (_, k, v) = layer(_constrain(h, rows), cos, sin, mask, output_qkv=True, attention_impl=attention_impl)
         return h, (k, v)  # [b, kv_heads, s, hd]
 
-    h, (k, v) = jax.lax.scan(step, model.embed(input_ids), params)
+    h, (k, v) = jax.lax.scan(step, _constrain(model.embed(input_ids), rows), params)
     pad = ((0, 0), (0, 0), (0, 0), (0, slots - s), (0, 0))
     k, v = _constrain(jnp.pad(k, pad), cache_sharding), _constrain(jnp.pad(v, pad), cache_sharding)
     valid = jnp.pad(mask.key_valid, ((0, 0), (0, slots - s)))
     positions = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
-    logits = model.unembed(model.model.norm(h[:, -1:]))[:, 0].astype(jnp.float32)
+    logits = _constrain(model.unembed(model.model.norm(h[:, -1:]))[:, 0].astype(jnp.float32), rows)
     return logits, KVCache(k, v, valid, positions, jnp.asarray(s, jnp.int32))
 
 
@@ -68,15 +78,17 @@ def decode_step(model: CausalLM, cache: KVCache, tokens: Int[Array, " batch"], *
     valid = jax.lax.dynamic_update_slice(cache.key_valid, jnp.ones((tokens.shape[0], 1), bool), (0, slot))
     cos, sin = rotary_tables(model.config, cache.positions[:, None])
     params, static = eqx.partition(model.model.layers, eqx.is_array)
+    rows = _rows(cache_sharding)
 
     def step(carry, xs):
         h, k, v = carry
         layer_params, index = xs
-        h, k, v = eqx.combine(layer_params, static).decode(h, cos, sin, k, v, index, valid, slot)
+        h, k, v = eqx.combine(layer_params, static).decode(_constrain(h, rows), cos, sin, k, v, index, valid, slot)
         return (h, _constrain(k, cache_sharding), _constrain(v, cache_sharding)), None
 
     layers = jnp.arange(model.config.num_hidden_layers, dtype=jnp.int32)
-    (h, k, v), _ = jax.lax.scan(step, (model.embed(tokens[:, None]), cache.k, cache.v), (params, layers))
+    (h, k, v), _ = jax.lax.scan(step, (_constrain(model.embed(tokens[:, None]), rows), cache.k, cache.v),
+                                (params, layers))
     logits = model.unembed(model.model.norm(h))[:, 0].astype(jnp.float32)
     return logits, KVCache(k, v, valid, cache.positions + 1, slot + 1)
 

@@ -327,3 +327,24 @@ print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "['1']"
+
+
+def test_on_policy_prefill_keeps_each_row_on_its_device(config):
+    """The student's prefill of its on-policy prompts (4 rows over 4 devices) keeps the hidden states' rows with
+    the cache's: the MLP's [rows, prompt, 48] activations hold 1 row a device (all 4 without the constraint)."""
+    script = f"""
+import re
+from vishwam.targets import configure_process
+configure_process("cpu:4")
+from vishwam.cli import load_config
+from vishwam.programs import AbstractRun
+from vishwam.targets import resolve_target
+cfg = load_config({str(config)!r}, ["--distillation-params.on-policy.fraction", "0.5",
+                                    "--distillation-params.on-policy.max-new-tokens", "8"])
+fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()["on_policy_prefill"]
+print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).compile().as_text()))))
+"""
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['1']"
