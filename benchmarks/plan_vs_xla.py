@@ -64,6 +64,28 @@ def mid_config(directory: Path) -> Path:
     return directory / "mid.yaml"
 
 
+def tiled_bytes(tree) -> int:
+    """Bytes on one device of the abstract leaves of `tree` with their last two dimensions padded to XLA:TPU's
+    tiles (128 lanes; 8 sublanes of 32 bits, so 16 rows of 16-bit and 32 of 8-bit elements) and at least 512 bytes a
+    buffer: the most a TPU buffer of that shard shape takes."""
+    import math
+
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            shape = list(leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape)) or [1]
+            item = np.dtype(leaf.dtype).itemsize
+            shape[-1] = -(-shape[-1] // 128) * 128
+            if len(shape) > 1:
+                rows = 8 * 4 // item
+                shape[-2] = -(-shape[-2] // rows) * rows
+            total += max(512, math.prod(shape) * item)
+    return total
+
+
 def compare(config: Path, target: str, layouts, programs=None, log=print) -> list[dict]:
     """Plan and compile the programs of each layout; one row per program."""
     import jax
@@ -88,9 +110,10 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
                 plan = planner.plan(Setup.from_config(cfg), None, "")
                 planned = {"total_bytes": plan.total_bytes, "argument_bytes": None, "output_bytes": None}
             else:
-                p = programs_planner.plan(name, args, kwargs, run.abstract_outputs(name, fn, args, kwargs))
+                outputs = run.abstract_outputs(name, fn, args, kwargs)
+                p = programs_planner.plan(name, args, kwargs, outputs)
                 planned = {"total_bytes": p.total_bytes, "argument_bytes": p.argument_bytes,
-                           "output_bytes": p.output_bytes}
+                           "output_bytes": p.output_bytes, "tiled_output_bytes": tiled_bytes(outputs)}
             planned["buffers"] = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((args, kwargs)))
             row = {"layout": layout, "program": name, "planner": planned,
                    "xla": {k: getattr(xla, k) for k in ("argument_bytes", "output_bytes", "alias_bytes",

@@ -8,9 +8,9 @@ simulated CPU devices and only what every compiler agrees on is held (arguments 
 temporaries than XLA:TPU (bfloat16 work in float32, a schedule for speed), so its totals are not the planner's.
 
 Held within 15% of XLA's total (argument + output + temporary - aliased bytes): evaluation with each kind of teacher,
-pruning's importance pass and slicing, the cache build, a streamed teacher's layer group and head. Not yet within
-15% at this size, and so not held here (the benchmark prints their ratios): the train step, the EPLB probe, the
-importance pass of a teacher that is not resident (group by group) and on-policy generation.
+pruning's importance pass and slicing, the cache build, a streamed teacher's layer group and head, the on-policy
+prefill. Not yet within 15% at this size, and so not held here (the benchmark prints their ratios): the train
+step, the EPLB probe, the importance pass of a teacher that is not resident (group by group), the on-policy decode.
 """
 
 from __future__ import annotations
@@ -27,24 +27,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p-8" if TPU else "cpu:4"
-HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_group", "streamed_head")
+HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_group", "streamed_head",
+        "on_policy_prefill")
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan_vs_xla") / "rows.json"
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_vs_xla", "--target", TARGET, "--layouts", "resident",
-                           "cached", "streamed", "--programs", *HELD, "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    layouts = ["resident", "cached", "streamed", "on_policy"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_vs_xla", "--target", TARGET, "--layouts", *layouts,
+                           "--programs", *HELD, "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     rows = json.loads(out.read_text())
     assert {(r["layout"], r["program"]) for r in rows} == {
         ("resident", "eval"), ("resident", "prune_importance"), ("resident", "prune_slice"),
         ("cached", "eval"), ("cached", "cache_build"), ("cached", "prune_importance"), ("cached", "prune_slice"),
-        ("streamed", "eval"), ("streamed", "streamed_group"), ("streamed", "streamed_head"), ("streamed", "prune_importance"),
-        ("streamed", "prune_slice")}
+        ("streamed", "eval"), ("streamed", "streamed_group"), ("streamed", "streamed_head"),
+        ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "eval"),
+        ("on_policy", "on_policy_prefill")}
     for r in rows:
         assert r["xla"]["error"] is None, r
     return rows
@@ -52,12 +55,13 @@ def rows(tmp_path_factory):
 
 def test_planned_arguments_and_outputs_are_xlas(rows):
     """Arguments and outputs on one device are counted exactly: XLA's own figures, but for the padding XLA gives a
-    buffer (on CPU a pointer per output; on TPU an array is laid out in tiles of at most 8 x 128 elements, so a
-    small one takes up to 4 KiB, and a buffer at least 512 bytes)."""
+    buffer. Arguments: within 4 KiB a buffer (tiny ones, such as masks, padded to a tile). Outputs: at least the
+    planner's, and at most the same shapes padded to XLA:TPU's tiles (a [2, 8192] float32 shard takes 8 rows) plus
+    a pointer each (XLA:CPU)."""
     for r in rows:
         planned, xla = r["planner"], r["xla"]
         assert abs(xla["argument_bytes"] - planned["argument_bytes"]) <= 4096 * planned["buffers"], r
-        assert 0 <= xla["output_bytes"] - planned["output_bytes"] <= 4096 * 64, r  # < 64 outputs a program
+        assert planned["output_bytes"] <= xla["output_bytes"] <= planned["tiled_output_bytes"] + 8 * 64, r
 
 
 @pytest.mark.skipif(not TPU, reason="libtpu (the [tpu] extra) is not installed: XLA:CPU's temporaries are not what the "

@@ -308,7 +308,8 @@ class Planner:
             return b * S * nbytes * (6 * m.hidden_size + 3 * (h + g) * m.head_dim + 3 * f)
 
         def scores(m: ModelConfig, per_elem: int, block: bool = False) -> int:  # block: the largest causal block
-            return b * local("heads", m.num_attention_heads) * (-(-S // causal_blocks(S)) if block else S) * S * per_elem
+            queries = -(-S // causal_blocks(S)) if block else S
+            return b * local("heads", m.num_attention_heads) * queries * S * per_elem
 
         L = s_cfg.num_hidden_layers
         boundary = (L + 1) * b * S * s_cfg.hidden_size * c
@@ -360,8 +361,7 @@ class Planner:
                 teacher_out += t_attention * qkv(t_cfg, tb) * (tb_rows // b)
         teacher_fwd = layer_set(t_cfg, tb) + scores(t_cfg, 3 * 4 + tb, block=True) if setup.loading == "resident" else 0
 
-        # Weights in flight: the student cast to the compute dtype (sharded), and under fsdp the all-gathered
-        # weights of the layer being run, for both models.
+        # Weights in flight: the student cast to the compute dtype, and under fsdp each running model's layer.
         weights = 0
         if tr.compute_dtype != tr.param_dtype:
             weights += tree_bytes(self.student, mesh, tr.compute_dtype)[1]
