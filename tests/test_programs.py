@@ -308,10 +308,10 @@ def test_evaluation_of_streamed_and_cached_teachers_matches_numpy(chunk_size):
     assert float(cached["agree"]) == (s.argmax(-1) == top[..., 0])[m].sum()
 
 
-def test_the_train_step_keeps_each_row_on_its_device(config):
-    """The models' hidden states keep their rows on the batch axes: in the compiled train step (4 devices, micro-
-    batches of 4 rows) the MLP's [rows, seq, 48] activations hold 1 row a device. Left to XLA, they followed the
-    embedding table's fsdp-split hidden axis and every device ran all 4 rows."""
+def _mlp_rows_per_device(config, program, flags=()):
+    """The row counts of the `[rows, 32, 48]` float32 buffers (the MLP's activations) in `program` compiled from
+    the dry run's abstract inputs on 4 CPU devices (a subprocess: the tests' type checks do not take abstract
+    models)."""
     script = f"""
 import re
 from vishwam.targets import configure_process
@@ -319,32 +319,25 @@ configure_process("cpu:4")
 from vishwam.cli import load_config
 from vishwam.programs import AbstractRun
 from vishwam.targets import resolve_target
-cfg = load_config({str(config)!r}, [])
-fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()["train"]
+cfg = load_config({str(config)!r}, {list(flags)!r})
+fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()[{program!r}]
 print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).compile().as_text()))))
 """
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "['1']"
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_train_step_keeps_each_row_on_its_device(config):
+    """The models' hidden states keep their rows on the batch axes: in the compiled train step (4 devices, micro-
+    batches of 4 rows) the MLP's [rows, seq, 48] activations hold 1 row a device. Left to XLA, they followed the
+    embedding table's fsdp-split hidden axis and every device ran all 4 rows."""
+    assert _mlp_rows_per_device(config, "train") == "['1']"
 
 
 def test_on_policy_prefill_keeps_each_row_on_its_device(config):
     """The student's prefill of its on-policy prompts (4 rows over 4 devices) keeps the hidden states' rows with
     the cache's: the MLP's [rows, prompt, 48] activations hold 1 row a device (all 4 without the constraint)."""
-    script = f"""
-import re
-from vishwam.targets import configure_process
-configure_process("cpu:4")
-from vishwam.cli import load_config
-from vishwam.programs import AbstractRun
-from vishwam.targets import resolve_target
-cfg = load_config({str(config)!r}, ["--distillation-params.on-policy.fraction", "0.5",
-                                    "--distillation-params.on-policy.max-new-tokens", "8"])
-fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()["on_policy_prefill"]
-print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).compile().as_text()))))
-"""
-    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "['1']"
+    flags = ["--distillation-params.on-policy.fraction", "0.5", "--distillation-params.on-policy.max-new-tokens", "8"]
+    assert _mlp_rows_per_device(config, "on_policy_prefill", flags) == "['1']"

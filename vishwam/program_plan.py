@@ -243,7 +243,7 @@ class ProgramPlanner:
             ("the sampling over the vocabulary, float32", b * s.vocab_size * 4 * 4)]
 
 
-_DTYPE = {4: "float32", 2: "bfloat16"}
+_DTYPE = {n: name for name, n in DTYPE_BYTES.items()}  # bytes -> dtype name
 
 
 #: Bytes per `[rows, chunk, vocab]` element a logit chunk's softmax math holds beyond the logits themselves, as
