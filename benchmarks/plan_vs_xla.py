@@ -92,7 +92,7 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
 
     from vishwam.cli import load_config
     from vishwam.planner import Planner, Setup
-    from vishwam.program_plan import ProgramPlanner
+    from vishwam.program_plan import ProgramPlanner, device_bytes
     from vishwam.programs import AbstractRun, compile_program
     from vishwam.targets import resolve_target
 
@@ -115,6 +115,8 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
                 planned = {"total_bytes": p.total_bytes, "argument_bytes": p.argument_bytes,
                            "output_bytes": p.output_bytes, "tiled_output_bytes": tiled_bytes(outputs)}
             planned["buffers"] = sum(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((args, kwargs)))
+            # The most XLA:TPU's tiles can add to the arguments (a [2, 8192] float32 shard takes 8 rows).
+            planned["argument_padding"] = tiled_bytes((args, kwargs)) - device_bytes((args, kwargs))
             row = {"layout": layout, "program": name, "planner": planned,
                    "xla": {k: getattr(xla, k) for k in ("argument_bytes", "output_bytes", "alias_bytes",
                                                         "temp_bytes", "total_bytes", "compile_seconds", "error")}}

@@ -232,13 +232,15 @@ def cka_matrix(
     flat = lambda h: h.reshape(-1, h.shape[-1])  # noqa: E731
     s_stack = jnp.stack([flat(h) for h in student_hiddens[1:]])
     t_stack = jnp.stack([flat(h) for h in teacher_hiddens[1:]])
-    s_grams = jax.vmap(lambda x: _unit(_centered_gram(x, valid)))(s_stack)  # [S, n, n]
+    # One copy of the student's Grams: normalised by their norms at the end (scalars), not as a second array.
+    s_grams = jax.vmap(lambda x: _centered_gram(x, valid))(s_stack)  # [S, n, n]
+    s_norms = _norm(s_grams, axes=(1, 2))
 
     def column(y):
-        ky = _unit(_centered_gram(y, valid))
-        return jnp.einsum("snm,nm->s", s_grams, ky)
+        ky = _centered_gram(y, valid)
+        return jnp.einsum("snm,nm->s", s_grams, ky) / _norm(ky)
 
-    return jax.lax.map(column, t_stack).T
+    return (jax.lax.map(column, t_stack) / s_norms).T
 
 
 def best_monotone_assignment(
@@ -356,8 +358,13 @@ def _centered_gram(x: Float[Array, "n d"], mask: Bool[Array, " n"] | None) -> Fl
     return xc @ xc.T
 
 
+def _norm(k, axes=None):
+    """Frobenius norm(s) of Gram matrices, floored (a constant representation's Gram is 0: its CKA is 0)."""
+    return jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k), axis=axes)), 1e-12)
+
+
 def _unit(k: Float[Array, "n n"]) -> Float[Array, "n n"]:
-    return k / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k))), 1e-12)
+    return k / _norm(k)
 
 
 def _gram_cka(kx: Float[Array, "n n"], ky: Float[Array, "n n"]) -> Float[Array, ""]:

@@ -191,6 +191,8 @@ def importance_scores(
     probe_ids: Int[Array, "batch seq"],
     probe_mask: TokenMask | None = None,
     segment_ids: Int[Array, "batch seq"] | None = None,
+    *,
+    activation_sharding=None,
 ) -> dict[str, Float[Array, "..."]]:
     """Minitron activation-magnitude importance of the teacher's width components on a probe batch.
 
@@ -200,6 +202,7 @@ def importance_scores(
     - `probe_ids`: token ids `[batch, seq]` (a few hundred real tokens are enough for a ranking).
     - `probe_mask`: 1 for real tokens, 0 for padding; `None` means all real. Padding is excluded from every mean.
     - `segment_ids`: packed rows (chat data): attention stays within each row, positions restart per row.
+    - `activation_sharding`: the hidden states' sharding on a mesh (rows over the batch axes; see `CausalLM`).
 
     **Returns:**
 
@@ -212,8 +215,9 @@ def importance_scores(
     """
     if probe_mask is None:
         probe_mask = jnp.ones(probe_ids.shape, bool)
-    return score_dict(*activation_stats(teacher, probe_ids, probe_mask.astype(bool), segment_ids),
-                      num_kv_heads=teacher.config.num_key_value_heads)
+    stats = activation_stats(teacher, probe_ids, probe_mask.astype(bool), segment_ids,
+                             activation_sharding=activation_sharding)
+    return score_dict(*stats, num_kv_heads=teacher.config.num_key_value_heads)
 
 
 def score_dict(embed, mlp, heads, *, num_kv_heads: int) -> dict[str, Array]:
@@ -222,12 +226,13 @@ def score_dict(embed, mlp, heads, *, num_kv_heads: int) -> dict[str, Array]:
     return {"embed": embed, "mlp": mlp, "heads": heads, "kv_groups": groups}
 
 
-@jax.jit
-def activation_stats(teacher: CausalLM, ids, valid, segment_ids=None):
+@functools.partial(jax.jit, static_argnames="activation_sharding")
+def activation_stats(teacher: CausalLM, ids, valid, segment_ids=None, *, activation_sharding=None):
     """The teacher's forward pass (a scan over its layers, in its own dtype), collecting per-component activation
     magnitudes in float32: `(embed [embed], mlp [layers, mlp], heads [layers, heads])`."""
     mask, cos, sin = prepare_inputs(teacher.config, ids, valid, segment_ids=segment_ids)
-    h, embed, mlp, heads = stack_stats(teacher.model.layers, teacher.embed(ids), cos, sin, mask, valid)
+    h, embed, mlp, heads = stack_stats(teacher.model.layers, teacher.embed(ids), cos, sin, mask, valid,
+                                       activation_sharding=activation_sharding)
     return embed + final_norm_stats(teacher.model.norm, h, valid), mlp, heads
 
 
@@ -242,15 +247,18 @@ def final_norm_stats(norm, h, valid) -> Float[Array, " embed"]:
     return _token_mean(valid, jnp.abs(norm(h)))
 
 
-def stack_stats(layers: DecoderLayer, h, cos, sin, mask, valid):
+def stack_stats(layers: DecoderLayer, h, cos, sin, mask, valid, *, activation_sharding=None):
     """Run a stack of layers (leading layer axis) over `h` and collect their importance statistics, one layer
     at a time (`lax.scan`): nothing of size `[seq, seq]` per head is kept (head outputs come from
     `Attention.attend`), and the weights stay in their dtype. Returns `(h, embed, mlp, heads)`: the stack's
     output, its two norms' channel magnitudes summed over its layers, and per layer the MLP neurons' and query
-    heads' magnitudes. A streamed teacher calls it group by group."""
+    heads' magnitudes. A streamed teacher calls it group by group. `activation_sharding`: each layer's input is
+    constrained to it (rows over the batch axes, see `CausalLM`)."""
     params, static = eqx.partition(layers, eqx.is_array)
 
     def step(h, layer_params):
+        if activation_sharding is not None:
+            h = jax.lax.with_sharding_constraint(h, activation_sharding)
         layer = eqx.combine(layer_params, static)
         attn = layer.self_attn
         x = layer.input_layernorm(h)

@@ -7,10 +7,9 @@ compiler, the target the planner's temporaries are set against. Without libtpu t
 simulated CPU devices and only what every compiler agrees on is held (arguments and outputs): XLA:CPU keeps other
 temporaries than XLA:TPU (bfloat16 work in float32, a schedule for speed), so its totals are not the planner's.
 
-Held within 15% of XLA's total (argument + output + temporary - aliased bytes): evaluation with each kind of teacher,
-pruning's importance pass and slicing, the cache build, a streamed teacher's layer group and head, the on-policy
-prefill. Not yet within 15% at this size, and so not held here (the benchmark prints their ratios): the train
-step, the EPLB probe, the importance pass of a teacher that is not resident (group by group), the on-policy decode.
+Held within 15% of XLA's total (argument + output + temporary - aliased bytes): every program the dry run compiles
+at this size with each kind of teacher: the train step, evaluation, the EPLB probe, pruning's importance pass and
+slicing, the cache build, a streamed teacher's layer group and head, the on-policy prefill and decode.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p-8" if TPU else "cpu:4"
-HELD = ("eval", "prune_importance", "prune_slice", "cache_build", "streamed_group", "streamed_head",
-        "on_policy_prefill")
+HELD = ("train", "eval", "eplb_probe", "prune_importance", "prune_slice", "cache_build", "streamed_group",
+        "streamed_head", "on_policy_prefill", "on_policy_decode")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +42,12 @@ def rows(tmp_path_factory):
     print(proc.stdout)
     rows = json.loads(out.read_text())
     assert {(r["layout"], r["program"]) for r in rows} == {
-        ("resident", "eval"), ("resident", "prune_importance"), ("resident", "prune_slice"),
-        ("cached", "eval"), ("cached", "cache_build"), ("cached", "prune_importance"), ("cached", "prune_slice"),
-        ("streamed", "eval"), ("streamed", "streamed_group"), ("streamed", "streamed_head"),
-        ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "eval"),
-        ("on_policy", "on_policy_prefill")}
+        ("resident", "train"), ("resident", "eval"), ("resident", "eplb_probe"), ("resident", "prune_importance"),
+        ("resident", "prune_slice"), ("cached", "train"), ("cached", "eval"), ("cached", "cache_build"),
+        ("cached", "prune_importance"), ("cached", "prune_slice"), ("streamed", "train"), ("streamed", "eval"),
+        ("streamed", "eplb_probe"), ("streamed", "streamed_group"), ("streamed", "streamed_head"),
+        ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "train"), ("on_policy", "eval"),
+        ("on_policy", "eplb_probe"), ("on_policy", "on_policy_prefill"), ("on_policy", "on_policy_decode")}
     for r in rows:
         assert r["xla"]["error"] is None, r
     return rows
@@ -55,19 +55,21 @@ def rows(tmp_path_factory):
 
 def test_planned_arguments_and_outputs_are_xlas(rows):
     """Arguments and outputs on one device are counted exactly: XLA's own figures, but for the padding XLA gives a
-    buffer. Arguments: within 4 KiB a buffer (tiny ones, such as masks, padded to a tile). Outputs: at least the
+    buffer. Arguments: within 4 KiB a buffer (tiny ones, such as masks, padded to a tile), or at most the padding of
+    the same shapes to XLA:TPU's tiles (a decode step's [2, 8192] float32 logits take 8 rows). Outputs: at least the
     planner's, and at most the same shapes padded to XLA:TPU's tiles (a [2, 8192] float32 shard takes 8 rows) plus
-    a pointer each (XLA:CPU)."""
+    a pointer each (XLA:CPU). (The train step's planner, `vishwam.planner`, plans its total by category.)"""
     for r in rows:
+        if r["program"] == "train":
+            continue
         planned, xla = r["planner"], r["xla"]
-        assert abs(xla["argument_bytes"] - planned["argument_bytes"]) <= 4096 * planned["buffers"], r
+        extra = xla["argument_bytes"] - planned["argument_bytes"]
+        assert -4096 * planned["buffers"] <= extra <= max(4096 * planned["buffers"], planned["argument_padding"]), r
         assert planned["output_bytes"] <= xla["output_bytes"] <= planned["tiled_output_bytes"] + 8 * 64, r
 
 
 @pytest.mark.skipif(not TPU, reason="libtpu (the [tpu] extra) is not installed: XLA:CPU's temporaries are not what the "
                                     "planner models; arguments and outputs are still held")
 def test_planned_totals_are_within_15_percent_of_xla_tpu(rows):
-    # A teacher that is not resident prunes group by group (the streamed importance pass): not yet held.
-    held = [r for r in rows if not (r["program"] == "prune_importance" and r["layout"] != "resident")]
-    bad = [f"{r['layout']} {r['program']}: ratio {r['ratio']:.2f}" for r in held if not 0.85 <= r["ratio"] <= 1.15]
+    bad = [f"{r['layout']} {r['program']}: ratio {r['ratio']:.2f}" for r in rows if not 0.85 <= r["ratio"] <= 1.15]
     assert not bad, bad

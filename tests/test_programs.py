@@ -336,6 +336,15 @@ def test_the_train_step_keeps_each_row_on_its_device(config):
     assert _mlp_rows_per_device(config, "train") == "['1']"
 
 
+def test_pruning_importance_and_the_eplb_probe_keep_each_row_on_their_device(config):
+    """The importance pass over its 8 probe rows and the EPLB probe over its 8 (256 tokens) on 4 devices keep the
+    hidden states' rows on the batch axes: the MLP's [rows, seq, 48] activations hold 2 rows a device (all 8
+    without the constraint)."""
+    prune = ["--distillation.student-model.init", "from_teacher"]
+    assert _mlp_rows_per_device(config, "prune_importance", prune) == "['2']"
+    assert _mlp_rows_per_device(config, "eplb_probe", ["--distillation-params.eplb.probe-tokens", "256"]) == "['2']"
+
+
 def test_on_policy_prefill_keeps_each_row_on_its_device(config):
     """The student's prefill of its on-policy prompts (4 rows over 4 devices) keeps the hidden states' rows with
     the cache's: the MLP's [rows, prompt, 48] activations hold 1 row a device (all 4 without the constraint)."""

@@ -171,8 +171,8 @@ def test_init_student_ranks_a_bf16_teacher_in_bf16(tmp_path, monkeypatch):
     seen = []
     original = student_init.activation_stats
     monkeypatch.setattr(student_init, "activation_stats",
-                        lambda teacher, *args: seen.append(teacher.model.layers.mlp.gate_proj.weight.dtype)
-                        or original(teacher, *args))
+                        lambda teacher, *args, **kw: seen.append(teacher.model.layers.mlp.gate_proj.weight.dtype)
+                        or original(teacher, *args, **kw))
     monkeypatch.chdir(ROOT)
     run = _demo_run(tmp_path, "--distillation.teacher-model.dtype", "bfloat16")
     student = build.init_student(run.prepared, run.open_teacher(), jax.random.key(0))

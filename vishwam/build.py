@@ -229,7 +229,8 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
     common = dict(pairs=pairs, probe_ids=None, probe_mask=None, key=key, dtype=param_dtype,
                   shardings=tree_shardings(skeleton, run.mesh))
     if teacher.kind == "resident":
-        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"], probe.get("segment_ids"))
+        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"], probe.get("segment_ids"),
+                                   activation_sharding=rows_sharding(run.mesh, len(probe["mask"]), 3))
         return init_student_from_teacher(teacher.model, run.student_config, scores=scores, **common)
     # Streamed or cached: the teacher streams group by group for the ranking, then only its mapped layers load.
     streamed = teacher.model if teacher.kind == "streamed" else StreamedTeacher(

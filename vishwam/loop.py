@@ -129,7 +129,7 @@ class Run:
             for step in range(start, tr.max_steps):
                 if step in remaps and step > 0:
                     state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
-                                       param_dtype=DTYPES[tr.param_dtype], log=log)
+                                       param_dtype=DTYPES[tr.param_dtype], log=log, mesh=run.mesh)
                     self.objective = self.objective.with_feature_pairs(state.pairs)
                     tracker.log_mapping(step, self.objective.feature_pairs, sim)
                     train_step = make_step(self.objective)

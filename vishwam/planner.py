@@ -11,39 +11,15 @@ leaf by the rule table in `vishwam.sharding` on the configured mesh shape, and a
 - feature projections: one `[teacher_hidden, student_hidden]` matrix per mapped pair with feature matching on.
 - optimizer state: AdamW's two moments per trainable weight, in the weights' dtype (optax keeps `mu`/`nu` in
   the params' dtype: float32 for the default `param_dtype`).
-- gradients: the float32 accumulator the step sums micro-batch gradients into, plus one micro-batch's gradient
-  in the param dtype.
+- gradients: the float32 accumulator the step sums micro-batch gradients into (none with `grad_accum_steps: 1`);
+  one micro-batch's gradient is counted with the activations, in the phase that makes it.
 - activations: one micro-batch per device (`batch_size / grad_accum_steps / (data·fsdp)` sequences).
 
-Activations, per micro-batch per device (`b` sequences of `S` tokens, `c` the compute dtype's bytes, heads, MLP
-width and vocabulary divided by `tensor` where the rules shard them):
-
-- student layers: with `training.remat` the scan saves only the layer-boundary hidden states, `(L+1)·b·S·D·c`,
-  and the layer being recomputed holds its matmul inputs and outputs twice (values and cotangents). Without
-  remat every layer's intermediates are saved: `L` times one layer's working set.
-- attention scores: the model runs causal query blocks (`models.attention.causal_blocks`), so the largest
-  block's `b·H·(S/n)·S` scores and probabilities exist, `3·4 + c` bytes each; for the layer in flight and its
-  cotangents (remat), for every layer without it. Attention maps returned for an attention loss
-  (`attention_loss: kl`) are `L·b·H·S²` float32 per model on top.
-- logits: the student's `b·S·V` logits and their cotangent in `c`, plus one float32 `[b, chunk, V]` array for
-  the loss (XLA fuses the softmaxes into the logits' producers); `chunk` is `distillation_params.logit_chunk_size`
-  (all of `S` when unset, which is why long sequences want it set). When the LM head is fused into the KD + CE
-  loss (`fused_logit_loss`, forward KL, a scheduled temperature, a live teacher) only one chunk's logits and
-  gradient exist, plus the hidden states' gradient `b·S·D·c` and the head's float32 gradient (split like the
-  head).
-- feature matching: two float32 `[b, S, teacher_hidden]` arrays per mapped pair (projected student, normalised
-  teacher), saved for the backward pass.
-- teacher outputs: the teacher's logits (and its hidden states for feature matching, its attention maps or q/k/v
-  for an attention loss) in the teacher dtype. A resident teacher runs inside each micro-step; a streamed one
-  runs ahead of the step, so its outputs for all `grad_accum_steps` micro-batches are held; a cached one gives
-  top-k values, indices and the tail log-sum-exp.
-- weights in flight: the student's weights cast to the compute dtype (sharded), and with `fsdp > 1` the
-  all-gathered weights of the layer running, of each model in the step.
-- the teacher's own forward working set (one layer; it is never differentiated) is freed before the student's
-  forward begins, so the peak counts `max(teacher forward, student part)`, not their sum.
-
-Weights, optimizer state and gradients are exact; activations are estimates on the high side (XLA fuses and
-reuses buffers; set against XLA:TPU's compiled steps in README "Memory at the flagship's size").
+Activations: the train step's peak, by phase (`vishwam.step_plan`); with a streamed teacher the plan is the larger
+of the step (the groups released, only the embeddings, final norm and head held) and the teacher's pass (its
+groups and the step's teacher outputs). The other programs of a run: `vishwam.program_plan`. Weights, optimizer
+state and gradients are exact; activations are estimates, set against XLA:TPU's compiled programs by
+`benchmarks/plan_vs_xla.py` (README "Memory at the flagship's size").
 
 Capacity: `device_bytes`, else `vishwam.capacity.device_capacity`. Whether a plan fits, and what would make it
 fit: `vishwam.fit`. Architectures: `vishwam.specs` (bundled for hub ids, so a dry run works offline).
@@ -52,80 +28,25 @@ fit: `vishwam.fit`. Architectures: `vishwam.specs` (bundled for hub ids, so a dr
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from pathlib import Path
 
 import equinox as eqx
 import jax
-import numpy as np
 
 from distill.features import FeatureProjections
-from models import CausalLM, ModelConfig, causal_blocks
-from models.pytree import named_leaves
+from models import ModelConfig
 
 from . import specs
 from .checkpoint import INDEX_FILE, SINGLE_FILE, LazyCheckpoint
 from .config import ParallelismConfig, RunConfig
 from .capacity import device_capacity
-from .sharding import RULES, logical_axes, spec_for
+from .shapes import DTYPE_BYTES, abstract_model, split_layers, tree_bytes
+from .step_plan import step_activations
 
 GiB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 #: Shard size assumed for a streamed teacher whose shard files are not local (transformers' default
 #: `max_shard_size="5GB"`).
 DEFAULT_SHARD_BYTES = 5 * 10**9
-_LAYERS = "model.layers."
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_model(config: ModelConfig) -> CausalLM:
-    """The model skeleton: `jax.ShapeDtypeStruct` leaves, nothing allocated."""
-    return eqx.filter_eval_shape(CausalLM, config, key=jax.random.key(0))
-
-
-# ---------------------------------------------------------------------------------------------- sharding
-
-
-def _axis_shards(logical: str, size: int, mesh: ParallelismConfig) -> int:
-    """How many ways an activation axis is split (the same rule `spec_for` applies to weights)."""
-    spec = spec_for((logical,), (size,), mesh)  # type: ignore[arg-type]
-    return size // _per_device_shape(spec, (size,), mesh)[0]
-
-
-def _per_device_shape(spec, shape, mesh: ParallelismConfig) -> tuple[int, ...]:
-    out = []
-    for entry, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
-        names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        out.append(size // math.prod(mesh.shape[n] for n in names))
-    return tuple(out)
-
-
-def tree_bytes(tree, mesh: ParallelismConfig, dtype: str | None = None, rules=RULES) -> tuple[int, int]:
-    """`(total bytes, bytes on one device)` of the array leaves of `tree` (arrays or ShapeDtypeStructs), each
-    sharded by `rules` on `mesh`; `dtype` overrides the leaves' own dtype."""
-    total = per_device = 0
-    for name, leaf in named_leaves(tree):
-        if not isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
-            continue
-        itemsize = DTYPE_BYTES[dtype] if dtype is not None else np.dtype(leaf.dtype).itemsize
-        spec = spec_for(logical_axes(name, len(leaf.shape)), leaf.shape, mesh, rules)  # type: ignore[arg-type]
-        total += math.prod(leaf.shape) * itemsize
-        per_device += math.prod(_per_device_shape(spec, leaf.shape, mesh)) * itemsize
-    return total, per_device
-
-
-def split_layers(tree, num_layers: int, mesh: ParallelismConfig, dtype: str) -> tuple[int, int]:
-    """Per-device bytes of `(one decoder layer, everything outside the layers)` of a model skeleton."""
-    layers = outside = 0
-    for name, leaf in named_leaves(tree):
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            part = tree_bytes({name: leaf}, mesh, dtype)[1]  # a dict key keeps the dotted name for the rules
-            if name.startswith(_LAYERS):
-                layers += part
-            else:
-                outside += part
-    return layers // num_layers, outside
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -167,7 +88,7 @@ class MemoryPlan:
     optimizer_bytes: int
     """AdamW moments of the student and the projections on one device."""
     gradient_bytes: int
-    """Gradient accumulator (float32) plus one micro-batch's gradient on one device."""
+    """The float32 gradient accumulator on one device (0 without gradient accumulation)."""
     activation_bytes: int
     """Peak activations of one micro-batch on one device."""
     activation_parts: tuple[tuple[str, int], ...]
@@ -214,7 +135,7 @@ class MemoryPlan:
             lines.append(f"  {'feature projections (' + self.param_dtype + ')':<52}{gib(self.projection_bytes)}")
         lines += [
             f"  {'optimizer state (AdamW, 2 moments)':<52}{gib(self.optimizer_bytes)}",
-            f"  {'gradients (fp32 accumulator + micro-batch)':<52}{gib(self.gradient_bytes)}",
+            f"  {'gradient accumulator (fp32)':<52}{gib(self.gradient_bytes)}",
             f"  {'activations (peak of one micro-batch)':<52}{gib(self.activation_bytes)}",
         ]
         lines += [f"    {label:<50}{gib(n)}" for label, n in self.activation_parts]
@@ -294,101 +215,10 @@ class Planner:
 
     # -- activations
 
-    def activations(self, setup: Setup) -> tuple[int, tuple[tuple[str, int], ...]]:
-        tr, t_cfg, s_cfg, objective = self.cfg.training, self.t_config, self.s_config, self.objective
-        mesh, b, S = setup.mesh, setup.micro_per_device, setup.seq_len
-        c, tb = DTYPE_BYTES[tr.compute_dtype], DTYPE_BYTES[self.cfg.distillation.teacher_model.dtype]
-
-        def local(logical: str, size: int) -> int:
-            return size // _axis_shards(logical, size, mesh)
-
-        def layer_set(m: ModelConfig, nbytes: int) -> int:  # one layer's matmul inputs and outputs
-            h, g, f = (local(a, n) for a, n in zip(("heads", "kv_heads", "mlp"), (m.num_attention_heads,
-                                                                           m.num_key_value_heads, m.intermediate_size)))
-            return b * S * nbytes * (6 * m.hidden_size + 3 * (h + g) * m.head_dim + 3 * f)
-
-        def scores(m: ModelConfig, per_elem: int, block: bool = False) -> int:  # block: the largest causal block
-            queries = -(-S // causal_blocks(S)) if block else S
-            return b * local("heads", m.num_attention_heads) * queries * S * per_elem
-
-        L = s_cfg.num_hidden_layers
-        boundary = (L + 1) * b * S * s_cfg.hidden_size * c
-        # Saved per layer for the backward: scores, masked scores and probabilities in fp32, probabilities in c.
-        saved = 3 * 4 + c
-        if setup.remat:
-            student_layers = boundary + 2 * layer_set(s_cfg, c)
-            attention = 2 * scores(s_cfg, saved, block=True)
-        else:
-            student_layers = boundary + (L + 1) * layer_set(s_cfg, c)
-            attention = (L + 1) * scores(s_cfg, saved, block=True)
-        attention += scores(s_cfg, 1, block=True) // local("heads", s_cfg.num_attention_heads)  # the boolean mask
-        outputs, attention_pairs = objective.model_outputs(), objective.attention_pairs
-        attn_kl, attn_rel = outputs["output_attentions"], outputs["output_qkv"]
-        qkv = lambda m, nbytes: b * S * (local("heads", m.num_attention_heads)  # noqa: E731
-                                         + 2 * local("kv_heads", m.num_key_value_heads)) * m.head_dim * nbytes
-        if attn_kl:
-            attention += L * scores(s_cfg, 4)
-        if attn_rel:
-            attention += L * qkv(s_cfg, c)
-
-        chunk = min(objective.params.logit_chunk_size or S, S)
-        s_vocab, t_vocab = local("vocab", s_cfg.vocab_size), local("vocab", t_cfg.vocab_size)
-        # With the LM head fused into the KD + CE loss (resident or streamed teacher, forward KL, scheduled
-        # temperature) the student's logits are never whole: one chunk's logits and gradient in `c`, the hidden
-        # states' gradient and the head's fp32 gradient accumulator instead.
-        fused_head = objective.fuses_lm_head(dense_teacher=setup.loading != "cached")
-        if fused_head:
-            logits = (2 * b * chunk * s_vocab * c + b * S * s_cfg.hidden_size * c
-                      + s_vocab * local("embed", s_cfg.hidden_size) * 4 + b * chunk * max(s_vocab, t_vocab) * 4)
-        else:
-            logits = 2 * b * S * s_vocab * c + b * chunk * max(s_vocab, t_vocab) * 4
-        pairs = len(objective.feature_pairs)
-        features = 2 * pairs * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
-
-        # Teacher outputs: per micro-batch when the teacher runs in the step, for the whole step otherwise.
-        tb_rows = b if setup.loading == "resident" else b * setup.grad_accum_steps
-        k = self.cfg.distillation.teacher_model.top_k
-        if setup.loading == "cached":
-            teacher_out = tb_rows * S * (8 * k + 8)  # top-k values and ids, tail logsumexp, label log-prob
-        else:
-            teacher_out = tb_rows * S * t_vocab * tb if objective.needs_teacher_logits else 0
-            t_hidden, t_attention = (len({t for _, t in p}) for p in (objective.feature_pairs, attention_pairs))
-            if objective.uses_features:  # the mapped layers' alone (`Objective.teacher_model_outputs`)
-                teacher_out += t_hidden * tb_rows * S * t_cfg.hidden_size * tb
-            if attn_kl:
-                teacher_out += t_attention * scores(t_cfg, 4) * (tb_rows // b)
-            if attn_rel:
-                teacher_out += t_attention * qkv(t_cfg, tb) * (tb_rows // b)
-        teacher_fwd = layer_set(t_cfg, tb) + scores(t_cfg, 3 * 4 + tb, block=True) if setup.loading == "resident" else 0
-
-        # Weights in flight: the student cast to the compute dtype, and under fsdp each running model's layer.
-        weights = 0
-        if tr.compute_dtype != tr.param_dtype:
-            weights += tree_bytes(self.student, mesh, tr.compute_dtype)[1]
-        if mesh.fsdp > 1:
-            gathered = ParallelismConfig(tensor=mesh.tensor)
-            weights += split_layers(self.student, L, gathered, tr.compute_dtype)[0]
-            if setup.loading == "resident":
-                weights += split_layers(self.teacher, t_cfg.num_hidden_layers, gathered,
-                                        self.cfg.distillation.teacher_model.dtype)[0]
-
-        parts = [
-            (f"student layers ({'remat: boundaries + 1 layer' if setup.remat else 'all layers saved'})",
-             student_layers),
-            ("attention scores + probs, fp32 (the largest causal block's)", attention),
-            (f"{'LM head fused into the loss, ' if fused_head else ''}logits + loss in fp32 chunks of {chunk} tokens",
-             logits),
-        ]
-        if features:
-            parts.append((f"feature matching ({pairs} pairs, fp32)", features))
-        if weights:
-            parts.append(("weights in compute dtype / gathered by fsdp", weights))
-        parts.append((f"teacher outputs ({setup.loading})", teacher_out))
-        teacher_out += weights  # live through both the teacher's and the student's passes
-        student_part = student_layers + attention + logits + features
-        if teacher_fwd > student_part:
-            parts.append(("teacher forward (exceeds the student part)", teacher_fwd - student_part))
-        return teacher_out + max(student_part, teacher_fwd), tuple(parts)
+    def activations(self, setup: Setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
+        """The step's peak activations per device, their parts and the teacher outputs' bytes
+        (`vishwam.step_plan`)."""
+        return step_activations(self, setup)
 
     # -- the whole plan
 
@@ -399,10 +229,17 @@ class Planner:
         projections = tree_bytes(self.projections, setup.mesh, tr.param_dtype)[1] if self.projections else 0
         trainable = student + projections
         optimizer = 2 * trainable
-        gradients = trainable // pbytes * (4 + pbytes)
+        # The float32 accumulator over micro-batches (one micro-batch's own gradient is an activation: it exists
+        # while the student's layers run backward, `vishwam.step_plan`).
+        gradients = trainable // pbytes * 4 if setup.grad_accum_steps > 1 else 0
         teacher = self.teacher_bytes(setup)
-        activations, parts = self.activations(setup)
+        activations, parts, teacher_out = self.activations(setup)
         total = teacher + trainable + optimizer + gradients + activations
+        if setup.loading == "streamed":
+            # The groups run ahead of the step and are released before it: the step holds the embeddings, final
+            # norm and head; the teacher's pass, its groups and the step's teacher outputs.
+            outside = split_layers(self.teacher, self.t_config.num_hidden_layers, setup.mesh, t.dtype)[1]
+            total = max(total - teacher + outside, teacher + trainable + optimizer + teacher_out)
         notes = []
         if setup.loading == "cached":
             notes.append(f"the teacher's top-k logits are read from {t.cache_dir or 'cache_dir'} on disk")

@@ -16,9 +16,8 @@ Each program is planned as XLA reports it: argument + output + temporary bytes �
   - one logit chunk: the logits and the float32 arrays of their softmaxes, `[b, chunk, vocab]` each (`eval`,
     `cache_build`, with the top-k's sort);
   - living through: final hidden states, the student cast to the compute dtype (`eval`), every layer's hidden
-    states and the Gram matrices of the probe's tokens (`eplb_probe`), the float32 activation magnitudes
-    (`prune_importance`), the sliced student before it is placed (`prune_slice`), the KV cache as it is written
-    (`on_policy_*`).
+    states and the Gram matrices of the probe's tokens (`eplb_probe`), the sliced student before it is placed
+    (`prune_slice`), the KV cache as it is written and what every decoding step reads alike (`on_policy_*`).
 
 How close this comes to XLA:TPU, program by program, is measured by `benchmarks/plan_vs_xla.py` and held by
 `tests/test_program_plan.py`; XLA:CPU keeps more temporaries (it computes bfloat16 work in float32 and schedules
@@ -36,7 +35,9 @@ import numpy as np
 from models import ModelConfig, causal_blocks
 
 from .config import ParallelismConfig
-from .planner import DTYPE_BYTES, Planner, split_layers, tree_bytes
+from .planner import Planner
+from .shapes import DTYPE_BYTES, split_layers, tree_bytes
+from .sharding import batch_shards, rows_per_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ProgramPlanner:
         self.c = DTYPE_BYTES[cfg.training.compute_dtype]
         self.pb = DTYPE_BYTES[cfg.training.param_dtype]
         self.tb = DTYPE_BYTES[cfg.distillation.teacher_model.dtype]
-        self.batch_shards = mesh.data * mesh.fsdp
+        self.batch_shards = batch_shards(mesh)
 
     # -- the parts every forward pass has
 
@@ -110,7 +111,7 @@ class ProgramPlanner:
         return b * S * w * m.hidden_size + max(attention, mlp)
 
     def rows_per_device(self, rows: int) -> int:
-        return rows // self.batch_shards if rows % self.batch_shards == 0 else rows
+        return rows_per_device(rows, self.mesh)
 
     # -- the programs
 
@@ -165,28 +166,38 @@ class ProgramPlanner:
 
     def _eplb_probe(self, args, kwargs):
         student, teacher, ids, _ = args
+        streamed = isinstance(teacher, tuple)  # `student_similarity`: the teacher's hidden states are arguments
         tb, pb = self.tb, self.pb
         s, t = self.p.s_config, self.p.t_config
         rows, S = ids.shape
-        b = rows if ids.sharding is None or ids.sharding.is_fully_replicated else self.rows_per_device(rows)
+        b = self.rows_per_device(rows)
         n = b * S
-        hidden = n * ((s.num_hidden_layers + 1) * s.hidden_size * pb + (t.num_hidden_layers + 1) * t.hidden_size * tb)
-        layers = max(self.gathered("student", pb) + self.forward(s, b, S, pb),
-                     self.gathered("teacher", tb) + self.forward(t, b, S, tb))
-        phases = {"embedding lookup": max(self.embedding("student", pb), self.embedding("teacher", tb)),
-                  "one layer of the larger model": layers,
-                  f"CKA: {s.num_hidden_layers} student Gram matrices of {n}² float32 and one teacher's":
-                      (s.num_hidden_layers + 1) * n * n * 4}
-        return _head_bytes(student) + _head_bytes(teacher), 0, phases, [("every layer's hidden states", hidden)]
+        # Rows that do not divide over the batch axes run whole on every device, and XLA keeps the layers' outputs
+        # split over their hidden axis as the embedding table is (fsdp); rows that do stay on their devices.
+        split = self.mesh.fsdp if b == rows and self.batch_shards > 1 else 1
+        hidden = n * (s.num_hidden_layers + 1) * s.hidden_size * pb // split
+        layers = self.gathered("student", pb) + self.forward(s, b, S, pb)
+        embed = self.embedding("student", pb)
+        if not streamed:
+            hidden += n * (t.num_hidden_layers + 1) * t.hidden_size * tb // split
+            layers = max(layers, self.gathered("teacher", tb) + self.forward(t, b, S, tb))
+            embed = max(embed, self.embedding("teacher", tb))
+        # The Gram matrices are [tokens, tokens] over the whole probe, their rows on the devices of their tokens.
+        grams = (s.num_hidden_layers + 1) * n * rows * S * 4
+        phases = {"embedding lookup": embed, "one layer of the larger model": layers,
+                  f"CKA: {s.num_hidden_layers} student Gram matrices of {n} × {rows * S} float32 and one teacher's":
+                      grams}
+        # The embeddings' entry of the teacher's hidden states is never read (CKA compares layer outputs).
+        unused = _head_bytes(student) + (device_bytes(teacher[0]) if streamed else _head_bytes(teacher))
+        return unused, 0, phases, [("every layer's hidden states", hidden)]
 
     def _prune_importance(self, args, kwargs):
         t, tb = self.p.t_config, self.tb
         resident = len(args) == 3  # (teacher, ids, valid); streamed: (group, h, cos, sin, mask, valid)
         ids = args[1]
         b, S = self.rows_per_device(ids.shape[0]), ids.shape[1]
-        stats = b * S * 4 * self.local(t.intermediate_size)  # the MLP's |activation| in float32 (the rest fuse)
-        phases = {"one teacher layer and its activation magnitudes in float32":
-                  self.gathered("teacher", tb) + self.forward(t, b, S, tb) + stats}
+        # The activation magnitudes fuse into their token means: nothing of [b, S, mlp] in float32 is kept.
+        phases = {"one teacher layer": self.gathered("teacher", tb) + self.forward(t, b, S, tb)}
         if resident:
             phases["embedding lookup"] = self.embedding("teacher", tb)
         return _head_bytes(args[0]) if resident else 0, 0, phases, []
@@ -231,14 +242,17 @@ class ProgramPlanner:
             ("the cache as the layers' scan writes it, and its copy before it is placed", 2 * cache)]
 
     def _on_policy_decode(self, args, kwargs):
-        _, cache, logits = args[:3]
+        model, cache, logits = args[:3]
         s, c = self.p.s_config, self.c
         b = self.rows_per_device(logits.shape[0])
         cache_bytes = device_bytes(cache)
         slots = cache.k.shape[3]
         step = self.gathered("student", c) + 2 * cache_bytes // s.num_hidden_layers \
             + b * self.local(s.num_attention_heads) * slots * 4 * 2
-        return 0, cache_bytes, {"embedding lookup": self.embedding("student", c), "one layer of one token": step}, [
+        # The token loop is one program: what every step reads alike is made once, before it, and lives through it.
+        return 0, cache_bytes, {"one layer of one token": step}, [
+            ("the embedding table, gathered once for every step's lookup", self.embedding("student", c)),
+            ("this device's LM head, laid out once for every step's logits", device_bytes(model.unembedding_weight())),
             ("the cache as the layers' scan writes it", cache_bytes),
             ("the sampling over the vocabulary, float32", b * s.vocab_size * 4 * 4)]
 

@@ -8,7 +8,8 @@ From `config.json` alone (`vishwam.specs`) the teacher, the train state and the 
 
 - `train`: `vishwam.train_state.make_train_step` (its teacher outputs precomputed when streamed or cached);
 - `eval`: `vishwam.evaluation.eval_sums` on one micro-batch, when the run evaluates;
-- `eplb_probe`: `vishwam.remap.probe_similarity` on the probe sample, when EPLB re-maps with a resident teacher;
+- `eplb_probe`: `vishwam.remap.probe_similarity` on the probe sample, when EPLB re-maps (with a streamed
+  teacher `student_similarity`, the teacher's hidden states given);
 - `streamed_group`, `streamed_head`: one streamed teacher group's forward and the final norm + LM head over the
   step's hidden states (`vishwam.streamed`), with `loading: streamed`;
 - `cache_build`: the teacher's top-k rows of one micro-batch (`vishwam.teacher_cache.cache_rows`), with
@@ -54,7 +55,7 @@ from .generation import generation_programs
 from .planner import GiB, Planner, Setup
 from .program_plan import ProgramPlanner
 from .on_policy import initial_rollout, step_rows
-from .remap import probe_similarity
+from .remap import probe_similarity, student_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
 from .streamed import head_logits, run_group
 from .teacher_cache import cache_rows
@@ -178,10 +179,18 @@ class AbstractRun:
                            {"compute_dtype": self.compute_dtype, "chunk_size": self.objective.params.logit_chunk_size,
                             "activation_sharding": rows_sharding(self.mesh, tr.micro_batch_size, 3)})
         e = cfg.distillation_params.eplb
-        if self.objective.uses_eplb and e.remap and resident and self.objective.eplb_stages > 1:
+        if self.objective.uses_eplb and e.remap and loading != "cached" and self.objective.eplb_stages > 1:
             rows = max(1, e.probe_tokens // tr.seq_len)
-            ids = _replicated((rows, tr.seq_len), jnp.int32, self.mesh)
-            out["eplb_probe"] = (probe_similarity, (self.state.student, self.teacher, ids, ids), {})
+            ids = jax.ShapeDtypeStruct((rows, tr.seq_len), jnp.int32, sharding=rows_sharding(self.mesh, rows))
+            pin = {"activation_sharding": rows_sharding(self.mesh, rows, 3)}
+            if resident:
+                out["eplb_probe"] = (probe_similarity, (self.state.student, self.teacher, ids, ids), pin)
+            else:  # the streamed teacher's hidden states, as its groups hand them on
+                h = jax.ShapeDtypeStruct((rows, tr.seq_len, self.t_config.hidden_size),
+                                         specs.DTYPES[cfg.distillation.teacher_model.dtype],
+                                         sharding=pin["activation_sharding"])
+                t_h = (h,) * (self.t_config.num_hidden_layers + 1)
+                out["eplb_probe"] = (student_similarity, (self.state.student, t_h, ids, ids), pin)
         if loading == "streamed":
             out["streamed_group"] = group = self._streamed_group()
             h = group[1][1]  # the step's hidden states, as the groups hand them on
@@ -234,11 +243,12 @@ class AbstractRun:
         probe = jax.ShapeDtypeStruct((rows, self.cfg.training.seq_len), jnp.int32,
                                      sharding=rows_sharding(self.mesh, rows))
         valid = jax.ShapeDtypeStruct(probe.shape, bool, sharding=probe.sharding)
+        pin = {"activation_sharding": rows_sharding(self.mesh, rows, 3)}
         if resident:
-            importance = (activation_stats, (self.teacher, probe, valid), {})
+            importance = (activation_stats, (self.teacher, probe, valid), pin)
         else:  # group by group, as StreamedTeacher.importance runs it
             group, h, mask, cos, sin = self._group_inputs(probe, valid)
-            importance = (jax.jit(stack_stats), (group, h, cos, sin, mask, valid), {})
+            importance = (_stack_stats, (group, h, cos, sin, mask, valid), pin)
         s = self.s_config
         param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
         slicer, sources, _ = slice_program(self.teacher, s, dtype=param_dtype, shardings=self.shardings.student)
@@ -253,7 +263,7 @@ class AbstractRun:
         group, h, mask, cos, sin = self._group_inputs(self.batch["input_ids"], None)
         o = self.objective.model_outputs()
         return (run_group, (group, h, cos, sin, mask, o["output_hidden_states"], o["output_attentions"],
-                            o["output_qkv"]), {})
+                            o["output_qkv"]), {"activation_sharding": h.sharding})
 
     def _group_inputs(self, ids, valid):
         """One streamed layer group (as many layers as the planner puts in one) and its inputs for `ids`:
@@ -267,6 +277,8 @@ class AbstractRun:
                        for x in (h, cos, sin))
         return group, h, mask, cos, sin
 
+
+_stack_stats = jax.jit(stack_stats, static_argnames="activation_sharding")
 
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
 
@@ -316,7 +328,7 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False) -> dict:
             result.planner_bytes = plan.total_bytes
             result.planner_parts = {"teacher weights": plan.teacher_bytes, "student params": plan.student_bytes,
                                     "projections": plan.projection_bytes, "optimizer state": plan.optimizer_bytes,
-                                    "gradients": plan.gradient_bytes, **dict(plan.activation_parts)}
+                                    "gradient accumulator": plan.gradient_bytes, **dict(plan.activation_parts)}
         elif (planned := programs_planner.plan(name, args, kwargs,
                                                run.abstract_outputs(name, fn, args, kwargs))) is not None:
             result.planner_bytes = planned.total_bytes

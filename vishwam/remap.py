@@ -3,8 +3,10 @@
 `remap_steps` says at which steps it happens; `remap` measures linear CKA between every student and teacher layer
 on a probe sample (`probe_batch`: `eplb.probe_tokens` tokens, at least one sequence, drawn with seed + 1 so they
 are not the next training batches; `probe_similarity` is the one jitted program that runs both models and the
-CKA, its memory bounded by the sample: `(student layers + 2)` Gram matrices of `tokens²` floats), picks the best monotone assignment of the mapped student layers, and returns
-the state with the new mapping and the changed pairs' projections re-initialised (`distill.eplb`).
+CKA, its memory bounded by the sample: `(student layers + 2)` Gram matrices of `tokens²` floats; a streamed
+teacher's hidden states come group by group first and `student_similarity` runs the rest), picks the best
+monotone assignment of the mapped student layers, and returns the state with the new mapping and the changed
+pairs' projections re-initialised (`distill.eplb`).
 
 What a changed pair's state means changes with it, so it starts over: its projection is re-initialised, AdamW's
 moments of that projection are zeroed (the shared step count, and so the bias correction, go on: the new
@@ -15,6 +17,7 @@ student, its moments, and every unchanged pair's projection, moments and magnitu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -29,6 +32,7 @@ from models.pytree import path_name
 
 from .config import RunConfig
 from .data import PackedDataset, batch_for_step
+from .sharding import global_batch, rows_sharding
 from .train_state import TrainState
 
 
@@ -54,26 +58,42 @@ def probe_batch(cfg: RunConfig, data: PackedDataset) -> dict[str, np.ndarray]:
     return batch
 
 
-@jax.jit
-def probe_similarity(student, teacher, input_ids, mask):
-    """`[student layers, teacher layers]` linear CKA of the two models' layer outputs on the probe tokens."""
-    s_h = student(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    t_h = teacher(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    return cka_matrix(s_h, t_h, mask)
+def _student_similarity(student, teacher_hiddens, input_ids, mask, activation_sharding=None):
+    s_h = student(input_ids, attention_mask=mask, output_hidden_states=True,
+                  activation_sharding=activation_sharding).hidden_states
+    return cka_matrix(s_h, teacher_hiddens, mask)
+
+
+@functools.partial(jax.jit, static_argnames="activation_sharding")
+def probe_similarity(student, teacher, input_ids, mask, activation_sharding=None):
+    """`[student layers, teacher layers]` linear CKA of the two models' layer outputs on the probe tokens;
+    `activation_sharding`: both models' hidden states, their rows over the batch axes (see `CausalLM`)."""
+    t_h = teacher(input_ids, attention_mask=mask, output_hidden_states=True,
+                  activation_sharding=activation_sharding).hidden_states
+    return _student_similarity(student, t_h, input_ids, mask, activation_sharding)
+
+
+# With a streamed teacher, its hidden states come group by group first; the student and the CKA are one program.
+student_similarity = jax.jit(_student_similarity, static_argnames="activation_sharding")
 
 
 def remap(state: TrainState, objective: Objective, teacher: Callable, probe: dict[str, np.ndarray], *,
-          param_dtype, log: Callable[[str], None]) -> tuple[TrainState, np.ndarray]:
+          param_dtype, log: Callable[[str], None], mesh=None) -> tuple[TrainState, np.ndarray]:
     """**Returns:** the state with the re-derived mapping (the changed pairs' projections re-initialised from
     `state.rng(step)`) and the CKA matrix `[student layers, teacher layers]` it was chosen by. A teacher that is
-    a pytree (resident) runs inside `probe_similarity`; a streamed one runs group by group first."""
-    ids, mask = jnp.asarray(probe["input_ids"]), jnp.asarray(probe["mask"])
+    a pytree (resident) runs inside `probe_similarity`; a streamed one runs group by group first. On `mesh` the
+    probe's rows are spread over the batch axes (when they divide) and stay there through both models."""
+    rows = len(probe["input_ids"])
+    if mesh is None:
+        ids, mask, pin = jnp.asarray(probe["input_ids"]), jnp.asarray(probe["mask"]), None
+    else:
+        placed = global_batch({k: probe[k] for k in ("input_ids", "mask")}, rows_sharding(mesh, rows))
+        ids, mask, pin = placed["input_ids"], placed["mask"], rows_sharding(mesh, rows, 3)
     if isinstance(teacher, eqx.Module):
-        sim = np.asarray(probe_similarity(state.student, teacher, ids, mask))
+        sim = np.asarray(probe_similarity(state.student, teacher, ids, mask, activation_sharding=pin))
     else:
         t_h = teacher(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        s_h = state.student(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        sim = np.asarray(jax.jit(cka_matrix)(s_h, t_h, mask))
+        sim = np.asarray(student_similarity(state.student, t_h, ids, mask, activation_sharding=pin))
     old = objective.feature_pairs
     new = tuple(best_monotone_assignment(sim, [s for s, _ in old]))
     step = int(state.step)
@@ -103,4 +123,4 @@ def _forget_moments(opt_state, changed: tuple[int, ...]):
     return jax.tree_util.tree_map_with_path(forget, opt_state)
 
 
-__all__ = ["probe_batch", "probe_similarity", "remap", "remap_steps"]
+__all__ = ["probe_batch", "probe_similarity", "remap", "remap_steps", "student_similarity"]

@@ -8,6 +8,7 @@ A logical axis whose size does not divide by its mesh axes is replicated instead
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -130,13 +131,26 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(names if names else None, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh, rules=RULES) -> int:
+    """How many ways the batch axes split an array's rows on `mesh` (a `Mesh`, or anything with its `shape`
+    mapping, such as a `ParallelismConfig`)."""
+    target = rules["batch"]
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[n] for n in names if n in mesh.shape)
+
+
+def rows_per_device(rows: int, mesh, rules=RULES) -> int:
+    """Rows of a `rows`-row array on one device as `rows_sharding` places it: split over the batch axes when they
+    divide, else all of them."""
+    shards = batch_shards(mesh, rules)
+    return rows // shards if rows % shards == 0 else rows
+
+
 def rows_sharding(mesh: Mesh, rows: int, ndim: int = 2, rules=RULES) -> NamedSharding:
     """`batch_sharding` for an array of `rows` rows when they divide over the batch axes, else replicated (a
     probe or a prompt batch of any size)."""
-    sharding = batch_sharding(mesh, ndim, rules)
-    axes = sharding.spec[0] or ()
-    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-    return sharding if rows % shards == 0 else NamedSharding(mesh, PartitionSpec())
+    split = rows % batch_shards(mesh, rules) == 0
+    return batch_sharding(mesh, ndim, rules) if split else NamedSharding(mesh, PartitionSpec())
 
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:

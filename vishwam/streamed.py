@@ -19,13 +19,15 @@ from distill.student_init import final_norm_stats, score_dict, stack_stats
 from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
+from .sharding import rows_sharding
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def run_group(layers, h, cos, sin, mask, hidden, attentions, qkv):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7), static_argnames="activation_sharding")
+def run_group(layers, h, cos, sin, mask, hidden, attentions, qkv, *, activation_sharding=None):
     """One layer group's forward (a plain `jax.jit`, so the compile dry run lowers it from abstract weights);
-    `hidden`, `attentions`, `qkv`: True or the group's layer indices whose outputs to return."""
+    `hidden`, `attentions`, `qkv`: True or the group's layer indices whose outputs to return;
+    `activation_sharding`: the hidden states' rows over the batch axes (see `CausalLM`)."""
     return run_layers(layers, h, cos, sin, mask, output_hidden_states=hidden, output_attentions=attentions,
-                      output_qkv=qkv)
+                      output_qkv=qkv, activation_sharding=activation_sharding)
 
 
 def _chosen(request, n: int) -> frozenset[int]:
@@ -37,9 +39,12 @@ _final_norm_stats = eqx.filter_jit(final_norm_stats)
 
 
 @eqx.filter_jit
-def _embed(embed, config, ids, attention_mask, segment_ids=None):
+def _embed(embed, config, ids, attention_mask, segment_ids=None, activation_sharding=None):
     mask, cos, sin = prepare_inputs(config, ids, attention_mask, segment_ids=segment_ids)
-    return embed(ids), mask, cos, sin
+    h = embed(ids)
+    if activation_sharding is not None:
+        h = jax.lax.with_sharding_constraint(h, activation_sharding)
+    return h, mask, cos, sin
 
 
 @jax.jit
@@ -73,13 +78,18 @@ class StreamedTeacher:
     def _load(self, group):
         return self.lazy.load_layers(*group, dtype=self.dtype, mesh=self.mesh)
 
+    def _rows(self, input_ids):
+        """The hidden states' sharding: their rows over the mesh's batch axes when they divide (else whole)."""
+        return None if self.mesh is None else rows_sharding(self.mesh, input_ids.shape[0], 3)
+
     def __call__(self, input_ids, attention_mask=None, *, output_hidden_states=False, output_attentions=False,
                  output_qkv=False, segment_ids=None):
         """The teacher's `CausalLMOutput`, group by group; the `output_*` take a bool or indices, as
         `CausalLM.__call__` does (each group computes only its own chosen layers')."""
         n = self.config.num_hidden_layers
         wanted = [_chosen(output_hidden_states, n + 1), _chosen(output_attentions, n), _chosen(output_qkv, n)]
-        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask, segment_ids)
+        rows = self._rows(input_ids)
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask, segment_ids, rows)
         hidden, attns, qkvs = [], [], []
         pending = self._pool.submit(self._load, self.groups[0]) if self.prefetch else None
         for g, group in enumerate(self.groups):
@@ -92,7 +102,8 @@ class StreamedTeacher:
                 self.max_groups_resident = max(self.max_groups_resident, 1)
             size = group[1] - group[0]
             local = [tuple(i - group[0] for i in sorted(w) if group[0] <= i < group[1]) for w in wanted]
-            out = run_group(layers, h, cos, sin, mask, *(True if len(c) == size else c for c in local))
+            out = run_group(layers, h, cos, sin, mask, *(True if len(c) == size else c for c in local),
+                            activation_sharding=rows)
             h = out.hidden
             if wanted[0]:
                 hidden.extend(out.layer_inputs[i] if group[0] + i in wanted[0] else None for i in range(size))
@@ -112,12 +123,12 @@ class StreamedTeacher:
     def importance(self, input_ids, attention_mask, segment_ids=None) -> dict:
         """Pruning's importance statistics (`distill.student_init.importance_scores`), group by group: one
         group's layers resident at a time, released once used."""
-        valid = attention_mask.astype(bool)
-        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, valid, segment_ids)
+        valid, rows = attention_mask.astype(bool), self._rows(input_ids)
+        h, mask, cos, sin = _embed(self.embed, self.config, input_ids, valid, segment_ids, rows)
         embed, mlp, heads = 0.0, [], []
         for group in self.groups:
             layers = self._load(group)
-            h, e, m, hd = _stack_stats(layers, h, cos, sin, mask, valid)
+            h, e, m, hd = _stack_stats(layers, h, cos, sin, mask, valid, activation_sharding=rows)
             embed, mlp, heads = embed + e, mlp + [m], heads + [hd]
             jax.block_until_ready(h)
             del layers
