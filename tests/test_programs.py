@@ -3,6 +3,7 @@ the only file written, a misfit one line; and the evaluation program against a N
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -255,6 +256,37 @@ def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, m
     monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "8GiB")
     result = loop.Run(load_config(str(config), flags)).train()
     assert opened and result["state"].step == 1 and not (out / "memory_plan.json").exists()
+
+
+def test_the_compile_checks_compiles_are_the_runs(config, tmp_path, monkeypatch, caplog):
+    """Through XLA's compilation cache (`training.compilation_cache`) each program is compiled once: what the
+    compile check compiled from abstract shapes is read back when the run calls it on its arrays (the train step,
+    evaluation), so the check costs no second compile. JAX's cache setting is put back when the run ends."""
+    import logging
+
+    from vishwam import loop
+    from vishwam.cli import load_config
+
+    cache = tmp_path / "xla"
+    flags = ["--training.compile-check", "on", "--training.compilation-cache", str(cache), "--training.output-dir",
+             str(tmp_path / "out"), "--training.max-steps", "1"]
+    monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "8GiB")
+    caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny programs compile in under 1 s
+    try:
+        result = loop.Run(load_config(str(config), flags)).train()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    compiled = collections.Counter(r.args[0] for r in caplog.records if "seconds to compile" in str(r.msg))
+    read_back = {r.args[0] for r in caplog.records if str(r.msg).startswith("Persistent compilation cache hit")}
+    # The step is a new jitted function in the run (read back from the cache); evaluation's is the same function
+    # the check compiled (JAX's in-memory cache serves it). Either way XLA compiled each once.
+    assert compiled["jit_step_fn"] == 1 and compiled["jit_eval_sums"] == 1, compiled
+    assert "jit_step_fn" in read_back, read_back
+    use = result["compilation_cache"]
+    assert use.directory == cache and use.hits >= 1 and use.requests > use.hits and any(cache.iterdir())
+    assert jax.config.jax_compilation_cache_dir is None
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])

@@ -211,7 +211,11 @@ class TrainingConfig(Section):
     compile_check: Literal["auto", "on", "off"] = "auto"
     """Before a run reads any weight: compile its programs from the abstract shapes on this host's devices and stop
     (one line, exit 2) if XLA's bytes for one exceed a device's capacity. 'auto': on accelerators (GPU, TPU),
-    where it costs a second compile of each program; 'on' also on CPU hosts."""
+    where XLA's compilation cache (compilation_cache) makes its compiles the run's; 'on' also on CPU hosts."""
+    compilation_cache: str = "auto"
+    """XLA's persistent compilation cache (JAX's jax_compilation_cache_dir): a directory, 'off', or 'auto'
+    ($XDG_CACHE_HOME/vishwam/xla, default ~/.cache/vishwam/xla, when the compile check runs). A program compiled
+    once is read back: the compile check's compiles serve the run, and a resumed run skips its compiles."""
 
     @property
     def micro_batch_size(self) -> int:

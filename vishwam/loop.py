@@ -18,6 +18,7 @@ import jax
 from . import build
 from .config import RunConfig, config_to_dict, save_config
 from .checkpoint import save_pretrained
+from .compilation_cache import CacheUse, cache_dir, compilation_cache
 from .data import batch_for_step
 from .errors import VishwamError
 from .evaluation import evaluate
@@ -46,6 +47,7 @@ class Run:
         self.state = None
         self.samples: Samples | None = None
         self.on_policy: OnPolicy | None = None
+        self.cache_use: CacheUse | None = None
 
     @property
     def train_data(self):
@@ -76,7 +78,10 @@ class Run:
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
                                       seed=tr.seed, eos=eos, pad=pad, compute_dtype=DTYPES[tr.compute_dtype])
         build.check_memory(run)
-        if build.compile_check_due(cfg):
+        check = build.compile_check_due(cfg)
+        # Through XLA's compilation cache the compile check's compiles are the run's (each program compiled once).
+        self.cache_use = stack.enter_context(compilation_cache(cache_dir(cfg, check)))
+        if check:
             dry_run_compile(cfg, local=True, log=log)  # a misfit raises its one-line ConfigError
         teacher = self.open_teacher()
         stack.callback(teacher.close)
@@ -168,11 +173,13 @@ class Run:
                 _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
             if tr.max_steps == start and evaluates:
                 last_eval = evaluate_at(start)
+            if self.cache_use is not None:
+                log(self.cache_use.summary())
         student_dir = run.out / "student"
         save_pretrained(state.student, student_dir, tokenizer_from=run.lazy_teacher.directory)
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
         self.state = state
-        return {"eval": last_eval, "state": state}
+        return {"eval": last_eval, "state": state, "compilation_cache": self.cache_use}
 
 
 def _host_metrics(metrics: dict, state, *, tokens_per_sec: float) -> dict:
