@@ -216,9 +216,11 @@ class ProgramPlanner:
             self.p.t_config, b, S, self.tb)}, []
 
     def _streamed_head(self, args, kwargs):
-        h = args[2]
+        h, t = args[2], self.p.t_config
         b, S = self.rows_per_device(h.shape[0]), h.shape[1]
-        return 0, 0, {"the final norm in float32": b * S * self.p.t_config.hidden_size * 4}, []
+        head = t.vocab_size * t.hidden_size * self.tb if kwargs.get("whole_weight") is not None else 0
+        return 0, 0, {"the final norm in float32": b * S * t.hidden_size * 4,
+                      "the LM head gathered whole": head}, []
 
     def _cache_build(self, args, kwargs):
         _, batch = args

@@ -194,7 +194,8 @@ class AbstractRun:
         if loading == "streamed":
             out["streamed_group"] = group = self._streamed_group()
             h = group[1][1]  # the step's hidden states, as the groups hand them on
-            out["streamed_head"] = (head_logits, (self.teacher.model.norm, self.teacher.unembedding_weight(), h), {})
+            out["streamed_head"] = (head_logits, (self.teacher.model.norm, self.teacher.unembedding_weight(), h),
+                                    {"whole_weight": NamedSharding(self.mesh, PartitionSpec())})
         if loading == "cached":  # the run builds a missing cache first, as `python -m vishwam.cache` does
             vocab = min(self.s_config.vocab_size, self.t_config.vocab_size)
             out["cache_build"] = (cache_rows, (self.teacher, self.micro), {

@@ -13,6 +13,7 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distill.objective import Objective, TeacherOutputs
 from distill.student_init import final_norm_stats, score_dict, stack_stats
@@ -47,10 +48,15 @@ def _embed(embed, config, ids, attention_mask, segment_ids=None, activation_shar
     return h, mask, cos, sin
 
 
-@jax.jit
-def head_logits(norm, head_weight, h):
-    """The streamed teacher's last program: its final norm and LM head over the step's hidden states."""
+@functools.partial(jax.jit, static_argnames="whole_weight")
+def head_logits(norm, head_weight, h, *, whole_weight=None):
+    """The streamed teacher's last program: its final norm and LM head over the step's hidden states.
+    `whole_weight`: a replicated sharding to gather the head to first, so that each device makes its own rows'
+    logits whole (left to itself, XLA multiplied the fsdp-split hidden axis and summed `[rows, seq, vocab]`
+    partial logits: a second copy of the step's logits, 9.3 GiB a chip at the flagship's size)."""
     normed = norm(h)
+    if whole_weight is not None:
+        head_weight = jax.lax.with_sharding_constraint(head_weight, whole_weight)
     return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
 
 
@@ -114,7 +120,8 @@ class StreamedTeacher:
             jax.block_until_ready(h)
             del layers, out  # release this group before the one after next is read
             pending = nxt
-        normed, logits = head_logits(self.norm, self.head_weight, h)
+        whole = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        normed, logits = head_logits(self.norm, self.head_weight, h, whole_weight=whole)
         return CausalLMOutput(
             logits=logits, hidden_states=tuple(hidden) + (normed if n in wanted[0] else None,) if wanted[0] else None,
             attentions=tuple(attns) if wanted[1] else None, qkv=tuple(qkvs) if wanted[2] else None,
