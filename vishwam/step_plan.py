@@ -39,7 +39,7 @@ from .shapes import DTYPE_BYTES, axis_shards, split_layers, tree_bytes
 def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
     """`(peak activation bytes, parts, teacher outputs' bytes)` of one micro-batch on one device; `planner`: a
     `vishwam.planner.Planner`, `setup`: its `Setup`. The parts are the peak's: what lives through, then the
-    largest phase's own parts."""
+    largest phase's own parts, labelled with its name (`teacher`, `loss` or `backward`)."""
     cfg, t_cfg, s_cfg, objective = planner.cfg, planner.t_config, planner.s_config, planner.objective
     tr, mesh, b, S = cfg.training, setup.mesh, setup.micro_per_device, setup.seq_len
     c, tb = DTYPE_BYTES[tr.compute_dtype], DTYPE_BYTES[cfg.distillation.teacher_model.dtype]
@@ -96,10 +96,10 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
     softmax = b * chunk * vocab * (2 * c + 3 * 4)
     if objective.fuses_lm_head(dense_teacher=setup.loading != "cached"):
         head = vocab * D * c * (mesh.fsdp > 1) + vocab * local("embed", D) * 4 + b * S * D * c
-        logit_label = f"LM head fused into the loss: one chunk of {chunk} tokens, its softmaxes, the head's gradient"
+        logit_label = f"LM head in the loss, {chunk}-token chunks"
     else:
         head = 2 * b * S * vocab * c
-        logit_label = f"the logits and their gradient, and the softmaxes of one chunk of {chunk} tokens"
+        logit_label = f"logits + gradient, softmax in {chunk}-token chunks"
     features = len(objective.feature_pairs) * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
 
     t_layer = 0
@@ -116,20 +116,18 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
     grads = tree_bytes(planner.student, mesh, param)[1] + (
         tree_bytes(planner.projections, mesh, param)[1] if planner.projections is not None else 0)
 
-    saved_label = f"saved for the backward ({'each layer input' if setup.remat else 'layer inputs and matmul outputs'})"
-    phases = {
-        "teacher forward (one layer) while its outputs are written": [
-            (f"teacher outputs ({setup.loading})", teacher_out), ("one teacher layer, gathered, running", t_layer)],
-        "the loss over one chunk": [
-            (saved_label, saved), (f"teacher outputs ({setup.loading})", teacher_out), (logit_label, softmax + head),
-            *([(f"feature matching ({len(objective.feature_pairs)} pairs, fp32)", features)] if features else [])],
-        "the backward through one student layer": [
-            (saved_label, saved), ("one student layer recomputed, its cotangents, gathered weights", backward),
-            (f"the micro-batch's gradient ({param})", grads)],
+    saved_label = f"saved ({'layer inputs' if setup.remat else 'layer inputs, matmul outputs'})"
+    teacher_label = f"teacher outputs ({setup.loading})"
+    phases = {  # short names: the labels are prefixed with the peak's and printed in the plan's table
+        "teacher": [(teacher_label, teacher_out), ("one teacher layer, gathered, running", t_layer)],
+        "loss": [(saved_label, saved), (teacher_label, teacher_out), (logit_label, softmax + head),
+                 *([(f"feature matching ({len(objective.feature_pairs)} pairs, fp32)", features)] if features else [])],
+        "backward": [(saved_label, saved), ("one layer recomputed + cotangents", backward),
+                     (f"the micro-batch's gradient ({param})", grads)],
     }
     if setup.loading != "resident":
-        del phases["teacher forward (one layer) while its outputs are written"]
+        del phases["teacher"]
     peak = max(phases, key=lambda k: sum(n for _, n in phases[k]))
     parts = [("student weights in the compute dtype", cast)] if cast else []
-    parts += [(f"{label} [peak: {peak}]" if i == 0 else label, n) for i, (label, n) in enumerate(phases[peak])]
+    parts += [(f"{peak}: {label}", n) for label, n in phases[peak]]
     return sum(n for _, n in parts), tuple(parts), teacher_out
