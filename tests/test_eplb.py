@@ -130,6 +130,32 @@ def test_linear_cka_properties():
                                _np_cka(x[mask].astype(np.float64), y[mask].astype(np.float64)), rtol=1e-4)
 
 
+def test_cka_matrix_equals_feature_space_cka_in_float64():
+    """The Gram form the probe computes (one copy of the student's Grams, normalised at the end) against the
+    feature-space form `||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)` in float64 NumPy over the valid tokens,
+    for every pair of layers, with masked tokens and layers of unequal scale."""
+    rng = np.random.default_rng(3)
+    b, s, ds, dt = 3, 10, 6, 9
+    mask = np.ones((b, s), np.int32)
+    mask[1, 6:] = 0
+    student = [rng.normal(size=(b, s, ds)) * (1 + i) for i in range(4)]
+    teacher = [rng.normal(size=(b, s, dt)) + 0.3 * np.tile(student[min(j, 3)][..., :1], dt) for j in range(6)]
+    sim = np.asarray(jax.jit(cka_matrix)([jnp.asarray(h, jnp.float32) for h in student],
+                                         [jnp.asarray(h, jnp.float32) for h in teacher], jnp.asarray(mask)))
+    valid = mask.reshape(-1).astype(bool)
+
+    def centred(h):
+        x = h.reshape(-1, h.shape[-1])[valid]
+        return x - x.mean(0)
+
+    want = np.array([[np.linalg.norm(centred(y).T @ centred(x)) ** 2
+                      / (np.linalg.norm(centred(x).T @ centred(x)) * np.linalg.norm(centred(y).T @ centred(y)))
+                      for y in teacher[1:]] for x in student[1:]])
+    # float32 Grams of 27 tokens: relative error ~1e-6 per entry; the ratio of sums keeps it near that.
+    np.testing.assert_allclose(sim, want, rtol=1e-4, atol=1e-6)
+    assert want.max() - want.min() > 0.3  # the comparison spans related and unrelated layers
+
+
 def test_cka_matrix_recovers_planted_alignment():
     rng = np.random.default_rng(1)
     b, s, ds, dt = 4, 16, 8, 12

@@ -249,7 +249,7 @@ def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, m
     out = tmp_path / "out"
     flags = ["--training.compile-check", "on", "--training.output-dir", str(out), "--training.max-steps", "1"]
     monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "1MiB")
-    with pytest.raises(ConfigError, match=r"compiled program '\w+' needs .* GiB/device on local \(XLA:CPU\), a "
+    with pytest.raises(ConfigError, match=r"compiled program '\w+' needs .* [GM]iB/device on local \(XLA:CPU\), a "
                                           r"device holds 1\.00 MiB"):
         loop.Run(load_config(str(config), flags)).train()
     assert not opened and not out.exists()
@@ -281,8 +281,8 @@ def test_the_compile_checks_compiles_are_the_runs(config, tmp_path, monkeypatch,
     compiled = collections.Counter(r.args[0] for r in caplog.records if "seconds to compile" in str(r.msg))
     read_back = {r.args[0] for r in caplog.records if str(r.msg).startswith("Persistent compilation cache hit")}
     # The step is a new jitted function in the run (read back from the cache); evaluation's is the same function
-    # the check compiled (JAX's in-memory cache serves it). Either way XLA compiled each once.
-    assert compiled["jit_step_fn"] == 1 and compiled["jit_eval_sums"] == 1, compiled
+    # the check compiled (JAX's in-memory cache serves it; not at all if an earlier test in this process did).
+    assert compiled["jit_step_fn"] == 1 and compiled["jit_eval_sums"] <= 1, compiled
     assert "jit_step_fn" in read_back, read_back
     use = result["compilation_cache"]
     assert use.directory == cache and use.hits >= 1 and use.requests > use.hits and any(cache.iterdir())
