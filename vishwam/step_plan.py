@@ -16,8 +16,8 @@ vocabulary divided by `tensor` where the rules shard them):
   one chunk's logits (`distillation_params.logit_chunk_size`) and what their softmaxes keep for the backward:
   `[b, chunk, V]` twice in `c` and three times in float32. With the LM head fused into the loss the student's
   logits are never whole: the head gathered by fsdp, its float32 gradient (split like the head) and the hidden
-  states' gradient instead; otherwise the logits and their gradient, whole, in `c`. Feature matching: a float32
-  `[b, S, teacher_hidden]` array per mapped pair;
+  states' gradient instead; otherwise the logits and their gradient, whole, in `c`. Feature matching: two float32
+  `[b, S, teacher_hidden]` arrays per mapped pair (the projected student, the normalised teacher);
 - the backward through one student layer: its forward recomputed and its cotangents (matmul inputs and outputs
   twice), the largest causal block's scores and probabilities (`3·4 + c` bytes each, `models.causal_blocks`) for
   the values and the cotangents, the layer's weights gathered by fsdp, and the micro-batch's gradient being made
@@ -100,7 +100,7 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
     else:
         head = 2 * b * S * vocab * c
         logit_label = f"logits + gradient, softmax in {chunk}-token chunks"
-    features = len(objective.feature_pairs) * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
+    features = 2 * len(objective.feature_pairs) * b * S * t_cfg.hidden_size * 4 if objective.uses_features else 0
 
     t_layer = 0
     if setup.loading == "resident":
