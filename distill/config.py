@@ -160,7 +160,7 @@ class EPLBConfig(Section):
     """Re-derive the mapping by student/teacher layer similarity (linear CKA)."""
     probe_tokens: int = 1024
     """Tokens of the sample layer similarity is measured on when remapping (whole sequences, at least one): the
-    probe holds (student layers + 2) Gram matrices of tokens² floats."""
+    probe holds (student layers + 1) Gram matrices of tokens² floats."""
 
     def _check(self) -> None:
         self._positive("num_stages", "stage_steps", "probe_tokens")

@@ -215,7 +215,8 @@ def cka_matrix(
     The inputs are the models' `hidden_states` (L+1 entries, entry `i + 1` being layer `i`'s output); the
     embeddings (entry 0) are skipped, so entry `[i, j]` compares student layer `i` with teacher layer `j`. The
     examples are the valid tokens of the batch. Computed in the Gram (`n x n`, `n = batch*seq`) form: memory
-    `(student_layers + 2) * n^2` floats, so keep the probe to a few thousand tokens.
+    `(student_layers + 1) * n^2` floats (one copy of the student's, one teacher's at a time), so keep the probe
+    to a few thousand tokens.
 
     **Arguments:**
 

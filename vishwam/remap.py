@@ -3,7 +3,7 @@
 `remap_steps` says at which steps it happens; `remap` measures linear CKA between every student and teacher layer
 on a probe sample (`probe_batch`: `eplb.probe_tokens` tokens, at least one sequence, drawn with seed + 1 so they
 are not the next training batches; `probe_similarity` is the one jitted program that runs both models and the
-CKA, its memory bounded by the sample: `(student layers + 2)` Gram matrices of `tokens²` floats; a streamed
+CKA, its memory bounded by the sample: `(student layers + 1)` Gram matrices of `tokens²` floats; a streamed
 teacher's hidden states come group by group first and `student_similarity` runs the rest), picks the best
 monotone assignment of the mapped student layers, and returns the state with the new mapping and the changed
 pairs' projections re-initialised (`distill.eplb`).
