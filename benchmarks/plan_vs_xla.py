@@ -103,7 +103,7 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
         planner = Planner(cfg, run.t_config)
         programs_planner = ProgramPlanner(planner, cfg.parallelism)
         for name, (fn, args, kwargs) in run.programs().items():
-            if programs and name not in programs:
+            if programs and name not in programs and f"{layout}:{name}" not in programs:
                 continue
             xla = compile_program(name, fn, args, kwargs)
             if name == "train":
@@ -133,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="tpu:v5p-8")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument("--programs", nargs="+", default=None)
+    parser.add_argument("--programs", nargs="+", default=None,
+                        help="program names (every layout's), or LAYOUT:PROGRAM for one layout's")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     configure_process(args.target)

@@ -26,8 +26,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p-8" if TPU else "cpu:4"
-HELD = ("train", "eval", "eplb_probe", "prune_importance", "prune_slice", "cache_build", "streamed_group",
-        "streamed_head", "on_policy_prefill", "on_policy_decode")
+PROGRAMS = ("train", "eval", "eplb_probe", "prune_importance", "prune_slice", "cache_build", "streamed_group",
+            "streamed_head")
+# Every layout's programs; the on-policy layout's others are the resident layout's on chat rows: its generation
+# programs alone.
+HELD = tuple(f"{layout}:{p}" for layout in ("resident", "cached", "streamed") for p in PROGRAMS) + (
+    "on_policy:on_policy_prefill", "on_policy:on_policy_decode")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +50,8 @@ def rows(tmp_path_factory):
         ("resident", "prune_slice"), ("cached", "train"), ("cached", "eval"), ("cached", "cache_build"),
         ("cached", "prune_importance"), ("cached", "prune_slice"), ("streamed", "train"), ("streamed", "eval"),
         ("streamed", "eplb_probe"), ("streamed", "streamed_group"), ("streamed", "streamed_head"),
-        ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "train"), ("on_policy", "eval"),
-        ("on_policy", "eplb_probe"), ("on_policy", "on_policy_prefill"), ("on_policy", "on_policy_decode")}
+        ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "on_policy_prefill"),
+        ("on_policy", "on_policy_decode")}
     for r in rows:
         assert r["xla"]["error"] is None, r
     return rows
