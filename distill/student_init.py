@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models import CausalLM, DecoderLayer, ModelConfig, prepare_inputs
+from models import CausalLM, DecoderLayer, ModelConfig, constrain, prepare_inputs
 from .errors import ConfigError
 from models.pytree import path_name
 
@@ -257,8 +257,7 @@ def stack_stats(layers: DecoderLayer, h, cos, sin, mask, valid, *, activation_sh
     params, static = eqx.partition(layers, eqx.is_array)
 
     def step(h, layer_params):
-        if activation_sharding is not None:
-            h = jax.lax.with_sharding_constraint(h, activation_sharding)
+        h = constrain(h, activation_sharding)
         layer = eqx.combine(layer_params, static)
         attn = layer.self_attn
         x = layer.input_layernorm(h)

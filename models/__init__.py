@@ -3,7 +3,7 @@
 from .attention import Attention, AttentionOutput, CausalMask, causal_blocks
 from .config import ARCHITECTURES, ModelConfig, RopeScaling
 from .decode import KVCache, decode_step, prefill
-from .layers import Embedding, Linear, RMSNorm
+from .layers import Embedding, Linear, RMSNorm, constrain
 from .sampling import filter_logits, sample_tokens
 from .transformer import (
     MLP,
@@ -22,6 +22,6 @@ from .transformer import (
 __all__ = [
     "ARCHITECTURES", "Attention", "AttentionOutput", "CausalLM", "CausalMask", "CausalLMOutput", "DecoderLayer",
     "Embedding", "KVCache", "LayerStackOutput", "Linear", "MLP", "ModelConfig", "RMSNorm", "RopeScaling",
-    "Transformer", "cast_floating", "causal_blocks", "decode_step", "filter_logits", "init_model", "prefill",
-    "prepare_inputs", "run_layers", "sample_tokens", "stack_layers",
+    "Transformer", "cast_floating", "causal_blocks", "constrain", "decode_step", "filter_logits", "init_model",
+    "prefill", "prepare_inputs", "run_layers", "sample_tokens", "stack_layers",
 ]

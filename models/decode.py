@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from .layers import rotary_tables
+from .layers import constrain, rotary_tables
 from .transformer import CausalLM, prepare_inputs
 
 
@@ -28,10 +28,6 @@ class KVCache(eqx.Module):
     key_valid: Bool[Array, "batch slots"]
     positions: Int[Array, " batch"]
     length: Int[Array, ""]
-
-
-def _constrain(x, sharding):
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _rows(cache_sharding):
@@ -58,15 +54,15 @@ def prefill(model: CausalLM, input_ids: Int[Array, "batch prompt"], attention_ma
 
     def step(h, layer_params):
         layer = eqx.combine(layer_params, static)
-        h, _, (_, k, v) = layer(_constrain(h, rows), cos, sin, mask, output_qkv=True, attention_impl=attention_impl)
+        h, _, (_, k, v) = layer(constrain(h, rows), cos, sin, mask, output_qkv=True, attention_impl=attention_impl)
         return h, (k, v)  # [b, kv_heads, s, hd]
 
-    h, (k, v) = jax.lax.scan(step, _constrain(model.embed(input_ids), rows), params)
+    h, (k, v) = jax.lax.scan(step, constrain(model.embed(input_ids), rows), params)
     pad = ((0, 0), (0, 0), (0, 0), (0, slots - s), (0, 0))
-    k, v = _constrain(jnp.pad(k, pad), cache_sharding), _constrain(jnp.pad(v, pad), cache_sharding)
+    k, v = constrain(jnp.pad(k, pad), cache_sharding), constrain(jnp.pad(v, pad), cache_sharding)
     valid = jnp.pad(mask.key_valid, ((0, 0), (0, slots - s)))
     positions = jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32)
-    logits = _constrain(model.unembed(model.model.norm(h[:, -1:]))[:, 0].astype(jnp.float32), rows)
+    logits = constrain(model.unembed(model.model.norm(h[:, -1:]))[:, 0].astype(jnp.float32), rows)
     return logits, KVCache(k, v, valid, positions, jnp.asarray(s, jnp.int32))
 
 
@@ -83,11 +79,11 @@ def decode_step(model: CausalLM, cache: KVCache, tokens: Int[Array, " batch"], *
     def step(carry, xs):
         h, k, v = carry
         layer_params, index = xs
-        h, k, v = eqx.combine(layer_params, static).decode(_constrain(h, rows), cos, sin, k, v, index, valid, slot)
-        return (h, _constrain(k, cache_sharding), _constrain(v, cache_sharding)), None
+        h, k, v = eqx.combine(layer_params, static).decode(constrain(h, rows), cos, sin, k, v, index, valid, slot)
+        return (h, constrain(k, cache_sharding), constrain(v, cache_sharding)), None
 
     layers = jnp.arange(model.config.num_hidden_layers, dtype=jnp.int32)
-    (h, k, v), _ = jax.lax.scan(step, (_constrain(model.embed(tokens[:, None]), rows), cache.k, cache.v),
+    (h, k, v), _ = jax.lax.scan(step, (constrain(model.embed(tokens[:, None]), rows), cache.k, cache.v),
                                 (params, layers))
     logits = model.unembed(model.model.norm(h))[:, 0].astype(jnp.float32)
     return logits, KVCache(k, v, valid, cache.positions + 1, slot + 1)

@@ -18,6 +18,12 @@ from .config import ModelConfig, rope_inv_freq
 
 
 LINEAR_OUTPUT = "linear_output"
+
+
+def constrain(x, sharding):
+    """`x` constrained to `sharding` under jit (`jax.lax.with_sharding_constraint`); as it is when `sharding` is
+    None (the layout left to XLA)."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 """`checkpoint_name` of every [`linear`][] product, for remat policies that keep them (see `run_layers`)."""
 
 

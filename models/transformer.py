@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .attention import Attention, CausalMask
 from .config import ModelConfig
-from .layers import LINEAR_OUTPUT, Embedding, Linear, RMSNorm, rotary_tables
+from .layers import LINEAR_OUTPUT, Embedding, Linear, RMSNorm, constrain, rotary_tables
 from .pytree import summary
 
 
@@ -188,8 +188,7 @@ def run_layers(
     hid, att, qkv = (_layer_set(r, n) for r in (output_hidden_states, output_attentions, output_qkv))
 
     def step(carry, layer_params, attentions=bool(att), qkvs=bool(qkv)):
-        if activation_sharding is not None:
-            carry = jax.lax.with_sharding_constraint(carry, activation_sharding)
+        carry = constrain(carry, activation_sharding)
         layer = eqx.combine(layer_params, static)
         out, probs, q = layer(carry, cos, sin, mask, output_attentions=attentions, output_qkv=qkvs,
                               attention_impl=attention_impl)
@@ -297,9 +296,7 @@ class CausalLM(eqx.Module):
         **Returns:** a `CausalLMOutput`.
         """
         mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids, segment_ids)
-        h = self.embed(input_ids)
-        if activation_sharding is not None:
-            h = jax.lax.with_sharding_constraint(h, activation_sharding)
+        h = constrain(self.embed(input_ids), activation_sharding)
         n = self.config.num_hidden_layers
         hidden = _layer_set(output_hidden_states, n + 1)
         stack = run_layers(

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
 from distill.objective import TeacherOutputs
-from distill.student_init import activation_stats, slice_program, stack_stats
+from distill.student_init import activation_stats, slice_program
 from models import cast_floating, init_model, prepare_inputs
 
 from . import specs
@@ -57,7 +57,7 @@ from .program_plan import ProgramPlanner
 from .on_policy import initial_rollout, step_rows
 from .remap import probe_similarity, student_similarity
 from .sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
-from .streamed import head_logits, run_group
+from .streamed import group_stats, head_logits, run_group
 from .teacher_cache import cache_rows
 from .teachers import cached_layers
 from .targets import Target, resolve_target
@@ -249,7 +249,7 @@ class AbstractRun:
             importance = (activation_stats, (self.teacher, probe, valid), pin)
         else:  # group by group, as StreamedTeacher.importance runs it
             group, h, mask, cos, sin = self._group_inputs(probe, valid)
-            importance = (_stack_stats, (group, h, cos, sin, mask, valid), pin)
+            importance = (group_stats, (group, h, cos, sin, mask, valid), pin)
         s = self.s_config
         param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
         slicer, sources, _ = slice_program(self.teacher, s, dtype=param_dtype, shardings=self.shardings.student)
@@ -278,8 +278,6 @@ class AbstractRun:
                        for x in (h, cos, sin))
         return group, h, mask, cos, sin
 
-
-_stack_stats = jax.jit(stack_stats, static_argnames="activation_sharding")
 
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
 

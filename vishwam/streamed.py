@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from distill.objective import Objective, TeacherOutputs
 from distill.student_init import final_norm_stats, score_dict, stack_stats
-from models import CausalLM, CausalLMOutput, prepare_inputs, run_layers
+from models import CausalLM, CausalLMOutput, constrain, prepare_inputs, run_layers
 
 from .checkpoint import LazyCheckpoint
 from .sharding import rows_sharding
@@ -35,17 +35,15 @@ def _chosen(request, n: int) -> frozenset[int]:
     return frozenset(range(n)) if request is True else frozenset(request or ())
 
 
-_stack_stats = eqx.filter_jit(stack_stats)
+# One group's importance statistics for pruning: a plain `jax.jit` too, the program the compile dry run compiles.
+group_stats = jax.jit(stack_stats, static_argnames="activation_sharding")
 _final_norm_stats = eqx.filter_jit(final_norm_stats)
 
 
 @eqx.filter_jit
 def _embed(embed, config, ids, attention_mask, segment_ids=None, activation_sharding=None):
     mask, cos, sin = prepare_inputs(config, ids, attention_mask, segment_ids=segment_ids)
-    h = embed(ids)
-    if activation_sharding is not None:
-        h = jax.lax.with_sharding_constraint(h, activation_sharding)
-    return h, mask, cos, sin
+    return constrain(embed(ids), activation_sharding), mask, cos, sin
 
 
 @functools.partial(jax.jit, static_argnames="whole_weight")
@@ -54,9 +52,7 @@ def head_logits(norm, head_weight, h, *, whole_weight=None):
     `whole_weight`: a replicated sharding to gather the head to first, so that each device makes its own rows'
     logits whole (left to itself, XLA multiplied the fsdp-split hidden axis and summed `[rows, seq, vocab]`
     partial logits: a second copy of the step's logits, 9.3 GiB a chip at the flagship's size)."""
-    normed = norm(h)
-    if whole_weight is not None:
-        head_weight = jax.lax.with_sharding_constraint(head_weight, whole_weight)
+    normed, head_weight = norm(h), constrain(head_weight, whole_weight)
     return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
 
 
@@ -135,7 +131,7 @@ class StreamedTeacher:
         embed, mlp, heads = 0.0, [], []
         for group in self.groups:
             layers = self._load(group)
-            h, e, m, hd = _stack_stats(layers, h, cos, sin, mask, valid, activation_sharding=rows)
+            h, e, m, hd = group_stats(layers, h, cos, sin, mask, valid, activation_sharding=rows)
             embed, mlp, heads = embed + e, mlp + [m], heads + [hd]
             jax.block_until_ready(h)
             del layers
