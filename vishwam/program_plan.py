@@ -32,11 +32,11 @@ import math
 import jax
 import numpy as np
 
-from models import ModelConfig, causal_blocks
+from models import ModelConfig
 
 from .config import ParallelismConfig
 from .planner import Planner
-from .shapes import DTYPE_BYTES, split_layers, tree_bytes
+from .shapes import DTYPE_BYTES, gathered_layer_bytes, layer_forward_bytes, tree_bytes
 from .sharding import batch_shards, rows_per_device
 
 
@@ -88,11 +88,7 @@ class ProgramPlanner:
 
     def gathered(self, model: str, nbytes: int) -> int:
         """One decoder layer's weights as fsdp gathers them for the layer being run (nothing without fsdp)."""
-        if self.mesh.fsdp == 1:
-            return 0
-        tree, config = self._model(model)
-        return split_layers(tree, config.num_hidden_layers, ParallelismConfig(tensor=self.mesh.tensor),
-                            _DTYPE[nbytes])[0]
+        return gathered_layer_bytes(*self._model(model), self.mesh, _DTYPE[nbytes])
 
     def embedding(self, model: str, nbytes: int) -> int:
         """The embedding table as the token lookup gathers it (fsdp splits its hidden axis), before the layers."""
@@ -102,13 +98,9 @@ class ProgramPlanner:
         return self.local(config.vocab_size) * config.hidden_size * nbytes
 
     def forward(self, m: ModelConfig, b: int, S: int, w: int) -> int:
-        """One layer's forward working set as XLA:TPU fuses it: the residual, and the larger of the attention half
-        (q, k, v and the heads' output, the largest causal block's float32 scores) and the MLP half (its normed
-        input and the gated product; gate, up and the activation fuse into their projections)."""
-        h, g, f = (self.local(n) for n in (m.num_attention_heads, m.num_key_value_heads, m.intermediate_size))
-        attention = b * S * w * (2 * h + 2 * g) * m.head_dim + b * h * -(-S // causal_blocks(S)) * S * 4
-        mlp = b * S * w * (m.hidden_size + f)
-        return b * S * w * m.hidden_size + max(attention, mlp)
+        """One layer's forward working set (`vishwam.shapes.layer_forward_bytes`)."""
+        return layer_forward_bytes(m, b, S, w, *(self.local(n) for n in (m.num_attention_heads,
+                                                                          m.num_key_value_heads, m.intermediate_size)))
 
     def rows_per_device(self, rows: int) -> int:
         return rows_per_device(rows, self.mesh)

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from models import CausalLM, ModelConfig
+from models import CausalLM, ModelConfig, causal_blocks
 from models.pytree import named_leaves
 
 from .config import ParallelismConfig
@@ -68,4 +68,22 @@ def split_layers(tree, num_layers: int, mesh: ParallelismConfig, dtype: str) -> 
 
 
 
-__all__ = ["DTYPE_BYTES", "abstract_model", "axis_shards", "split_layers", "tree_bytes"]
+def gathered_layer_bytes(model, config: ModelConfig, mesh: ParallelismConfig, dtype: str) -> int:
+    """One decoder layer of `model` as fsdp gathers it for the layer being run (split by `tensor` alone; nothing
+    without fsdp)."""
+    if mesh.fsdp == 1:
+        return 0
+    return split_layers(model, config.num_hidden_layers, ParallelismConfig(tensor=mesh.tensor), dtype)[0]
+
+
+def layer_forward_bytes(m: ModelConfig, b: int, S: int, w: int, heads: int, kv_heads: int, mlp: int) -> int:
+    """One layer's forward working set on one device as XLA:TPU fuses it, for `b` rows of `S` tokens of `w` bytes
+    (`heads`, `kv_heads`, `mlp`: this device's share): the residual, and the larger of the attention half (q, k, v
+    and the heads' output, the largest causal block's float32 scores) and the MLP half (its normed input and the
+    gated product; gate, up and the activation fuse into their projections)."""
+    attention = b * S * w * (2 * heads + 2 * kv_heads) * m.head_dim + b * heads * -(-S // causal_blocks(S)) * S * 4
+    return b * S * w * m.hidden_size + max(attention, b * S * w * (m.hidden_size + mlp))
+
+
+__all__ = ["DTYPE_BYTES", "abstract_model", "axis_shards", "gathered_layer_bytes", "layer_forward_bytes",
+           "split_layers", "tree_bytes"]

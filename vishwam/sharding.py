@@ -123,20 +123,23 @@ def shard_tree(tree, mesh: Mesh, rules=RULES):
     return eqx.combine(placed, static)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
-    """Batches: leading axis over `batch`'s mesh axes, the rest replicated."""
+def _batch_axes(mesh, rules=RULES) -> tuple[str, ...]:
+    """The mesh axes `batch` maps to that `mesh` has (a `Mesh`, or anything with its `shape` mapping)."""
     target = rules["batch"]
     names = (target,) if isinstance(target, str) else tuple(target or ())
-    names = tuple(n for n in names if n in mesh.shape)
+    return tuple(n for n in names if n in mesh.shape)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
+    """Batches: leading axis over `batch`'s mesh axes, the rest replicated."""
+    names = _batch_axes(mesh, rules)
     return NamedSharding(mesh, PartitionSpec(names if names else None, *([None] * (ndim - 1))))
 
 
 def batch_shards(mesh, rules=RULES) -> int:
     """How many ways the batch axes split an array's rows on `mesh` (a `Mesh`, or anything with its `shape`
     mapping, such as a `ParallelismConfig`)."""
-    target = rules["batch"]
-    names = (target,) if isinstance(target, str) else tuple(target or ())
-    return math.prod(mesh.shape[n] for n in names if n in mesh.shape)
+    return math.prod(mesh.shape[n] for n in _batch_axes(mesh, rules))
 
 
 def rows_per_device(rows: int, mesh, rules=RULES) -> int:

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 from models import ModelConfig, causal_blocks
 
-from .config import ParallelismConfig
-from .shapes import DTYPE_BYTES, axis_shards, split_layers, tree_bytes
+from .shapes import DTYPE_BYTES, axis_shards, gathered_layer_bytes, layer_forward_bytes, tree_bytes
 
 
 def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
@@ -54,10 +53,6 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
     def scores(m: ModelConfig, per_elem: int, block: bool = False) -> int:  # block: the largest causal block
         queries = -(-S // causal_blocks(S)) if block else S
         return b * local("heads", m.num_attention_heads) * queries * S * per_elem
-
-    def gathered(model, m: ModelConfig, dtype: str) -> int:  # one layer's weights as fsdp gathers them
-        return split_layers(model, m.num_hidden_layers, ParallelismConfig(tensor=mesh.tensor), dtype)[0] \
-            if mesh.fsdp > 1 else 0
 
     L, D = s_cfg.num_hidden_layers, s_cfg.hidden_size
     q, kv, f = widths(s_cfg)
@@ -104,13 +99,14 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
 
     t_layer = 0
     if setup.loading == "resident":
-        tq, tkv, tf = widths(t_cfg)
-        attention = b * S * tb * (2 * tq + 2 * tkv) + scores(t_cfg, 4, block=True)
-        t_layer = gathered(planner.teacher, t_cfg, cfg.distillation.teacher_model.dtype) \
-            + b * S * tb * t_cfg.hidden_size + max(attention, b * S * tb * (t_cfg.hidden_size + tf))
+        shares = (local(a, n) for a, n in (("heads", t_cfg.num_attention_heads),
+                                           ("kv_heads", t_cfg.num_key_value_heads), ("mlp", t_cfg.intermediate_size)))
+        t_layer = gathered_layer_bytes(planner.teacher, t_cfg, mesh, cfg.distillation.teacher_model.dtype) \
+            + layer_forward_bytes(t_cfg, b, S, tb, *shares)
     layer_set = b * S * c * (6 * D + 3 * (q + kv) + 3 * f)
     backward = 2 * layer_set + 2 * scores(s_cfg, 3 * 4 + c, block=True) + scores(s_cfg, 1, block=True) // max(
-        1, local("heads", s_cfg.num_attention_heads)) + gathered(planner.student, s_cfg, tr.compute_dtype)
+        1, local("heads", s_cfg.num_attention_heads)) \
+        + gathered_layer_bytes(planner.student, s_cfg, mesh, tr.compute_dtype)
 
     param = tr.param_dtype
     grads = tree_bytes(planner.student, mesh, param)[1] + (
