@@ -24,10 +24,10 @@ def _configure_environment():
 
 
 def main(argv: list[str]) -> int:
-    from vishwam.cli import parse_args
+    from vishwam.config.cli import parse_args
 
     cfg, _ = parse_args(argv)
-    from vishwam.build import detected_cluster
+    from vishwam.run.build import detected_cluster
 
     if cfg.distributed.num_processes > 1 or detected_cluster() is not None:
         import jax
@@ -35,19 +35,19 @@ def main(argv: list[str]) -> int:
         # Cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.training.dry_run == "compile":
-        from vishwam.targets import configure_process
+        from vishwam.compile.targets import configure_process
 
         configure_process(cfg.training.compile_target)  # before JAX starts its backends
-        from vishwam.programs import dry_run_compile
+        from vishwam.compile.programs import dry_run_compile
 
         dry_run_compile(cfg)
         return 0
     if cfg.training.dry_run:
-        from vishwam.fit import print_plan
+        from vishwam.plan.fit import print_plan
 
         print_plan(cfg)
         return 0
-    from vishwam.loop import train
+    from vishwam.run.loop import train
 
     train(cfg)
     return 0
@@ -55,6 +55,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     _configure_environment()
-    from vishwam.cli import run_main
+    from vishwam.config.cli import run_main
 
     sys.exit(run_main(main))

@@ -52,9 +52,9 @@ import numpy as np
 from distill.config import DistillationParams, TemperatureConfig
 from distill.objective import Objective, teacher_outputs
 from models import ModelConfig, init_model
-from vishwam.checkpoint import open_pretrained, save_pretrained
-from vishwam.memory import peak_rss_bytes, rss_bytes
-from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
+from vishwam.io.checkpoint import open_pretrained, save_pretrained
+from vishwam.tracking import peak_rss_bytes, rss_bytes
+from vishwam.train.step import StepConfig, init_state, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MB = 1e6
@@ -262,7 +262,7 @@ def random_batch(size: BenchSize, seed: int) -> dict[str, np.ndarray]:
 
 def build_jax_step(size: BenchSize, dtype: str, key, attention_impl: str = "auto",
                    params: DistillationParams | None = None):
-    """Teacher, train state and the jitted step, assembled as `vishwam.loop.Run.train` does (single device:
+    """Teacher, train state and the jitted step, assembled as `vishwam.run.loop.Run.train` does (single device:
     no mesh, no state shardings). Params are fp32; the teacher is stored and the step computes in `dtype`;
     both models run `attention_impl` (`models.attention`); `params` defaults to `PARAMS`."""
     k_teacher, k_student, k_state = jax.random.split(key, 3)
@@ -570,13 +570,13 @@ def bench_size(size: BenchSize, dtype: str, steps: int, warmup: int, with_torch:
 _LOAD_SCRIPT = """
 import json, resource, sys, time
 import jax
-import vishwam.checkpoint
-from vishwam.memory import peak_rss_bytes
+import vishwam.io.checkpoint
+from vishwam.tracking import peak_rss_bytes
 jax.numpy.zeros(1).block_until_ready()
 base = peak_rss_bytes()
 r0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
-jax.block_until_ready(vishwam.checkpoint.load_pretrained(sys.argv[1]))
+jax.block_until_ready(vishwam.io.checkpoint.load_pretrained(sys.argv[1]))
 seconds = time.perf_counter() - t0
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "extra_peak_bytes": peak_rss_bytes() - base,

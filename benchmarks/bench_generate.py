@@ -86,7 +86,7 @@ def jax_side(args, d512_dir: str) -> dict:
     import numpy as np
 
     import vishwam
-    from vishwam.generation import _decode, _eos_array, _prefill, prompt_bucket
+    from vishwam.generation.sampler import _decode, _eos_array, _prefill, prompt_bucket
 
     out = {"jax": jax.__version__, "rows": {}, "cost": {}}
     for name, path in (("demo", DEMO), ("d512", d512_dir)):

@@ -24,10 +24,10 @@ _CHILD = textwrap.dedent("""
     import json, sys, time
     import jax, jax.numpy as jnp, numpy as np
     import vishwam
-    from vishwam.memory import peak_rss_bytes
-    from vishwam.streamed import StreamedTeacher
+    from vishwam.tracking import peak_rss_bytes
+    from vishwam.teacher.streamed import StreamedTeacher
     jnp.zeros(1).block_until_ready()
-    import vishwam.checkpoint
+    import vishwam.io.checkpoint
     base = peak_rss_bytes()
     path, mode = sys.argv[1], sys.argv[2]
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (4, 128)))
@@ -86,8 +86,8 @@ def memory_comparison(workdir: Path) -> dict:
 
 
 def cache_throughput(workdir: Path, steps: int) -> dict:
-    from vishwam.cli import load_config
-    from vishwam.loop import Run
+    from vishwam.config.cli import load_config
+    from vishwam.run.loop import Run
 
     root = Path(__file__).resolve().parents[1]
     cfg_path = root / "configs" / "distill.yaml"

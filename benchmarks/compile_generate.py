@@ -1,5 +1,5 @@
 """Compile vishwam.generate's prefill and decode programs at the flagship's size for tpu:v5p-16 (fsdp=8), from
-abstract inputs (`vishwam.generation.generation_programs`, the programs `generate` runs), and print XLA's bytes
+abstract inputs (`vishwam.generation.sampler.generation_programs`, the programs `generate` runs), and print XLA's bytes
 per chip:
 
 - the Qwen2.5-32B teacher (bf16): batch 8, prompt 1024, 256 new tokens (sequence-level KD, samples at eval);
@@ -21,11 +21,11 @@ import jax.numpy as jnp  # noqa: E402
 jax.config.update("jax_platforms", "cpu")
 
 from models import cast_floating, init_model  # noqa: E402
-from vishwam import specs  # noqa: E402
-from vishwam.cli import load_config  # noqa: E402
-from vishwam.generation import generation_programs  # noqa: E402
+from vishwam.compile.targets import resolve_target  # noqa: E402
+from vishwam.config import specs
+from vishwam.config.cli import load_config  # noqa: E402
+from vishwam.generation.sampler import generation_programs  # noqa: E402
 from vishwam.sharding import make_mesh, tree_shardings  # noqa: E402
-from vishwam.targets import resolve_target  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import cast_floating  # noqa: E402
-from vishwam.checkpoint import load_pretrained  # noqa: E402
-from vishwam.cli import load_config  # noqa: E402
-from vishwam.config import StudentConfig  # noqa: E402
-from vishwam.generation import checkpoint_eos_ids, generate, left_pad  # noqa: E402
-from vishwam.loop import Run  # noqa: E402
-from vishwam.on_policy import prompt_answers, rollout_batch, rollout_rows  # noqa: E402
+from vishwam.config.cli import load_config  # noqa: E402
+from vishwam.config.sections import StudentConfig  # noqa: E402
+from vishwam.generation.on_policy import prompt_answers, rollout_batch, rollout_rows  # noqa: E402
+from vishwam.generation.sampler import checkpoint_eos_ids, generate, left_pad  # noqa: E402
+from vishwam.io.checkpoint import load_pretrained  # noqa: E402
+from vishwam.run.loop import Run  # noqa: E402
 
 OFF, ON = ["--distillation-params.on-policy.fraction", "0.0"], ["--distillation-params.on-policy.fraction", "0.5"]
 BETA = "--distillation-params.on-policy.beta"

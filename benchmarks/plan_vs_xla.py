@@ -4,7 +4,7 @@ The config: a 34M-parameter bfloat16 Qwen2 teacher (8 layers of 512, 8/4 heads, 
 config.json alone), a 4-layer half-width student pruned from it (float32 parameters, bfloat16 compute), 16 x 512
 tokens a step in 2 micro-batches, fsdp 4, logit chunks of 128, feature matching with EPLB re-mapping; with a
 resident, a cached and a streamed teacher, and on-policy distillation on the demo chat data. Each program is
-planned (`vishwam.program_plan`, the train step by `vishwam.planner`) and compiled (`vishwam.programs`) for the
+planned (`vishwam.plan.program_plan`, the train step by `vishwam.plan.planner`) and compiled (`vishwam.compile.programs`) for the
 target; one line per program: planner and XLA bytes per device (MiB) and their ratio.
 
     python -m benchmarks.plan_vs_xla [--target tpu:v5p-8] [--layouts resident cached streamed on_policy]
@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from vishwam.targets import configure_process
+from vishwam.compile.targets import configure_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "vishwam" / "assets" / "demo"
@@ -90,11 +90,11 @@ def compare(config: Path, target: str, layouts, programs=None, log=print) -> lis
     """Plan and compile the programs of each layout; one row per program."""
     import jax
 
-    from vishwam.cli import load_config
-    from vishwam.planner import Planner, Setup
-    from vishwam.program_plan import ProgramPlanner, device_bytes
-    from vishwam.programs import AbstractRun, compile_program
-    from vishwam.targets import resolve_target
+    from vishwam.compile.programs import AbstractRun, compile_program
+    from vishwam.compile.targets import resolve_target
+    from vishwam.config.cli import load_config
+    from vishwam.plan.planner import Planner, Setup
+    from vishwam.plan.program_plan import ProgramPlanner, device_bytes
 
     rows = []
     for layout in layouts:

@@ -35,8 +35,8 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vishwam.cli import load_config  # noqa: E402
-from vishwam.loop import Run  # noqa: E402
+from vishwam.config.cli import load_config  # noqa: E402
+from vishwam.run.loop import Run  # noqa: E402
 
 ASSETS = ROOT / "benchmarks" / "assets" / "pysrc"
 TEACHER = ASSETS / "teacher"

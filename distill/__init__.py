@@ -1,0 +1,6 @@
+"""The objective: every distillation loss as a pure function, and the student's initialisation from the teacher.
+
+Owns the logit losses (`logits/`), feature and attention matching (`features`, `attention`), the layer mapping
+(`mapping`) and EPLB (`eplb`), the temperature schedule (`temperature`), Minitron pruning (`student_init`), the
+objective's config section (`config`) and how they combine (`objective`). Imports `models` only, never `vishwam`.
+"""

@@ -3,10 +3,10 @@
 `DistillationParams` (the YAML section `distillation_params`) with its nested `temperature`, `layer_mapping` and
 `eplb` sections is what `distill.objective.Objective` is built from, as it is: the objective reads these fields,
 it does not restate them. Each section checks its own values in `__post_init__` (skipped inside `unvalidated()`,
-so that `vishwam.cli` can build a config in layers and validate once at the end) and raises a
+so that `vishwam.config.cli` can build a config in layers and validate once at the end) and raises a
 :class:`~models.errors.ConfigError` that names the dotted key (`distillation_params.kd_weight`).
 
-`Section` is the base of every section, here and in `vishwam.config`.
+`Section` is the base of every section, here and in `vishwam.config.sections`.
 """
 
 from __future__ import annotations

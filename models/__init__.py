@@ -1,4 +1,9 @@
-"""Model families as Equinox pytrees: Qwen2/Qwen2.5, Qwen3 and Llama in one implementation."""
+"""Model families as Equinox pytrees: Qwen2/Qwen2.5, Qwen3 and Llama in one implementation.
+
+Owns the architectures (`config`), the layers and the scanned decoder stack (`layers`, `attention`,
+`transformer`), the KV-cache programs (`decode`, `sampling`) and pytree helpers (`pytree`). The bottom layer:
+imports nothing of `distill` or `vishwam`; exports the names in `__all__`.
+"""
 
 from .attention import Attention, AttentionOutput, CausalMask, causal_blocks
 from .config import ARCHITECTURES, ModelConfig, RopeScaling

@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_demo_corpus as corpus  # noqa: E402
 
 import vishwam  # noqa: E402
-from vishwam.chat import find_template  # noqa: E402
-from vishwam.chat_data import encode_rows, pack_rows  # noqa: E402
-from vishwam.data import batch_for_step, eval_batches, load_tokenizer  # noqa: E402
+from vishwam.data.chat import find_template  # noqa: E402
+from vishwam.data.chat_rows import encode_rows, pack_rows  # noqa: E402
+from vishwam.data.text import batch_for_step, eval_batches, load_tokenizer  # noqa: E402
 
 DEMO_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "vishwam", "assets",
                                          "demo"))

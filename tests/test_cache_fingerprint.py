@@ -15,15 +15,15 @@ import yaml
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
 import vishwam
-import vishwam.teacher_cache as T
-import vishwam.teachers as teachers
+import vishwam.teacher.cache as T
+import vishwam.teacher.sources as teachers
 from distill.logits import teacher_topk
-from vishwam.build import prepare
 from vishwam.cache import main as cache_main
-from vishwam.cli import load_config, run_main
-from vishwam.data import PackedDataset
-from vishwam.loop import train
-from vishwam.teacher_cache import TeacherCache, build_cache
+from vishwam.config.cli import load_config, run_main
+from vishwam.data.text import PackedDataset
+from vishwam.run.build import prepare
+from vishwam.run.loop import train
+from vishwam.teacher.cache import TeacherCache, build_cache
 
 SEQ, TOP_K = 16, 8
 

@@ -19,7 +19,7 @@ from conftest import CPU_COLLECTIVE_TIMEOUTS
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
 from vishwam.cache import main as cache_main
-from vishwam.safetensors_io import SafetensorsFile
+from vishwam.io.safetensors_io import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = textwrap.dedent("""
     import os, sys
     import jax
-    import vishwam.cache, vishwam.files
-    from vishwam.cli import run_main
+    import vishwam.cache, vishwam.io.files
+    from vishwam.config.cli import run_main
 
     log, argv = sys.argv[1], sys.argv[2:]
-    original = vishwam.files.atomic_write
+    original = vishwam.io.files.atomic_write
 
     def logged(path, content):
         with open(log, "a") as f:
@@ -41,7 +41,7 @@ LAUNCHER = textwrap.dedent("""
 
     patched = [name for name, m in list(sys.modules.items())
                if name.startswith("vishwam") and getattr(m, "atomic_write", None) is original]
-    assert {"vishwam.files", "vishwam.teacher_cache", "vishwam.safetensors_io"} <= set(patched), patched
+    assert {"vishwam.io.files", "vishwam.teacher.cache", "vishwam.io.safetensors_io"} <= set(patched), patched
     for name in patched:
         sys.modules[name].atomic_write = logged
     sys.exit(run_main(vishwam.cache.main, argv))

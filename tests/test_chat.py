@@ -7,13 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import transformers
 from tokenizers import AddedToken, Tokenizer
 
-from vishwam.chat import find_template
-from vishwam.chat_data import encode_rows, is_chat, pack_rows
+from vishwam.data.chat import find_template
+from vishwam.data.chat_rows import encode_rows, is_chat
 from vishwam.errors import ConfigError, DataError
 
 DEMO = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"

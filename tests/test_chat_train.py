@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vishwam.cli import load_config
-from vishwam.loop import Run
+from vishwam.config.cli import load_config
+from vishwam.run.loop import Run
 
 DEMO = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"
 TEMPLATE = """{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\

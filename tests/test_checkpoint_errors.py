@@ -14,7 +14,7 @@ from hf_fixtures import hf_config, make_hf_model, save_hf
 
 import vishwam
 from vishwam.errors import CheckpointError
-from vishwam.safetensors_io import SafetensorsFile, write_file
+from vishwam.io.safetensors_io import SafetensorsFile, write_file
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_full_load_peak_memory_is_bounded(tmp_path):
     del hf, torch
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np, vishwam
-        from vishwam.memory import peak_rss_bytes
-        import vishwam.checkpoint  # imports are not part of the load
+        from vishwam.tracking import peak_rss_bytes
+        import vishwam.io.checkpoint  # imports are not part of the load
         jax.numpy.zeros(1).block_until_ready()
         base = peak_rss_bytes()
         model = vishwam.load_pretrained({str(path)!r})

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from vishwam.cli import load_config, parse_args, run_main
 from distill.config import LayerMappingConfig, TemperatureConfig
-from vishwam.config import (
+from vishwam.config.cli import load_config, parse_args, run_main
+from vishwam.config.sections import (
     DataConfig,
     DistillationConfig,
     DistillationParams,
@@ -258,7 +258,7 @@ def test_run_main_interrupt_and_result(capsys):
 
 
 def test_boolean_flags_take_yaml_style_values(tmp_path):
-    from vishwam.cli import parse_args
+    from vishwam.config.cli import parse_args
 
     base = ["--distillation.teacher-model.path", "t", "--data.train", "d.jsonl"]
     for word, want in (("true", True), ("True", True), ("yes", True), ("false", False), ("off", False)):
@@ -269,7 +269,7 @@ def test_boolean_flags_take_yaml_style_values(tmp_path):
 
 
 def test_bare_and_negated_boolean_flags():
-    from vishwam.cli import parse_args
+    from vishwam.config.cli import parse_args
 
     base = ["--distillation.teacher-model.path", "t", "--data.train", "d.jsonl"]
     assert parse_args([*base, "--training.remat"])[0].training.remat is True

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from vishwam.data import (
+from vishwam.data.text import (
     PackedDataset,
     batch_for_step,
     check_vocab,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vishwam.cli import load_config
-from vishwam.loop import Run
+from vishwam.config.cli import load_config
+from vishwam.run.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -44,9 +44,9 @@ def test_chat_demo_distils_on_policy(tmp_path, monkeypatch):
     import jax.numpy as jnp
     import numpy as np
 
-    from vishwam.checkpoint import load_pretrained
-    from vishwam.generation import generate, left_pad
-    from vishwam.on_policy import prompt_answers
+    from vishwam.generation.on_policy import prompt_answers
+    from vishwam.generation.sampler import generate, left_pad
+    from vishwam.io.checkpoint import load_pretrained
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "chat"

@@ -2,7 +2,7 @@
 resume across a remap.
 
 The mapping CKA picks on random tiny models is whatever it is, so the tests pin the new assignment by replacing
-`best_monotone_assignment` where `vishwam.remap` looks it up; everything else is the loop's own path.
+`best_monotone_assignment` where `vishwam.train.remap` looks it up; everything else is the loop's own path.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import yaml
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
-import vishwam.remap as remap_module
+import vishwam.train.remap as remap_module
 from models.pytree import named_leaves
-from vishwam.cli import load_config
-from vishwam.loop import Run
+from vishwam.config.cli import load_config
+from vishwam.run.loop import Run
 
 NEW_PAIRS = [(0, 0), (1, 1), (2, 3)]  # uniform for 3 of 4 layers is (0, 0), (1, 2), (2, 3): only pair 1 changes
 
@@ -60,7 +60,7 @@ def pinned(monkeypatch):
         return after, sim
 
     monkeypatch.setattr(remap_module, "best_monotone_assignment", lambda sim, students: NEW_PAIRS)
-    monkeypatch.setattr("vishwam.loop.remap", recording)
+    monkeypatch.setattr("vishwam.run.loop.remap", recording)
     return calls
 
 

@@ -15,7 +15,7 @@ from hf_fixtures import hf_config, make_hf_model, save_hf
 
 import vishwam
 from models.sampling import filter_logits, sample_tokens
-from vishwam.generation import compiled_programs, generate, prompt_bucket
+from vishwam.generation.sampler import compiled_programs, generate, prompt_bucket
 
 DEMO_TEACHER = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -219,8 +219,9 @@ def test_sharded_generate_equals_one_device(models, axes, tmp_path):
 
 
 def test_cache_is_sharded_on_the_mesh(models, tmp_path):
-    from vishwam.generation import _prefill
     from jax.sharding import NamedSharding, PartitionSpec
+
+    from vishwam.generation.sampler import _prefill
 
     hf, _ = models["qwen2-kv2"]
     mesh = vishwam.make_mesh(fsdp=2, tensor=2)

@@ -15,9 +15,8 @@ import transformers
 from hf_fixtures import hf_greedy_completions
 
 import vishwam
-from vishwam.data import load_token_stream
+from vishwam.data.text import load_token_stream
 from vishwam.generate import main
-from vishwam.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = ROOT / "vishwam" / "assets" / "demo" / "teacher"
@@ -82,7 +81,7 @@ def test_vishwam_generate_is_the_function_after_the_command_module_is_imported()
     import vishwam.generate as command  # the module shares the function's name
 
     assert callable(vishwam.generate) and callable(command)
-    assert vishwam.generation.generate.__name__ == "generate"
+    assert vishwam.generation.sampler.generate.__name__ == "generate"
 
 
 def test_chat_prompts_are_user_turns_rendered_as_transformers_does(tmp_path):

@@ -15,8 +15,8 @@ from hf_fixtures import hf_config, left_padded_batch, make_hf_model, save_hf
 
 import vishwam
 from models import ModelConfig, init_model, prepare_inputs
-from vishwam.checkpoint import hf_names
 from models.pytree import named_leaves
+from vishwam.io.checkpoint import hf_names
 
 TOL = 1e-4
 
@@ -190,7 +190,7 @@ def test_sharded_load_on_four_devices(checkpoints, monkeypatch):
     assert len(jax.devices()) >= 4
     _, path = checkpoints[("qwen2", 2, False)]
     single = vishwam.load_pretrained(path)
-    from vishwam.safetensors_io import SafetensorsFile
+    from vishwam.io.safetensors_io import SafetensorsFile
 
     reads = []
     original = SafetensorsFile.read

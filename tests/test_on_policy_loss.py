@@ -17,8 +17,8 @@ from distill.errors import ConfigError
 from distill.logits import linear_kd_loss
 from distill.objective import Objective, TeacherOutputs, distill_loss
 from models.transformer import CausalLMOutput
-from vishwam.chat_data import pack_rows
-from vishwam.on_policy import merge, prompt_answers, prompts_of, rollout_batch, rollout_rows, step_prompts
+from vishwam.data.chat_rows import pack_rows
+from vishwam.generation.on_policy import merge, prompt_answers, prompts_of, rollout_batch, rollout_rows, step_prompts
 
 ROWS, SEQ, VOCAB, EMBED = 4, 6, 9, 5
 

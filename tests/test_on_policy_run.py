@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from models import cast_floating
-from vishwam.cli import load_config, run_main
-from vishwam.loop import Run, train
+from vishwam.config.cli import load_config, run_main
+from vishwam.run.loop import Run, train
 
 DEMO = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"
 TEMPLATE = """{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\

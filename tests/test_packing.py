@@ -20,17 +20,17 @@ from distill.config import DistillationParams
 from distill.features import FeatureProjections
 from distill.objective import Objective, TeacherOutputs
 from models import ModelConfig, init_model, prepare_inputs
-from vishwam.cache_fingerprint import fingerprint
-from vishwam.chat import ChatTemplate
-from vishwam.checkpoint import open_pretrained
-from vishwam.cli import load_config
-from vishwam.data import PackedDataset
-from vishwam.chat_data import encode_rows, pack_rows
+from vishwam.config.cli import load_config
+from vishwam.data.chat import ChatTemplate
+from vishwam.data.chat_rows import encode_rows, pack_rows
+from vishwam.data.text import PackedDataset
 from vishwam.errors import DataError
-from vishwam.evaluation import eval_sums
-from vishwam.streamed import StreamedTeacher
-from vishwam.teacher_cache import TeacherCache, build_cache
-from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
+from vishwam.io.checkpoint import open_pretrained
+from vishwam.teacher.cache import TeacherCache, build_cache
+from vishwam.teacher.fingerprint import fingerprint
+from vishwam.teacher.streamed import StreamedTeacher
+from vishwam.train.evaluation import eval_sums
+from vishwam.train.step import StepConfig, init_state, make_optimizer, make_train_step
 
 DEMO = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"
 # Plain-text turns with the demo tokenizer's EOS: no token outside its 512 ids.

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from models import CausalLM, ModelConfig
-from vishwam import fit, planner, specs
-from vishwam.checkpoint import LazyCheckpoint, hf_names
-from vishwam.cli import load_config
+from vishwam.config import specs
+from vishwam.config.cli import load_config
 from vishwam.errors import CheckpointError, ConfigError
-from vishwam.safetensors_io import write_file
+from vishwam.io.checkpoint import LazyCheckpoint, hf_names
+from vishwam.io.safetensors_io import write_file
+from vishwam.plan import fit, planner
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "qwen2.5-32b-to-7b.yaml")
@@ -212,7 +213,7 @@ def _dry_run(env_extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VISHWAM_DEVICE_MEMORY")}
     env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", **env_extra)
     # Report the process's peak RSS (VmHWM) after run.py exits, to show that nothing big was allocated.
-    code = ("import runpy, sys\nfrom vishwam.memory import peak_rss_bytes\n"
+    code = ("import runpy, sys\nfrom vishwam.tracking import peak_rss_bytes\n"
             f"sys.argv = ['run.py', '--config', {CONFIG!r}, '--training.dry-run', 'true']\n"
             "try:\n    runpy.run_path('run.py', run_name='__main__')\n"
             "finally:\n    print(f'PEAK_RSS {peak_rss_bytes()}', file=sys.stderr)\n")

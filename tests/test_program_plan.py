@@ -1,4 +1,4 @@
-"""The planner's figures for the run's programs (`vishwam.program_plan`) against XLA's compiled bytes, at the
+"""The planner's figures for the run's programs (`vishwam.plan.program_plan`) against XLA's compiled bytes, at the
 mid-size config of `benchmarks/plan_vs_xla.py` (a 34M-parameter bfloat16 teacher, its half-width student pruned
 from it, 16 x 512 tokens a step, fsdp 4) with resident, cached and streamed teachers.
 
@@ -62,7 +62,7 @@ def test_planned_arguments_and_outputs_are_xlas(rows):
     buffer. Arguments: within 4 KiB a buffer (tiny ones, such as masks, padded to a tile), or at most the padding of
     the same shapes to XLA:TPU's tiles (a decode step's [2, 8192] float32 logits take 8 rows). Outputs: at least the
     planner's, and at most the same shapes padded to XLA:TPU's tiles (a [2, 8192] float32 shard takes 8 rows) plus
-    a pointer each (XLA:CPU). (The train step's planner, `vishwam.planner`, plans its total by category.)"""
+    a pointer each (XLA:CPU). (The train step's planner, `vishwam.plan.planner`, plans its total by category.)"""
     for r in rows:
         if r["program"] == "train":
             continue

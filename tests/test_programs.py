@@ -22,10 +22,10 @@ import yaml
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
 from models import init_model
-from vishwam.data import PackedDataset
-from vishwam.evaluation import evaluate
+from vishwam.data.text import PackedDataset
 from vishwam.sharding import batch_sharding, make_mesh
-from vishwam.teachers import TeacherSource
+from vishwam.teacher.sources import TeacherSource
+from vishwam.train.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_evaluation_matches_a_numpy_reference(tmp_path, chunk_size):
 
 
 def test_the_bytes_of_a_refused_tpu_program_are_read_from_xlas_message():
-    from vishwam.programs import _hbm_needed
+    from vishwam.compile.programs import _hbm_needed
 
     message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
                "for HLO temporaries (126.58G) exceeds available HBM (95.73G). HLO module: jit_step_fn.")
@@ -214,11 +214,11 @@ def test_on_policy_generation_programs_are_compiled(config, tmp_path):
 def test_chat_data_programs_take_the_batches_the_run_feeds(config, tmp_path):
     """On chat data the loop's batches carry `segment_ids` and `loss_mask`; the dry run's abstract batches have
     the same keys, shapes and dtypes, so it compiles the program the run executes (text data: neither)."""
-    from vishwam import chat_data
-    from vishwam.cli import load_config
-    from vishwam.data import batch_for_step
-    from vishwam.programs import AbstractRun
-    from vishwam.targets import resolve_target
+    from vishwam.compile.programs import AbstractRun
+    from vishwam.compile.targets import resolve_target
+    from vishwam.config.cli import load_config
+    from vishwam.data import chat_rows as chat_data
+    from vishwam.data.text import batch_for_step
 
     demo = ROOT / "vishwam" / "assets" / "demo"
     chat = ["--data.train", str(demo / "chat_train.jsonl"), "--data.tokenizer", str(demo / "chat_teacher"),
@@ -239,9 +239,9 @@ def test_chat_data_programs_take_the_batches_the_run_feeds(config, tmp_path):
 def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, monkeypatch):
     """`training.compile_check: on`: a program XLA says does not fit stops the run with the dry run's one line
     before the teacher is opened and before output_dir exists; when everything fits the run goes on."""
-    from vishwam import loop
-    from vishwam.cli import load_config
+    from vishwam.config.cli import load_config
     from vishwam.errors import ConfigError
+    from vishwam.run import loop
 
     real_open = loop.Run.open_teacher
     opened = []
@@ -264,8 +264,8 @@ def test_the_compile_checks_compiles_are_the_runs(config, tmp_path, monkeypatch,
     evaluation), so the check costs no second compile. JAX's cache setting is put back when the run ends."""
     import logging
 
-    from vishwam import loop
-    from vishwam.cli import load_config
+    from vishwam.config.cli import load_config
+    from vishwam.run import loop
 
     cache = tmp_path / "xla"
     flags = ["--training.compile-check", "on", "--training.compilation-cache", str(cache), "--training.output-dir",
@@ -296,7 +296,7 @@ def test_evaluation_of_streamed_and_cached_teachers_matches_numpy(chunk_size):
     from distill.logits import teacher_topk
     from distill.objective import TeacherOutputs
     from models import ModelConfig
-    from vishwam.evaluation import eval_sums
+    from vishwam.train.evaluation import eval_sums
 
     V, k = 48, 6
     cfg = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -346,11 +346,11 @@ def _mlp_rows_per_device(config, program, flags=()):
     models)."""
     script = f"""
 import re
-from vishwam.targets import configure_process
+from vishwam.compile.targets import configure_process
 configure_process("cpu:4")
-from vishwam.cli import load_config
-from vishwam.programs import AbstractRun
-from vishwam.targets import resolve_target
+from vishwam.config.cli import load_config
+from vishwam.compile.programs import AbstractRun
+from vishwam.compile.targets import resolve_target
 cfg = load_config({str(config)!r}, {list(flags)!r})
 fn, args, kwargs = AbstractRun(cfg, resolve_target("cpu:4", 4)).programs()[{program!r}]
 print(sorted(set(re.findall(r"f32\\[(\\d+),32,48\\]", fn.lower(*args, **kwargs).compile().as_text()))))

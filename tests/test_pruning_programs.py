@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 import vishwam
 from distill.student_init import importance_scores, init_student_from_teacher, student_config_from_teacher
 from vishwam.sharding import tree_shardings
-
-import equinox as eqx
 
 
 def _hf_importance(hf, ids, mask, positions):
@@ -128,8 +127,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _demo_run(tmp_path, *flags):
-    from vishwam.cli import load_config
-    from vishwam.loop import Run
+    from vishwam.config.cli import load_config
+    from vishwam.run.loop import Run
 
     root = ROOT
     return Run(load_config(str(root / "configs" / "distill.yaml"), [
@@ -142,8 +141,8 @@ def test_a_streamed_or_cached_teacher_prunes_the_same_student_without_loading_wh
     """`init: from_teacher` under `streamed` and `cached` ranks the teacher group by group and loads only the
     mapped layers for slicing (never `LazyCheckpoint.load`, the whole model), giving the resident run's
     student bit for bit (the same float32 operations per layer)."""
-    from vishwam import build
-    from vishwam.checkpoint import LazyCheckpoint
+    from vishwam.io.checkpoint import LazyCheckpoint
+    from vishwam.run import build
 
     monkeypatch.chdir(ROOT)
     students = {}
@@ -166,7 +165,7 @@ def test_a_streamed_or_cached_teacher_prunes_the_same_student_without_loading_wh
 
 def test_init_student_ranks_a_bf16_teacher_in_bf16(tmp_path, monkeypatch):
     from distill import student_init
-    from vishwam import build
+    from vishwam.run import build
 
     seen = []
     original = student_init.activation_stats
@@ -186,7 +185,7 @@ def test_a_run_restarted_before_its_first_checkpoint_reads_the_pruned_student_ba
     student section makes the stamp differ, and pruning runs again."""
     import shutil
 
-    from vishwam import build
+    from vishwam.run import build
 
     monkeypatch.chdir(ROOT)
     flags = ("--training.max-steps", "2", "--training.save-every", "100", "--training.eval-every", "100",

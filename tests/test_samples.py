@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hf_fixtures import hf_greedy_completions
 
-from vishwam.cli import load_config
+from vishwam.config.cli import load_config
 from vishwam.errors import DataError
-from vishwam.loop import Run
+from vishwam.run.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "vishwam" / "assets" / "demo" / "teacher"

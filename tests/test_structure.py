@@ -1,4 +1,5 @@
-"""The layering of the three packages: `models` <- `distill` <- `vishwam`, no import cycles, imports at the top.
+"""The layering of the three packages: `models` <- `distill` <- `vishwam`, no import cycles, imports at the top;
+inside `vishwam`, subpackages of at most 12 modules that import one way.
 
 Read from the source with `ast` (nothing is imported), so a new upward import or cycle fails here by name.
 """
@@ -14,6 +15,7 @@ LAYER = {"models": 0, "distill": 1, "vishwam": 2}
 #: Imports allowed inside functions: optional heavy dependencies, imported only when a feature is on.
 LAZY_OK = {"aim", "pyarrow"}  # optional: aim at run time only, pyarrow the [data] extra
 MAX_LINES = 450
+MAX_MODULES_A_FOLDER = 12
 
 
 def _modules() -> dict[str, Path]:
@@ -109,3 +111,64 @@ def test_the_library_never_imports_torch():
     users = [f"{m}:{line}" for m, edges in _imports(_modules()).items() for t, line, _ in edges
              if t.split(".")[0] in ("torch", "transformers")]
     assert not users, users
+
+
+def _unit(module: str) -> str:
+    """The package-graph node of a `vishwam` module: its subpackage (`vishwam.plan`), or itself at the root."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_vishwam_subpackages_import_one_way():
+    """The graph of `vishwam`'s subpackages (and root modules) is acyclic: a package never imports one that
+    imports it back, also through others."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    where: dict[tuple[str, str], str] = {}
+    for module, edges in _imports(modules).items():
+        if not module.startswith("vishwam.") or module == "vishwam":
+            continue
+        for target, line, _ in edges:
+            if target.startswith("vishwam.") and target in modules and _unit(target) != _unit(module):
+                graph.setdefault(_unit(module), set()).add(_unit(target))
+                where.setdefault((_unit(module), _unit(target)), f"{modules[module].relative_to(ROOT)}:{line}")
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(u: str):
+        state[u] = 1
+        stack.append(u)
+        for t in sorted(graph.get(u, ())):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                edges = [where[(a, b)] for a, b in zip(cycle, cycle[1:])]
+                raise AssertionError("package cycle: " + " -> ".join(cycle) + " (" + ", ".join(edges) + ")")
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u)
+    assert len(graph) >= 8, sorted(graph)  # the graph was read: the subpackages import each other
+
+
+def test_no_folder_holds_more_than_twelve_modules():
+    folders: dict[Path, int] = {}
+    for path in _modules().values():
+        if path.name != "__init__.py":
+            folders[path.parent] = folders.get(path.parent, 0) + 1
+    big = [f"{f.relative_to(ROOT)}: {n} modules" for f, n in folders.items() if n > MAX_MODULES_A_FOLDER]
+    assert not big, f"folders over {MAX_MODULES_A_FOLDER} modules:\n" + "\n".join(big)
+
+
+def test_every_package_says_what_it_owns():
+    """Each package's `__init__.py` opens with a docstring naming what it owns and what it may import."""
+    bare = []
+    for module, path in _modules().items():
+        if path.name == "__init__.py":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            if len(doc.split()) < 20 or "import" not in doc.lower():
+                bare.append(str(path.relative_to(ROOT)))
+    assert not bare, "packages without a docstring of what they own and import:\n" + "\n".join(bare)

@@ -18,8 +18,8 @@ from distill.student_init import (
     validate_student_config,
 )
 from models import CausalLM, ModelConfig
-from vishwam.errors import ConfigError
 from models.pytree import path_name
+from vishwam.errors import ConfigError
 
 SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vishwam.chat import ChatTemplate
-from vishwam.chat_data import encode_rows, is_chat, load_chat_splits
-from vishwam.config import DataConfig
-from vishwam.data import expand_paths, load_token_stream, load_tokenizer
+from vishwam.config.sections import DataConfig
+from vishwam.data.chat import ChatTemplate
+from vishwam.data.chat_rows import encode_rows, is_chat, load_chat_splits
+from vishwam.data.text import expand_paths, load_token_stream, load_tokenizer
 from vishwam.errors import DataError
 
 datasets = pytest.importorskip("datasets")

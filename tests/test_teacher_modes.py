@@ -16,11 +16,11 @@ from test_train import read_metrics, run, write_config
 
 import vishwam
 from distill.logits import teacher_topk
-from vishwam.data import PackedDataset
+from vishwam.data.text import PackedDataset
 from vishwam.errors import DataError
 from vishwam.sharding import make_mesh, shard_tree
-from vishwam.streamed import StreamedTeacher
-from vishwam.teacher_cache import TeacherCache, build_cache
+from vishwam.teacher.cache import TeacherCache, build_cache
+from vishwam.teacher.streamed import StreamedTeacher
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_checksum_mismatch_is_named(small_cache):
 
 
 def test_interrupted_build_resumes_without_redoing_finished_shards(teacher_dir, tmp_path, monkeypatch):
-    import vishwam.teacher_cache as T
+    import vishwam.teacher.cache as T
 
     teacher = vishwam.load_pretrained(teacher_dir)
     data = PackedDataset(np.random.default_rng(2).integers(2, 96, 48 * 9).astype(np.int32), 8)
@@ -233,7 +233,7 @@ def _device_copy(tree):
 
 def _capturing_run(monkeypatch, config, *flags):
     """A run that keeps every student its steps saw: `students[j]` is the one step j + 1 was computed with."""
-    import vishwam.build as build
+    import vishwam.run.build as build
 
     students = []
     original = build.build_state
@@ -252,7 +252,7 @@ def _capturing_run(monkeypatch, config, *flags):
 def _step_references(r, students, teacher, temp, rows):
     """The float64 reference of every logged step: its batch (`batch_for_step`), the live teacher's full logits,
     the student that step saw."""
-    from vishwam.data import batch_for_step
+    from vishwam.data.text import batch_for_step
 
     tr = r.cfg.training
     refs = []
@@ -347,7 +347,7 @@ def _corrupt_cache(directory, window, token, name, delta):
     at position `token`, and re-checksum the shard in index.json: the checksum no longer catches it."""
     import hashlib
 
-    from vishwam.safetensors_io import SafetensorsFile, write_file
+    from vishwam.io.safetensors_io import SafetensorsFile, write_file
 
     index = json.loads((directory / "index.json").read_text())
     shard, row = divmod(window, index["windows_per_shard"])
@@ -369,7 +369,7 @@ def test_one_corrupted_cache_value_fails_the_kd_comparison(assets, tmp_path, mon
     """The same comparison at T = 2 (the tail as if its logits were equal) passes on the intact steps and fails on
     the step whose batch holds one corrupted cached value (checksums updated, so nothing else notices)."""
     r, _, _, d = cached_t1
-    from vishwam.data import batch_for_step
+    from vishwam.data.text import batch_for_step
 
     shutil.copytree(d / "cache", tmp_path / "cache")
     victim_step = 2

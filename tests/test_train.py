@@ -20,8 +20,8 @@ import torch
 import transformers
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
-from vishwam.cli import load_config
-from vishwam.loop import Run
+from vishwam.config.cli import load_config
+from vishwam.run.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"tokens_per_sec", "peak_rss_gb"}
@@ -149,7 +149,7 @@ def test_sigkill_during_checkpoint_save_resumes_exactly(assets, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.argv = ["run.py", "--config", {str(config)!r}]
-        import vishwam.resume as t
+        import vishwam.train.resume as t
         original = t.Checkpointer.save
         def save(self, step, state, meta):
             original(self, step, state, meta)
@@ -188,7 +188,7 @@ def test_sharded_runs_match_single_device(assets, tmp_path, mesh):
 
 def test_nonfinite_step_is_skipped_and_counted(assets, tmp_path):
     from distill.objective import TeacherOutputs
-    from vishwam.train_state import StepConfig, make_train_step
+    from vishwam.train.step import StepConfig, make_train_step
 
     r = Run(load_config(str(write_config(assets, tmp_path / "nan")), ["--distillation-params.feature-weight", "0",
                                                                        "--distillation-params.attention-weight", "0"]))
@@ -202,7 +202,7 @@ def test_nonfinite_step_is_skipped_and_counted(assets, tmp_path):
     r.cfg = dataclasses.replace(r.cfg, training=dataclasses.replace(r.cfg.training, max_steps=1))
     r.train()
     state = captured["state"]
-    from vishwam.train_state import make_optimizer
+    from vishwam.train.step import make_optimizer
 
     optimizer, schedule = make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0,
                                          grad_clip=1.0)
@@ -250,7 +250,7 @@ def test_fused_lm_head_step_matches_autodiff_step(tied):
     from distill.config import DistillationParams, TemperatureConfig
     from distill.objective import Objective, TeacherOutputs, distill_loss
     from models import ModelConfig, init_model
-    from vishwam.train_state import StepConfig, init_state, make_optimizer, make_train_step
+    from vishwam.train.step import StepConfig, init_state, make_optimizer, make_train_step
 
     cfg = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, qkv_bias=True,
@@ -447,7 +447,7 @@ def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
 def test_resume_never_prunes_the_teacher_again(assets, tmp_path, monkeypatch):
     """`init: from_teacher` runs once: a resumed run restores into an abstract state (shapes and shardings) and
     reads no teacher for pruning; it ends as the uninterrupted run does."""
-    import vishwam.build as build
+    import vishwam.run.build as build
 
     flags = ("--distillation.student-model.init", "from_teacher")
     _, full = run(write_config(assets, tmp_path / "full"), *flags)
@@ -480,7 +480,7 @@ def test_every_device_holds_its_share_of_every_micro_batch():
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vishwam.sharding import make_mesh
-    from vishwam.train_state import interleave_micro_batches, split_micro_batches
+    from vishwam.train.step import interleave_micro_batches, split_micro_batches
 
     accum, rows = 4, 16
     host = {"input_ids": np.arange(rows * 3, dtype=np.int32).reshape(rows, 3)}

@@ -10,6 +10,16 @@ The API for notebooks and IPython::
     tokens = vishwam.generate(model, input_ids, mask, max_new_tokens=64)  # greedy; temperature/top_k/top_p/key
 
 Attributes are imported lazily, so `import vishwam` is cheap and sets no JAX configuration.
+
+The package is a tree of subsystems that import one way (`tests/test_structure.py` holds it acyclic); at the
+root sit what every subsystem shares and the command lines:
+
+- `errors` (every user error), `sharding` (the one rule table from logical axes to the mesh), `tracking`
+  (`metrics.jsonl`, Aim, the progress line, the log, process memory);
+- `io` <- `config` <- `data` <- `teacher`; `plan`; `generation` <- `train` <- `compile` <- `run`;
+- `generate` (`python -m vishwam.generate`) and `cache` (`python -m vishwam.cache`).
+
+Imports `models` and `distill`, never `run.py` or `benchmarks`.
 """
 
 from __future__ import annotations
@@ -19,15 +29,15 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_pretrained": "vishwam.checkpoint",
-    "open_pretrained": "vishwam.checkpoint",
-    "save_pretrained": "vishwam.checkpoint",
-    "LazyCheckpoint": "vishwam.checkpoint",
+    "load_pretrained": "vishwam.io.checkpoint",
+    "open_pretrained": "vishwam.io.checkpoint",
+    "save_pretrained": "vishwam.io.checkpoint",
+    "LazyCheckpoint": "vishwam.io.checkpoint",
     "summary": "models.pytree",
     "count_parameters": "models.pytree",
     "parameter_counts": "models.pytree",
     "make_mesh": "vishwam.sharding",
-    "generate": "vishwam.generation",
+    "generate": "vishwam.generation.sampler",
     "shard_tree": "vishwam.sharding",
     "VishwamError": "vishwam.errors",
     "CheckpointError": "vishwam.errors",

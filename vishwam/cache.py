@@ -14,11 +14,11 @@ import sys
 
 import jax
 
-from .build import detected_cluster, prepare
-from .cli import parse_args, run_main
-from .errors import ConfigError
-from .teachers import build_caches
-from .tracking import log
+from vishwam.config.cli import parse_args, run_main
+from vishwam.errors import ConfigError
+from vishwam.run.build import detected_cluster, prepare
+from vishwam.teacher.sources import build_caches
+from vishwam.tracking import log
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     if cfg.distributed.num_processes > 1 or detected_cluster() is not None:
         # As run.py: cross-process collectives on CPU hosts go through gloo (GPU/TPU backends bring their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    run = prepare(cfg)
+    run = prepare(cfg, training=False)
+    run.checkpoints.close()
     # Resumable: finished shards whose checksums match are kept; a stale cache is rebuilt from scratch.
     build_caches(cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size, mesh=run.mesh, log=log,
                  always=True)

@@ -5,7 +5,7 @@
         [--fsdp N] [--tensor N] [--out FILE.jsonl]
 
 Prompts are tokenized with the checkpoint's own `tokenizer.json` (special tokens as the tokenizer adds them, as
-`tokenizer(text)` does in transformers), generated in batches of similar length (`vishwam.generation`), and
+`tokenizer(text)` does in transformers), generated in batches of similar length (`vishwam.generation.sampler`), and
 written as `{"prompt", "completion", "text"}` rows in input order (`text` is the prompt followed by the
 completion, so the file is a `data.train` dataset: run on the teacher, this is sequence-level distillation).
 A row ends at the checkpoint's EOS ids (`generation_config.json`, else `config.json`).
@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from .chat import find_template
-from .checkpoint import load_pretrained, resolve_checkpoint_dir
-from .cli import parse_flags, run_main
-from .data import load_tokenizer, read_prompts
-from .errors import ConfigError, DataError
-from .files import atomic_write
-from .generation import checkpoint_eos_ids, generate, left_pad, until_eos
-from .sharding import make_mesh
+from vishwam.config.cli import parse_flags, run_main
+from vishwam.data.chat import find_template
+from vishwam.data.text import load_tokenizer, read_prompts
+from vishwam.errors import ConfigError, DataError
+from vishwam.generation.sampler import checkpoint_eos_ids, generate, left_pad, until_eos
+from vishwam.io.checkpoint import load_pretrained, resolve_checkpoint_dir
+from vishwam.io.files import atomic_write
+from vishwam.sharding import make_mesh
 
 
 @dataclasses.dataclass(frozen=True)

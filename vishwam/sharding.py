@@ -18,8 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.pytree import named_leaves
-
-from .errors import ConfigError
+from vishwam.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

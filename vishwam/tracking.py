@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from .config import RunConfig, config_to_dict
-from .files import atomic_write
+from vishwam.config.sections import RunConfig, config_to_dict
+from vishwam.io.files import atomic_write
 
 
 def log(msg: str) -> None:
@@ -87,7 +88,7 @@ class Tracker:
             self.run["mapping_history"] = history + [entry]
 
     def log_samples(self, step: int, rows: list[dict]):
-        """Sample continuations (`vishwam.samples`) as Aim text, one sequence per prompt and model."""
+        """Sample continuations (`vishwam.generation.samples`) as Aim text, one sequence per prompt and model."""
         if self.run is None or not rows:
             return
         import aim  # as in __init__: only with tracking.aim on
@@ -128,4 +129,25 @@ class Progress:
             self.bar.close()
 
 
-__all__ = ["Progress", "Tracker", "log"]
+def _status_field(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM; unlike ru_maxrss it does not carry over across exec)."""
+    return _status_field("VmHWM")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    return _status_field("VmRSS")
+
+
+__all__ = ["Progress", "Tracker", "log", "peak_rss_bytes", "rss_bytes"]

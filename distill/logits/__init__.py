@@ -14,6 +14,8 @@ gradient.
 - `sparse`: [`teacher_topk`][] (the top-k cache) and [`sparse_kd_loss`][] from it ([`sparse_kd_tokens`][]: per token).
 - `ce`: [`cross_entropy_loss`][] with label smoothing.
 - `fused`: [`kd_ce_loss`][] and [`linear_kd_ce_loss`][], forward KL + CE with a closed-form gradient.
+
+Imports `models` and `distill.errors` only.
 """
 
 from .ce import cross_entropy_loss

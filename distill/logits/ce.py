@@ -39,7 +39,7 @@ def cross_entropy_loss(
 
     - `logits`: `[batch, seq, vocab]`, any float dtype.
     - `labels`: `[batch, seq]` target ids, `< vocab` where the mask is set (any value, e.g. `-100`, elsewhere);
-        an id out of range at a valid token makes the loss NaN (`vishwam.data.check_vocab` catches it on the host).
+        an id out of range at a valid token makes the loss NaN (`vishwam.data.text.check_vocab` catches it on the host).
     - `mask`: `[batch, seq]`, nonzero for the tokens that count.
     - `label_smoothing`: `ε` in `[0, 1]`.
     - `chunk_size`: sequence positions per chunk (see [`chunked_map`][]); `None` for one chunk.

@@ -139,7 +139,7 @@ def sparse_kd_loss(
     - `student_logits`: `[batch, seq, vocab]`, the student's (already vocabulary-aligned) logits.
     - `topk_values`: `[batch, seq, k]` teacher logits at temperature 1.
     - `topk_indices`: `[batch, seq, k]` their distinct ids, `< vocab` (an id out of range at a valid token makes
-        the loss NaN; the data loader checks ids on the host: `vishwam.data.check_vocab`).
+        the loss NaN; the data loader checks ids on the host: `vishwam.data.text.check_vocab`).
     - `tail_logsumexp`: `[batch, seq]` logsumexp of the teacher's other logits at temperature 1.
     - `mask`: `[batch, seq]`, nonzero for the tokens that count.
     - `temperature`: as in [`kd_loss`][].

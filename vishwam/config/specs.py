@@ -1,0 +1,90 @@
+"""What a run config implies before anything is loaded: the models' architectures and the objective.
+
+Pure functions of the config (and the teacher's `config.json`), shared by the memory planner, the dry run and
+the run itself, so that each rule is stated once:
+
+- `resolve_architecture(path)`: a checkpoint's `ModelConfig` from a local directory or, offline, a bundled hub
+  architecture;
+- `student_config(cfg, teacher)`: the student's architecture (the teacher's with `student_model`'s fields
+  changed; pruning's constraints for `init: from_teacher`; the checkpoint's own for `init: path`);
+- `objective(cfg, student, teacher)`: the `distill.objective.Objective` of `distillation_params`, as it is;
+- `init_layer_pairs(student, teacher)`: which teacher layer initialises each student layer when pruning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from huggingface_hub import hf_hub_download
+
+from distill.objective import Objective
+from distill.student_init import student_config_from_teacher
+from models import ModelConfig
+from vishwam.config.sections import RunConfig
+from vishwam.errors import CheckpointError, ConfigError
+from vishwam.io.checkpoint import hub_failure, read_config, resolve_checkpoint_dir
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHITECTURES_DIR = Path(__file__).parent / "assets" / "architectures"
+_ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                        "intermediate_size", "head_dim", "tie_word_embeddings")
+
+
+def resolve_architecture(path: str) -> ModelConfig:
+    """A checkpoint's architecture: a local directory's `config.json`; else the bundled architecture file for a
+    hub id (`Qwen/Qwen2.5-32B` -> `assets/architectures/Qwen--Qwen2.5-32B.json`); else the hub id's
+    `config.json` alone from the hub (never the weights), whose failure is a one-line `CheckpointError`."""
+    local = Path(path).expanduser()
+    hub_id = not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
+    if not hub_id:
+        return read_config(resolve_checkpoint_dir(path))  # a directory, or the error that names the path
+    bundled = ARCHITECTURES_DIR / (path.replace("/", "--") + ".json")
+    if bundled.is_file():
+        return ModelConfig.from_hf(json.loads(bundled.read_text()), source=str(bundled))
+    try:
+        config_file = hf_hub_download(path, "config.json", etag_timeout=10)
+    except Exception as e:  # offline, unreachable, gated or missing repo: one clear line
+        raise CheckpointError(
+            f"checkpoint {path!r} is not a local directory, vishwam bundles no architecture for it, and the Hugging "
+            f"Face hub could not provide its config.json ({hub_failure(e)})"
+        ) from None
+    return read_config(Path(config_file).parent)
+
+
+def student_config(cfg: RunConfig, teacher: ModelConfig) -> ModelConfig:
+    """The student's architecture: with `init: path` the checkpoint's own; otherwise the teacher's with the
+    `distillation.student_model` fields that are set changed (with `init: from_teacher`, checked to be prunable
+    from the teacher: narrower, GQA groups kept whole)."""
+    s = cfg.distillation.student_model
+    if s.init == "path":
+        return resolve_architecture(s.path)
+    changes = {k: getattr(s, k) for k in _ARCHITECTURE_FIELDS if getattr(s, k) is not None}
+    if s.init == "from_teacher":
+        return student_config_from_teacher(teacher, **changes)
+    try:
+        return teacher.replace(**changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config section 'distillation.student_model' describes an impossible architecture: {e}")
+
+
+def objective(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig) -> Objective:
+    """The run's objective: `distillation_params` as it is, its layer pairs resolved for these two models."""
+    return Objective.build(cfg.distillation_params, student_layers=student.num_hidden_layers,
+                           teacher_layers=teacher.num_hidden_layers, total_steps=cfg.training.max_steps,
+                           micro_batch_size=cfg.training.micro_batch_size)
+
+
+def init_layer_pairs(student: ModelConfig, teacher: ModelConfig) -> tuple[tuple[int, int], ...]:
+    """Which teacher layer initialises each student layer: evenly spread from the first to the last teacher
+    layer, both kept (dropping the first layer costs more than any other in depth pruning)."""
+    s, t = student.num_hidden_layers, teacher.num_hidden_layers
+    if s == 1:
+        return ((0, t - 1),)
+    return tuple((i, int(np.floor(i * (t - 1) / (s - 1) + 0.5))) for i in range(s))
+
+
+__all__ = ["DTYPES", "init_layer_pairs", "objective", "resolve_architecture", "student_config"]

@@ -1,0 +1,229 @@
+"""Chat and instruction data: rows to token ids with per-token targets, packed into windows with segment ids.
+
+A `.jsonl` file, a `.parquet` file or a `datasets` `save_to_disk` directory (`vishwam.data.text.records`; the last two
+need `pyarrow`) is chat data when its rows hold, instead of `text`:
+
+- `messages`: a list of `{"role", "content"}` (roles system, user, assistant, and tool when the template renders
+  it; other keys, e.g. `tool_calls`, go to the template as they are), rendered with the chat template
+  (`vishwam.data.chat`) and tokenized with no special tokens added, as transformers' `apply_chat_template` does. The
+  targets are the assistant turns' tokens (`data.loss_on: assistant`) or every token (`all`).
+- `prompt` + `completion` (strings): plain text, never templated (as TRL's "standard" prompt-completion format):
+  the prompt's tokens, then the completion's and the EOS id; the targets are the completion and EOS. A pair
+  meant for the chat template is a `messages` row with a user and an assistant turn.
+
+Prompt and completion are tokenized apart, so the completion's tokens are the ones a model generating after the
+prompt would produce. Rows are packed into windows of `seq_len + 1` tokens, greedy first-fit in file order (each
+row goes into the first window with room for it); a row longer than a window is truncated to it, and a row left
+with no target token (a row's first token never is one: nothing before it in its row predicts it) is dropped.
+Every file of a run must be of one kind: a chat file beside a text file is a `DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jinja2
+import numpy as np
+from tokenizers import Tokenizer
+
+from vishwam.config.sections import DataConfig
+from vishwam.data.chat import ChatTemplate, find_template, token_mask
+from vishwam.data.tables import is_table, table_columns
+from vishwam.data.text import PackedDataset, check_vocab, expand_paths, load_tokenizer, records
+from vishwam.errors import DataError
+
+Row = tuple[np.ndarray, np.ndarray]  # token ids int32 [n], targets bool [n]
+
+
+def _kind(keys) -> str:
+    return "chat" if "messages" in keys or ("prompt" in keys and "completion" in keys) else "text"
+
+
+def _keys(record) -> tuple:
+    return tuple(record) if isinstance(record, dict) else ()
+
+
+def _first_record(path: str):
+    """The first non-blank line of a `.jsonl` file, parsed (None when it has none or is not valid JSON: the
+    loader that reads the whole file names the bad line)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    return json.loads(line.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return None
+
+
+def _file_kind(path: str) -> str:
+    if is_table(path):
+        return _kind(table_columns(path))
+    if path.lower().endswith(".jsonl"):
+        return _kind(_keys(_first_record(path)))
+    return "text"
+
+
+def is_chat(paths_or_globs: str | Sequence[str]) -> bool:
+    """Whether the files hold chat rows (a `.jsonl` file is judged by its first row, a table by its columns;
+    `.txt`, `.npy` are text); a `DataError` names a chat file and a text file when they are mixed."""
+    kinds: dict[str, str] = {}
+    for path in expand_paths(paths_or_globs):
+        kinds.setdefault(_file_kind(path), path)
+    if len(kinds) > 1:
+        raise DataError(f"the data mixes chat rows ({kinds['chat']}) and text ({kinds['text']}); give one kind")
+    return "chat" in kinds
+
+
+def _messages(where: str, value, template: ChatTemplate) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"{where}: message {i} must be an object with a string 'role'")
+        if message["role"] not in template.roles:
+            raise DataError(f"{where}: message {i} has role {message['role']!r}; the chat template "
+                            f"{template.source} renders roles {', '.join(template.roles)}")
+        if not isinstance(message.get("content"), str) and message.get("content") is not None:
+            raise DataError(f"{where}: message {i}: 'content' must be a string")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+    return value
+
+
+def _render(where: str, messages: list[dict], template: ChatTemplate, loss_on: str):
+    try:
+        if loss_on == "all":
+            return template.render(messages), None
+        return template.assistant_spans(messages)
+    except jinja2.TemplateError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{where}: the chat template {template.source} fails to render the row: {message}") from None
+    except ValueError as error:
+        raise DataError(f"{where}: the chat template {template.source} is not prefix-stable ({error}), so its "
+                        f"assistant tokens cannot be found: use data.loss_on 'all' or another "
+                        f"data.chat_template") from None
+
+
+def encode_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate | None, *, loss_on: str,
+                eos_id: int | None) -> list[Row]:
+    """Every row of the chat file or table `path` as `(token ids, targets)` (see the module docstring); a bad row
+    is a `DataError` naming `file:line` (a table's: `path row i`)."""
+    rendered: list[tuple[int, str, list | None]] = []  # (row, text, assistant spans)
+    plain: list[tuple[int, str, str]] = []  # (row, prompt, completion)
+    rows: list[Row | None] = []
+    for where, record in records(path):
+        if _kind(_keys(record)) != "chat":
+            raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
+                            f"file's first")
+        if "messages" in record and (record["messages"] is not None or "prompt" not in record):
+            if template is None:
+                raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
+                                f"data.chat_template, or put chat_template.jinja beside the tokenizer")
+            text, spans = _render(where, _messages(where, record["messages"], template), template, loss_on)
+            rendered.append((len(rows), text, spans))
+            rows.append(None)
+            continue
+        prompt, completion = record["prompt"], record["completion"]
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise DataError(f"{where}: 'prompt' and 'completion' must be strings (a conversation goes in 'messages')")
+        plain.append((len(rows), prompt, completion))
+        rows.append(None)
+    encodings = tokenizer.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
+    for (i, _, spans), encoding in zip(rendered, encodings):
+        ids = np.asarray(encoding.ids, np.int32)
+        rows[i] = (ids, np.ones(len(ids), bool) if spans is None else token_mask(encoding, spans))
+    pieces = tokenizer.encode_batch([text for _, p, c in plain for text in (p, c)], add_special_tokens=False)
+    eos = np.asarray([] if eos_id is None else [eos_id], np.int32)
+    for k, (i, _, _) in enumerate(plain):
+        prompt, completion = (np.asarray(e.ids, np.int32) for e in pieces[2 * k: 2 * k + 2])
+        ids = np.concatenate([prompt, completion, eos])
+        rows[i] = (ids, np.arange(len(ids)) >= (0 if loss_on == "all" else len(prompt)))
+    return rows
+
+
+def pack_rows(rows: Sequence[Row], seq_len: int, *, name: str, log: Callable[[str], None]) -> PackedDataset:
+    """Rows packed into windows of `seq_len + 1` tokens, greedy first-fit in order (see the module docstring);
+    logs how many rows were packed into how many windows, truncated and dropped."""
+    width = seq_len + 1
+    kept: list[Row] = []
+    truncated = 0
+    for ids, targets in rows:
+        if len(ids) > width:
+            ids, targets = ids[:width], targets[:width]
+            truncated += 1
+        targets = targets.copy()
+        targets[:1] = False
+        if targets.any():
+            kept.append((ids, targets))
+    if not kept:
+        raise DataError(f"{name}: none of its {len(rows)} rows has a target token to train on")
+    # First fit in O(log windows) per row: a max-tree over the windows' free room (unopened windows: all room).
+    size = 1 << max(len(kept) - 1, 0).bit_length()
+    room = [width] * (2 * size)
+    placed = []
+    for ids, _ in kept:
+        node = 1
+        while node < size:
+            node = 2 * node if room[2 * node] >= len(ids) else 2 * node + 1
+        placed.append((node - size, width - room[node]))
+        room[node] -= len(ids)
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
+    num_windows = 1 + max(w for w, _ in placed)
+    windows = np.zeros((num_windows, width), np.int32)
+    segments = np.zeros((num_windows, width), np.int32)
+    targets = np.zeros((num_windows, width), bool)
+    for (ids, target), (w, start) in zip(kept, placed):
+        windows[w, start:start + len(ids)] = ids
+        segments[w, start:start + len(ids)] = segments[w, start - 1] + 1 if start else 1
+        targets[w, start:start + len(ids)] = target
+    log(f"{name}: {len(kept)} rows packed into {num_windows} windows ({truncated} truncated, "
+        f"{len(rows) - len(kept)} dropped)")
+    return PackedDataset.of_rows(windows, segments, targets, name=name)
+
+
+def load_chat_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None, eos_id: int | None,
+                     vocab_size: int | None, log: Callable[[str], None]) -> tuple[PackedDataset, PackedDataset | None]:
+    """The train and eval splits of chat data (`data.eval`, else the last `data.eval_fraction` of the train
+    rows, else no eval), tokenized with the run's tokenizer and its chat template (`vishwam.data.chat.find_template`
+    in the tokenizer's directory)."""
+    if tokenizer_path is None:
+        raise DataError(f"{d.train[0]} holds chat rows but no tokenizer is given (set data.tokenizer)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    directory = Path(tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or ".")
+    template = find_template(d.chat_template, directory)
+
+    def rows_of(paths) -> list[Row]:
+        rows = []
+        for path in expand_paths(paths):
+            if not (path.lower().endswith(".jsonl") or is_table(path)):
+                raise DataError(f"{path}: chat data must be .jsonl or .parquet files or save_to_disk datasets")
+            encoded = encode_rows(path, tokenizer, template, loss_on=d.loss_on, eos_id=eos_id)
+            if vocab_size is not None and encoded:
+                check_vocab(np.concatenate([ids for ids, _ in encoded]), vocab_size,
+                            f"{path} (tokenized with {tokenizer_path})")
+            rows.extend(encoded)
+        return rows
+
+    train = rows_of(d.train)
+    evaluation = None
+    if d.eval:
+        if not is_chat(d.eval):
+            raise DataError(f"data.train holds chat rows but data.eval ({d.eval[0]}) holds text; give one kind")
+        evaluation = rows_of(d.eval)
+    elif d.eval_fraction > 0:
+        n = int(round(len(train) * d.eval_fraction))
+        if n == 0 or n == len(train):
+            raise DataError(f"data.eval_fraction {d.eval_fraction} of the {len(train)} training rows leaves an empty "
+                            f"{'eval' if n == 0 else 'train'} split")
+        train, evaluation = train[: len(train) - n], train[len(train) - n:]
+    packed = pack_rows(train, seq_len, name="data.train", log=log)
+    return packed, None if evaluation is None else pack_rows(evaluation, seq_len, name="data.eval", log=log)
+
+
+__all__ = ["encode_rows", "is_chat", "load_chat_splits", "pack_rows"]

@@ -1,0 +1,385 @@
+"""Data: files to one token stream, packed into fixed windows, served in an order that is a function of the step.
+
+Formats (by extension):
+
+- `.jsonl`: one JSON object per line with a string field `text`; each line is a document (blank lines skipped).
+- `.txt`: documents separated by blank lines (a line holding only whitespace); a document holding no blank line
+  is one paragraph block, so put documents with inner blank lines in a `.jsonl` instead.
+- `.npy`: a pre-tokenized 1-D integer token stream (`np.save(path, ids)`), used as one document.
+- `.parquet`, and a directory written by HF `datasets`' `save_to_disk` (`state.json` beside its `.arrow` files):
+  one row per document, a string column `text` (like `.jsonl`). These need `pyarrow` (`pip install
+  'vishwam[data]'`); a `DatasetDict`'s directory names its splits, and one split's directory is read.
+
+Text is tokenized with a `tokenizers` `tokenizer.json` without adding special tokens; documents (and `.npy`
+streams) are joined with the EOS id between them. Nothing is cached on disk.
+
+The stream is cut into non-overlapping windows of `seq_len + 1` tokens (`inputs = w[:-1]`, `labels = w[1:]`).
+Chat data (`.jsonl` rows with `messages`, or `prompt` + `completion`) is read by `vishwam.data.chat_rows` instead:
+rows packed into windows with segment ids and per-token targets (`PackedDataset.of_rows`).
+The batch at a step is a pure function of `(seed, step)`, so resuming at step `k` needs no data-loader state.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from vishwam.data.tables import is_saved_dataset, is_table, table_records
+from vishwam.errors import DataError
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def expand_paths(paths_or_globs: str | Sequence[str]) -> list[str]:
+    """Files named by paths and globs, globs expanded in sorted order, and `save_to_disk` directories as they are;
+    a miss is a `DataError` naming it."""
+    patterns = [paths_or_globs] if isinstance(paths_or_globs, (str, os.PathLike)) else list(paths_or_globs)
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.fspath(pattern)
+        if _GLOB_CHARS.search(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True)
+                             if os.path.isfile(p) or is_saved_dataset(p))
+            if not matches:
+                raise DataError(f"data glob '{pattern}' matches no files")
+            files.extend(matches)
+        elif is_saved_dataset(pattern):
+            files.append(pattern)
+        elif os.path.isfile(os.path.join(pattern, "dataset_dict.json")):
+            splits = sorted(n for n in os.listdir(pattern) if is_saved_dataset(os.path.join(pattern, n)))
+            raise DataError(f"data path '{pattern}' is a saved DatasetDict with splits {', '.join(splits) or '(none)'}; "
+                            f"name one split's directory, e.g. '{os.path.join(pattern, splits[0] if splits else 'train')}'")
+        elif os.path.isdir(pattern):
+            raise DataError(f"data path '{pattern}' is a directory; name the files or use a glob like "
+                            f"'{os.path.join(pattern, '*.jsonl')}'")
+        elif not os.path.isfile(pattern):
+            raise DataError(f"data file not found: {pattern}")
+        else:
+            files.append(pattern)
+    return files
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise DataError(f"cannot read data file {path}: {error.strerror or error}") from None
+
+
+def jsonl_records(path: str) -> list[tuple[int, object]]:
+    """`(line number, parsed JSON value)` of each non-blank line of a `.jsonl` file; a line that is not valid
+    UTF-8 or JSON is a `DataError` naming `file:line`."""
+    records = []
+    for number, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not valid UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+    return records
+
+
+def records(path: str) -> list[tuple[str, object]]:
+    """`(where, record)` of each row of a `.jsonl` file (`where` is `file:line`) or of a table (`table_records`)."""
+    if is_table(path):
+        return table_records(path)
+    return [(f"{path}:{number}", record) for number, record in jsonl_records(path)]
+
+
+def _documents(path: str) -> list[str]:
+    """The `text` of each row of a `.jsonl` file or a table (empty documents skipped)."""
+    documents = []
+    for where, record in records(path):
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f"{where}: expected a {'row' if is_table(path) else 'JSON object'} with a 'text' field")
+        text = record["text"]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        if text:
+            documents.append(text)
+    return documents
+
+
+def _txt_documents(path: str) -> list[str]:
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.start})") from None
+    return [document.strip() for document in _BLANK_LINES.split(text) if document.strip()]
+
+
+def _npy_tokens(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as error:  # object arrays need pickle; a bad header is a ValueError too
+        raise DataError(f"{path}: not a plain numeric .npy array ({error})") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read .npy file ({error})") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path}: expected a single .npy array, not an .npz archive")
+    if array.ndim != 1:
+        raise DataError(f"{path}: expected a 1-D token stream, got an array of shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{path}: expected integer token ids, got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
+        raise DataError(f"{path}: token ids must lie in [0, {_INT32_MAX}], got [{array.min()}, {array.max()}]")
+    return array.astype(np.int32)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a `.jsonl` file: a non-empty string field `prompt` (or `text`) per line, blank lines skipped;
+    a bad line is a `DataError` naming `file:line`."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file not found: {path}")
+    prompts = []
+    for number, line in enumerate(_read_bytes(path).decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{path}:{number}: a row needs a non-empty string field 'prompt' (or 'text')")
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `tokenizers.Tokenizer` from a `tokenizer.json` file, or a directory holding one."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise DataError(f"tokenizer file not found: {file}")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as error:  # the Rust side raises a bare Exception for a malformed file
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot load tokenizer {file}: {message}") from None
+
+
+def load_token_stream(
+    paths_or_globs: str | Sequence[str], tokenizer_path: str | None, eos_id: int | None,
+    vocab_size: int | None = None,
+) -> np.ndarray:
+    """All the data named by `paths_or_globs` as one int32 token stream.
+
+    **Arguments:**
+
+    - `paths_or_globs`: files or globs (`.jsonl`, `.txt`, `.npy`, `.parquet`) and `save_to_disk` directories, in
+      order; globs expand sorted.
+    - `tokenizer_path`: a `tokenizer.json` (or its directory); needed only when some file holds text.
+    - `eos_id`: the id put between documents; None joins them with nothing in between.
+    - `vocab_size`: when given, every file's ids must fit a vocabulary of this size (`check_vocab`).
+
+    **Returns:** a 1-D `int32` array. Raises `DataError` naming the file (and line) on bad data.
+    """
+    files = expand_paths(paths_or_globs)
+    if not files:
+        raise DataError("no data files given")
+    tokenizer: Tokenizer | None = None
+    pieces: list[np.ndarray] = []
+    for path in files:
+        extension = os.path.splitext(path)[1].lower()
+        if extension == ".npy":
+            pieces.append(_npy_tokens(path))
+            if vocab_size is not None:
+                check_vocab(pieces[-1], vocab_size, path)
+            continue
+        if extension == ".jsonl" or is_table(path):
+            documents = _documents(path)
+        elif extension == ".txt":
+            documents = _txt_documents(path)
+        else:
+            raise DataError(f"{path}: unsupported data file type '{extension}' (use .jsonl, .txt, .npy, .parquet or "
+                            f"a datasets save_to_disk directory)")
+        if tokenizer is None:
+            if tokenizer_path is None:
+                raise DataError(f"{path} holds text but no tokenizer is given (set data.tokenizer)")
+            tokenizer = load_tokenizer(tokenizer_path)
+        encodings = tokenizer.encode_batch(documents, add_special_tokens=False)
+        ids = [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+        if vocab_size is not None and ids:
+            check_vocab(np.concatenate(ids), vocab_size, f"{path} (tokenized with {tokenizer_path})")
+        pieces.extend(ids)
+    pieces = [piece for piece in pieces if piece.size]
+    if eos_id is not None and len(pieces) > 1:
+        separator = np.asarray([eos_id], dtype=np.int32)
+        pieces = [part for piece in pieces for part in (piece, separator)][:-1]
+    if not pieces:
+        return np.zeros((0,), dtype=np.int32)
+    return np.concatenate(pieces).astype(np.int32, copy=False)
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    """Raise `DataError` naming `what` (the file) when a token id does not fit a `vocab_size` vocabulary.
+
+    Inside a jitted step an out-of-range id cannot raise, it would gather garbage: hence this check on the host
+    when the data is loaded."""
+    if tokens.size == 0:
+        return
+    largest, smallest = int(tokens.max()), int(tokens.min())
+    if largest >= vocab_size or smallest < 0:
+        bad = largest if largest >= vocab_size else smallest
+        raise DataError(f"{what} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids "
+                        f"(was it tokenized with another tokenizer?)")
+
+
+def split_eval(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split a stream into `(train, eval)`, eval being its last `fraction` of tokens (`data.eval_fraction`)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    num_eval = int(round(len(tokens) * fraction))
+    if num_eval == 0 or num_eval == len(tokens):
+        raise DataError(f"data.eval_fraction {fraction} of the {len(tokens)} training tokens leaves an empty "
+                        f"{'eval' if num_eval == 0 else 'train'} split")
+    return tokens[: len(tokens) - num_eval], tokens[len(tokens) - num_eval :]
+
+
+# -------------------------------------------------------------------------------------------------- packing
+
+
+class PackedDataset:
+    """A token stream cut into non-overlapping windows of `seq_len + 1` tokens; the tail that does not fill one
+    is dropped.
+
+    **Arguments:**
+
+    - `tokens`: the 1-D token stream.
+    - `seq_len`: tokens per training sequence.
+    - `name`: what the data is called in errors (e.g. 'data.train').
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, *, name: str = "data"):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be > 0, got {seq_len}")
+        num_windows = len(tokens) // (seq_len + 1)
+        if num_windows == 0:
+            raise DataError(f"{name} has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1} (add data or lower training.seq_len)")
+        self.name = name
+        self.seq_len = seq_len
+        self.windows = tokens[: num_windows * (seq_len + 1)].astype(np.int32).reshape(num_windows, seq_len + 1)
+        self.segment_ids: np.ndarray | None = None
+        self.targets: np.ndarray | None = None
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def of_rows(cls, windows: np.ndarray, segment_ids: np.ndarray, targets: np.ndarray, *,
+                name: str = "data") -> "PackedDataset":
+        """Windows packed from rows elsewhere (chat data, `vishwam.data.chat_rows`), `[windows, seq_len + 1]` each:
+        the tokens, each token's row within its window (1, 2, ...; 0 for padding) and whether it is a target (a
+        token the loss counts as a label; never a row's first)."""
+        if not (windows.ndim == 2 and windows.shape == segment_ids.shape == targets.shape and len(windows)):
+            raise ValueError(f"need equal non-empty [windows, seq_len + 1] arrays, got {windows.shape}, "
+                             f"{segment_ids.shape}, {targets.shape}")
+        self = cls(windows[0], windows.shape[1] - 1, name=name)
+        self.windows = windows.astype(np.int32)
+        self.segment_ids, self.targets = segment_ids.astype(np.int32), targets.astype(bool)
+        return self
+
+    @property
+    def num_windows(self) -> int:
+        """Number of windows."""
+        return self.windows.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __repr__(self) -> str:
+        return f"PackedDataset({self.name!r}, num_windows={self.num_windows}, seq_len={self.seq_len})"
+
+    def permutation(self, seed: int, epoch: int) -> np.ndarray:
+        """The window order of one epoch: a function of `(seed, epoch)` only."""
+        key = (seed, epoch)
+        if key not in self._permutations:
+            if len(self._permutations) >= 4:  # consecutive steps touch at most two epochs
+                self._permutations.pop(next(iter(self._permutations)))
+            self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
+        return self._permutations[key]
+
+    def batch(self, indices: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batch of the given window indices (see `batch_for_step` for the keys)."""
+        windows = self.windows[indices]
+        if mask is None:
+            mask = np.ones((len(indices), self.seq_len), dtype=np.int32)
+        batch = {
+            "input_ids": np.ascontiguousarray(windows[:, :-1]),
+            "labels": np.ascontiguousarray(windows[:, 1:]),
+            "mask": mask.astype(np.int32),
+            "window": np.asarray(indices, dtype=np.int64),
+        }
+        if self.segment_ids is not None:
+            segments, targets = self.segment_ids[indices], self.targets[indices]
+            batch["mask"] = ((segments[:, :-1] > 0) & (mask > 0)).astype(np.int32)
+            batch["segment_ids"] = np.ascontiguousarray(segments[:, :-1])
+            batch["loss_mask"] = (targets[:, 1:] & (mask > 0)).astype(np.int32)
+        return batch
+
+
+def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The training batch of a step: a pure function of `(seed, step)`.
+
+    Windows are visited in a fresh permutation each epoch (`np.random.default_rng([seed, epoch])`); the batch at
+    `step` takes positions `step * batch_size ...` of the concatenated epoch orders, wrapping across epochs. So
+    every window is seen once per epoch and a resumed run gets the same batches as an uninterrupted one.
+
+    **Returns:** `input_ids`, `labels` (inputs shifted by one) and `mask` (1 where the loss counts), each an
+    `int32` array `[batch_size, seq_len]`, and `window` (`[batch_size]`, the window indices: what a teacher
+    cache is keyed by). Windows packed from chat rows (`PackedDataset.of_rows`) add `segment_ids` (each
+    position's row in its window, 0 for padding: attention stays within a row and positions restart with each)
+    and `loss_mask` (1 where the label is a target token of the same row); their `mask` is 1 at every real
+    token (attention's key validity), and the losses count `loss_mask`.
+    """
+    if step < 0 or batch_size <= 0:
+        raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")
+    return dataset.batch(epoch_order(step, batch_size, dataset.num_windows,
+                                     lambda epoch: dataset.permutation(seed, epoch)))
+
+
+def epoch_order(step: int, rows: int, count: int, permutation) -> np.ndarray:
+    """The items of a step of `rows`: positions `step * rows ...` of the concatenated epoch orders of `count`
+    items (`permutation(epoch)`, a permutation of `range(count)`), wrapping across epochs."""
+    epochs, offsets = np.divmod(step * rows + np.arange(rows), count)
+    indices = np.empty(rows, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        at = epochs == epoch
+        indices[at] = permutation(int(epoch))[offsets[at]]
+    return indices
+
+
+def eval_batches(dataset: PackedDataset, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:
+    """The first `n` batches of the windows in order, no shuffling, each window at most once.
+
+    When the windows run out, the last batch is filled up with rows whose `mask` is 0 (so every batch keeps the
+    shape `[batch_size, seq_len]`); there are fewer than `n` batches when the windows run out sooner.
+    """
+    if batch_size <= 0 or n < 0:
+        raise ValueError(f"need batch_size > 0 and n >= 0, got batch_size={batch_size}, n={n}")
+    batches = []
+    for start in range(0, min(n * batch_size, dataset.num_windows), batch_size):
+        indices = np.arange(start, start + batch_size)
+        valid = indices < dataset.num_windows
+        mask = np.repeat(valid[:, None], dataset.seq_len, axis=1).astype(np.int32)
+        batches.append(dataset.batch(np.where(valid, indices, 0), mask))
+    return batches

@@ -1,0 +1,302 @@
+"""Building a run from its config: what it will run (before any weight is read), then its parts.
+
+`prepare(cfg)` is everything that needs no weights, in the order that stops a mistake soonest: the mesh; the
+teacher opened lazily (config, index and every shard header validated, nothing read); the student's architecture
+and the objective (`vishwam.config.specs`); the checkpoint to resume from, its saved config compared with this
+one; the memory plan, asked once (its plan serves the summary, the fit check and the compile check); then the
+data. `build_state(run, teacher)` then initialises the student (randomly, pruned from the teacher, or from a
+checkpoint), the feature projections, EPLB's balancer and the optimizer into one sharded `TrainState`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import optax
+
+from distill.eplb import LossBalancer
+from distill.features import FeatureProjections
+from distill.objective import Objective
+from distill.student_init import full_pairs, importance_scores, init_student_from_teacher
+from models import CausalLM, ModelConfig, cast_floating, init_model
+from models.pytree import count_parameters
+from vishwam.config import specs
+from vishwam.config.sections import RunConfig, config_to_dict
+from vishwam.data import chat_rows as chat_data
+from vishwam.data import text as data_lib
+from vishwam.errors import ConfigError
+from vishwam.generation.on_policy import initial_rollout, usable_prompts
+from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
+from vishwam.io.files import atomic_write
+from vishwam.plan.fit import check_and_summarize
+from vishwam.plan.planner import MemoryPlan
+from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
+from vishwam.teacher.sources import TeacherSource, check_cacheable
+from vishwam.teacher.streamed import StreamedTeacher
+from vishwam.tracking import log
+from vishwam.train.resume import Checkpointer
+from vishwam.train.step import init_state
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run as far as it is known before any weight is read."""
+
+    cfg: RunConfig
+    mesh: jax.sharding.Mesh
+    lazy_teacher: LazyCheckpoint
+    teacher_config: ModelConfig
+    student_config: ModelConfig
+    objective: Objective
+    train_data: data_lib.PackedDataset
+    eval_data: data_lib.PackedDataset | None
+    batch_sharding: jax.sharding.NamedSharding
+    memory: MemoryPlan | None
+    """The run's memory plan on its devices (checked: it fits, or its capacity is unknown); None unless training."""
+    checkpoints: Checkpointer
+    """The run's checkpoints (`output_dir/checkpoints`); the caller closes it."""
+    resume_step: int | None
+    """The checkpoint the run resumes from (its config already compared with this one), or None."""
+    prompts: list | None = None
+    """The training data's prompts, for on-policy distillation (`vishwam.generation.on_policy.usable_prompts`)."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.training.output_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary both models share (token ids beyond it are a data error)."""
+        return min(self.student_config.vocab_size, self.teacher_config.vocab_size)
+
+    @property
+    def splits(self) -> dict[str, data_lib.PackedDataset]:
+        return {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """`(scheduler, processes)` when the environment names a multi-process job that `jax.distributed` can join
+    by itself (SLURM, Open MPI, a TPU pod's worker list), else None."""
+    env = os.environ
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
+        found = ("SLURM", int(env["SLURM_NTASKS"]))
+    elif "OMPI_MCA_orte_hnp_uri" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        found = ("Open MPI", int(env["OMPI_COMM_WORLD_SIZE"]))
+    elif env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES"):
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env["TPU_WORKER_HOSTNAMES"]
+        found = ("TPU pod", len(hosts.split(",")))
+    else:
+        return None
+    return found if found[1] > 1 else None
+
+
+def setup_distributed(cfg: RunConfig) -> None:
+    """Join the multi-host job: at `distributed.coordinator_address` when it is set; otherwise, when the
+    environment names a cluster job (`detected_cluster`) or `num_processes > 1`, through JAX's own cluster
+    detection (SLURM, Open MPI, Cloud TPU, Kubernetes), which reads the coordinator, process count and id from
+    the scheduler."""
+    d = cfg.distributed
+    if d.coordinator_address:
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+        return
+    cluster = detected_cluster()
+    if cluster is None and d.num_processes == 1:
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"config key 'distributed.coordinator_address' is unset and JAX detects no cluster for "
+                          f"{d.num_processes} processes ({' '.join(str(e).split())[:200]}): set it to process 0's "
+                          f"host:port") from None
+    if d.num_processes > 1 and jax.process_count() != d.num_processes:
+        raise ConfigError(f"config key 'distributed.num_processes' is {d.num_processes}, but the "
+                          f"{cluster[0] if cluster else 'detected'} job has {jax.process_count()} processes")
+
+
+def tokenizer_path(cfg: RunConfig, teacher: LazyCheckpoint) -> str | None:
+    """The run's tokenizer: `data.tokenizer`, else the teacher's `tokenizer.json` (None when it has none)."""
+    own = teacher.directory / "tokenizer.json"
+    return cfg.data.tokenizer or (str(own) if own.is_file() else None)
+
+
+def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
+    """The train and eval token streams, tokenized with the teacher's tokenizer unless pre-tokenized."""
+    tr, d = cfg.training, cfg.data
+    tokenizer = tokenizer_path(cfg, teacher)
+    eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
+    if chat_data.is_chat(d.train):  # 'messages' or 'prompt' + 'completion' rows, packed with segment ids
+        return chat_data.load_chat_splits(d, seq_len=tr.seq_len, tokenizer_path=tokenizer, eos_id=eos,
+                                          vocab_size=vocab, log=log)
+    train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos, vocab)  # ids checked file by file
+    eval_tokens = None
+    if d.eval:
+        eval_tokens = data_lib.load_token_stream(d.eval, tokenizer, eos, vocab)
+    elif d.eval_fraction > 0:
+        train_tokens, eval_tokens = data_lib.split_eval(train_tokens, d.eval_fraction)
+    train = data_lib.PackedDataset(train_tokens, tr.seq_len, name="data.train")
+    if eval_tokens is None:
+        return train, None
+    return train, data_lib.PackedDataset(eval_tokens, tr.seq_len, name="data.eval")
+
+
+def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
+    """Everything about the run that needs no weights (see the module docstring); raises the one-line errors.
+    `training=False` (the cache build alone) skips the resume check and the memory plan of the train step."""
+    setup_distributed(cfg)
+    p, tr = cfg.parallelism, cfg.training
+    mesh = make_mesh(p.data, p.fsdp, p.tensor)
+    lazy = open_pretrained(cfg.distillation.teacher_model.path)
+    t_config = lazy.config
+    s_config = specs.student_config(cfg, t_config)
+    objective = specs.objective(cfg, s_config, t_config)
+    if cfg.distillation.teacher_model.loading == "cached":
+        check_cacheable(cfg)
+    checkpoints = Checkpointer(Path(tr.output_dir) / "checkpoints", tr.keep_checkpoints)
+    try:
+        resume_step = checkpoints.latest() if training else None
+        if resume_step is not None:
+            checkpoints.check_resumable(resume_step, cfg)  # before the data is read or anything written
+        memory = check_and_summarize(cfg, t_config) if training else None
+        train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
+        prompts = None
+        if objective.on_policy_rows:
+            if train.segment_ids is None:
+                raise ConfigError("config key 'distillation_params.on_policy.fraction' > 0 needs chat data (rows of "
+                                  f"'messages' or 'prompt' + 'completion'), and data.train ({cfg.data.train[0]}) is "
+                                  "text")
+            prompts = usable_prompts(train, cfg.distillation_params.on_policy, log=log)
+    except BaseException:
+        checkpoints.close()
+        raise
+    return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh), memory,
+                    checkpoints, resume_step, prompts)
+
+
+def compile_check_due(cfg: RunConfig) -> bool:
+    """Whether the run compiles its programs from abstract shapes before reading weights (`training.compile_check`:
+    'on', or 'auto' on accelerators)."""
+    check = cfg.training.compile_check
+    return check == "on" or (check == "auto" and jax.devices()[0].platform != "cpu")
+
+
+def init_student(run: Prepared, teacher: TeacherSource, key) -> CausalLM:
+    """The student before training, in `training.param_dtype`: random, read from `student_model.path`, or pruned
+    from the teacher (streamed for it when the source holds no resident model) and saved to
+    `output_dir/init_student` with a stamp of what it depends on, so that a run restarted before its first
+    checkpoint reads it back instead of pruning again."""
+    cfg, s = run.cfg, run.cfg.distillation.student_model
+    param_dtype = specs.DTYPES[cfg.training.param_dtype]
+    if s.init == "path":
+        return load_pretrained(s.path, dtype=param_dtype)
+    if s.init == "random":
+        return cast_floating(init_model(run.student_config, key=key), param_dtype)
+    saved = run.out / "init_student"
+    stamp = _init_stamp(run)
+    if _read_stamp(saved) == stamp:
+        log(f"student: the pruned student saved in {saved} (pruning not run again)")
+        return load_pretrained(saved, dtype=param_dtype, mesh=run.mesh)
+    student = _prune(run, teacher, key, param_dtype)
+    save_pretrained(student, saved)  # every process gathers, process 0 writes; the stamp goes last
+    if jax.process_index() == 0:
+        atomic_write(saved / INIT_STAMP, json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    return student
+
+
+INIT_STAMP = "vishwam_init.json"
+
+
+def _init_stamp(run: Prepared) -> dict:
+    """What the pruned student depends on: the teacher, the student's section, the data, the probe's batch and
+    the parameter dtype. A saved student is reused only for an equal stamp."""
+    c = config_to_dict(run.cfg)
+    tr = c["training"]
+    return {"version": 1, "teacher": str(run.lazy_teacher.directory), "teacher_model": c["distillation"]["teacher_model"],
+            "student_model": c["distillation"]["student_model"], "data": c["data"],
+            **{k: tr[k] for k in ("seed", "seq_len", "batch_size", "param_dtype")}}
+
+
+def _read_stamp(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / INIT_STAMP).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
+    """`init: from_teacher`: the student pruned from the teacher (see `init_student`)."""
+    cfg = run.cfg
+    t = cfg.distillation.teacher_model
+    probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
+                                    batch_size=min(8, cfg.training.batch_size))
+    keys = ("input_ids", "mask") + (("segment_ids",) if "segment_ids" in probe else ())  # packed chat rows
+    probe = global_batch({k: probe[k] for k in keys}, rows_sharding(run.mesh, len(probe["mask"])))
+    pairs = full_pairs(specs.init_layer_pairs(run.student_config, run.teacher_config),
+                       run.student_config.num_hidden_layers, run.teacher_config.num_hidden_layers)
+    skeleton = eqx.filter_eval_shape(init_model, run.student_config, key=key, dtype=param_dtype)
+    # Ranked in the teacher's own dtype on the mesh, one layer at a time; sliced one student layer at a time,
+    # cast to the parameter dtype as it is taken and placed as the training state is (never whole on a device).
+    common = dict(pairs=pairs, probe_ids=None, probe_mask=None, key=key, dtype=param_dtype,
+                  shardings=tree_shardings(skeleton, run.mesh))
+    if teacher.kind == "resident":
+        scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"], probe.get("segment_ids"),
+                                   activation_sharding=rows_sharding(run.mesh, len(probe["mask"]), 3))
+        return init_student_from_teacher(teacher.model, run.student_config, scores=scores, **common)
+    # Streamed or cached: the teacher streams group by group for the ranking, then only its mapped layers load.
+    streamed = teacher.model if teacher.kind == "streamed" else StreamedTeacher(
+        run.lazy_teacher, dtype=specs.DTYPES[t.dtype], max_resident_shards=t.max_resident_shards, mesh=run.mesh)
+    try:
+        scores = streamed.importance(probe["input_ids"], probe["mask"], probe.get("segment_ids"))
+        numbers = sorted({n for _, n in pairs})
+        return init_student_from_teacher(streamed.with_layers(numbers), run.student_config, scores=scores,
+                                         teacher_layers=numbers, **common)
+    finally:
+        if streamed is not teacher.model:
+            streamed.close()
+
+
+def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation, *,
+                abstract: bool = False):
+    """**Returns:** `(state, shardings)`: the initial `TrainState`, every array leaf placed by the rule table on
+    the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target).
+
+    With `abstract` (a resumed run, whose every array the checkpoint replaces) the state is only its shapes and
+    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, and pruning never runs again on resume."""
+    cfg, objective = run.cfg, run.objective
+    param_dtype = specs.DTYPES[cfg.training.param_dtype]
+    k_student, k_proj, k_state = jax.random.split(jax.random.key(cfg.training.seed), 3)
+
+    def make(student):
+        projections = None
+        if objective.uses_features:
+            projections = cast_floating(FeatureProjections(objective.feature_pairs, run.student_config.hidden_size,
+                                                           run.teacher_config.hidden_size, key=k_proj), param_dtype)
+        balancer = None
+        if objective.balances:
+            e = cfg.distillation_params.eplb
+            balancer = LossBalancer(len(objective.feature_pairs), decay=e.ema_decay, target_ratio=e.target_ratio)
+        return init_state(student, projections, balancer, optimizer, k_state, objective.feature_pairs,
+                          initial_rollout(objective, cfg.training))
+
+    if abstract:
+        state = eqx.filter_eval_shape(
+            lambda: make(cast_floating(init_model(run.student_config, key=k_student), param_dtype)))
+        arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        shardings = tree_shardings(arrays, run.mesh)
+        placed = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), arrays, shardings)
+        return eqx.combine(placed, static), shardings
+    student = init_student(run, teacher, k_student)
+    log(f"student: {run.student_config.architecture} {count_parameters(student) / 1e6:.2f}M params "
+        f"({cfg.distillation.student_model.init} init), mapping {list(objective.feature_pairs)}")
+    arrays, static = eqx.partition(make(student), eqx.is_array)
+    shardings = tree_shardings(arrays, run.mesh)
+    return eqx.combine(jax.device_put(arrays, shardings), static), shardings
+
+
+__all__ = ["Prepared", "build_state", "compile_check_due", "detected_cluster", "init_student", "prepare",
+           "setup_distributed", "tokenizer_path"]

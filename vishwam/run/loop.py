@@ -1,0 +1,201 @@
+"""The training loop: get batch -> step -> log -> maybe evaluate, save, re-map; then export the student.
+
+`train(cfg)` is what `run.py` calls. `Run(cfg)` prepares the run (`vishwam.run.build.prepare`: everything that needs
+no weights, so config mistakes stop it at once) and `Run.train()` runs the loop; `on_step(step, state)`, when
+set, is called after every step (tests stop runs with it). Each part is its own module: the teacher source
+(`vishwam.teacher.sources`), the jitted step (`vishwam.train.step`), evaluation (`vishwam.train.evaluation`), checkpoints
+(`vishwam.train.resume`), tracking (`vishwam.tracking`) and EPLB re-mapping (`vishwam.train.remap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import jax
+
+from vishwam.compile.programs import dry_run_compile
+from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
+from vishwam.config.sections import RunConfig, config_to_dict, save_config
+from vishwam.config.specs import DTYPES
+from vishwam.data.text import batch_for_step
+from vishwam.errors import VishwamError
+from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
+from vishwam.generation.sampler import checkpoint_eos_ids
+from vishwam.generation.samples import Samples
+from vishwam.io.checkpoint import save_pretrained
+from vishwam.run import build
+from vishwam.sharding import global_batch
+from vishwam.teacher.sources import TeacherSource, open_teacher
+from vishwam.tracking import Progress, Tracker, log, peak_rss_bytes
+from vishwam.train.evaluation import evaluate
+from vishwam.train.remap import probe_batch, remap, remap_steps
+from vishwam.train.step import StepConfig, interleave_micro_batches, make_train_step, optimizer_of
+
+
+class Run:
+    """A configured distillation run. `Run(cfg).train()` does the whole job."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.on_step = None
+        self.prepared = build.prepare(cfg)
+        self.objective = self.prepared.objective
+        self.state = None
+        self.samples: Samples | None = None
+        self.on_policy: OnPolicy | None = None
+        self.cache_use: CacheUse | None = None
+
+    @property
+    def train_data(self):
+        return self.prepared.train_data
+
+    def open_teacher(self) -> TeacherSource:
+        run = self.prepared
+        return open_teacher(self.cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size,
+                            mesh=run.mesh, log=log)
+
+    def _start(self, stack: contextlib.ExitStack):
+        """After `prepare` (config checks, the resume check, the memory plan, the data): samples and on-policy
+        sampling, the compile check, the teacher, the state and its restore; then `config.yaml`, written only once
+        every check has passed. **Returns:** `(teacher, state, shardings, optimizer, schedule, tracker, start)`."""
+        cfg, tr, run = self.cfg, self.cfg.training, self.prepared
+        stack.callback(run.checkpoints.close)
+        eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
+        pad = run.teacher_config.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
+                               eos=eos, pad=pad)
+        if self.objective.on_policy_rows:
+            self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
+                                      rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
+                                      seed=tr.seed, eos=eos, pad=pad, compute_dtype=DTYPES[tr.compute_dtype])
+        check = build.compile_check_due(cfg)
+        # Through XLA's compilation cache the compile check's compiles are the run's (each program compiled once).
+        self.cache_use = stack.enter_context(compilation_cache(cache_dir(cfg, check)))
+        if check:  # a misfit raises its one-line ConfigError
+            dry_run_compile(cfg, local=True, log=log, plan=run.memory)
+        teacher = self.open_teacher()
+        stack.callback(teacher.close)
+        log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
+            f"from {run.lazy_teacher.directory} ({teacher.kind})")
+        optimizer, schedule = optimizer_of(cfg)
+        latest = run.resume_step
+        state, shardings = build.build_state(run, teacher, optimizer, abstract=latest is not None)
+        start = 0
+        if latest is not None:
+            state, _ = run.checkpoints.restore(latest, state, shardings)
+            start = int(state.step)
+            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
+            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
+        if jax.process_index() == 0:
+            save_config(cfg, run.out / "config.yaml")
+        self.samples.truncate(start)
+        tracker = Tracker(cfg, run.out, start)
+        stack.callback(tracker.close)
+        if self.objective.uses_features:
+            tracker.log_mapping(start, self.objective.feature_pairs)
+        return teacher, state, shardings, optimizer, schedule, tracker, start
+
+    def train(self) -> dict:
+        cfg, tr, run = self.cfg, self.cfg.training, self.prepared
+        compute_dtype = DTYPES[tr.compute_dtype]
+        with contextlib.ExitStack() as stack:
+            teacher, state, shardings, optimizer, schedule, tracker, start = self._start(stack)
+            ckpt = run.checkpoints
+            make_step = lambda objective: make_train_step(  # noqa: E731
+                StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
+            train_step = make_step(self.objective)
+            remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
+            evaluates = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns evaluation off
+
+            def evaluate_at(step):
+                result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+                                  micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
+                                  compute_dtype=compute_dtype, batch_sharding=run.batch_sharding, out_dir=run.out,
+                                  log=log, chunk_size=self.objective.params.logit_chunk_size)
+                tracker.log(step, result, context="eval")
+                tracker.log_samples(step, self.samples(step, state.student, teacher.model, compute_dtype))
+                return result
+
+            bar = Progress(start, tr.max_steps)
+            stack.callback(bar.close)
+            t0 = t_last = time.perf_counter()
+            tok_since, last_eval, pending = 0, None, None
+            sampler = self.on_policy
+            rollout = None if sampler is None or start == 0 else host_rollout(state.rollout)
+            data_rows = tr.batch_size - (sampler.rows if sampler else 0)
+            for step in range(start, tr.max_steps):
+                if step in remaps and step > 0:
+                    state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
+                                       param_dtype=DTYPES[tr.param_dtype], log=log, mesh=run.mesh)
+                    self.objective = self.objective.with_feature_pairs(state.pairs)
+                    tracker.log_mapping(step, self.objective.feature_pairs, sim)
+                    train_step = make_step(self.objective)
+                if sampler is not None and sampler.due(step):
+                    rollout = sampler.sample(state.student, state.rng(step), step)
+                    state = dataclasses.replace(state, rollout=place_rollout(rollout, shardings.rollout))
+                batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=data_rows)
+                if sampler is not None:
+                    batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
+                batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
+                t_out = teacher.outputs(batch)
+                batch.pop("window", None)
+                state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
+                tok_since += tr.batch_size * tr.seq_len
+                done = step + 1
+                # The run of non-finite steps is read one step behind, once the next step is queued: reading this
+                # step's would wait for it to finish before the next batch is even made, idling the device.
+                if pending is not None:
+                    _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
+                pending = (done, metrics["nonfinite_run"])
+                if done % tr.log_every == 0 or done == tr.max_steps:
+                    now = time.perf_counter()
+                    host = _host_metrics(metrics, state, tokens_per_sec=tok_since / max(now - t_last, 1e-9))
+                    if sampler is not None:
+                        host.update(sampler.metrics(rollout, seconds=now - t_last, batch_size=tr.batch_size))
+                    t_last, tok_since = now, 0
+                    tracker.log(done, host)
+                    bar.update(done, host)
+                if evaluates and (done % tr.eval_every == 0 or done == tr.max_steps):
+                    last_eval = evaluate_at(done)
+                if done % tr.save_every == 0 or done == tr.max_steps:
+                    ckpt.save(done, state, {"step": done, "config": config_to_dict(cfg)})
+                if self.on_step is not None:
+                    self.on_step(done, state)
+            if pending is not None:
+                _check_nonfinite(*pending, limit=tr.max_nonfinite_steps)
+            if tr.max_steps == start and evaluates:
+                last_eval = evaluate_at(start)
+            if self.cache_use is not None:
+                log(self.cache_use.summary())
+        student_dir = run.out / "student"
+        save_pretrained(state.student, student_dir, tokenizer_from=run.lazy_teacher.directory)
+        log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
+        self.state = state
+        return {"eval": last_eval, "state": state, "compilation_cache": self.cache_use}
+
+
+def _host_metrics(metrics: dict, state, *, tokens_per_sec: float) -> dict:
+    """A logged step's metrics on the host, with the run's counters and rates."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host["tokens_per_sec"] = tokens_per_sec
+    host["skipped_total"] = int(state.skipped)
+    host["temperature"] = host.get("distill/temperature", float("nan"))
+    host["peak_rss_gb"] = peak_rss_bytes() / 2**30
+    return host
+
+
+def _check_nonfinite(at_step: int, run_length, *, limit: int) -> None:
+    if int(run_length) >= limit:
+        raise VishwamError(f"{int(run_length)} non-finite steps in a row at step {at_step} (loss or gradient is "
+                           "NaN/inf): lower training.learning_rate or check the data")
+
+
+def train(cfg: RunConfig) -> dict:
+    """The whole job of `python run.py --config C`: prepare, train, evaluate, export."""
+    return Run(cfg).train()
+
+
+__all__ = ["Run", "train"]
