@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     from vishwam.config.cli import parse_args
 
     cfg, _ = parse_args(argv)
-    from vishwam.run.build import detected_cluster
+    from vishwam.sharding import detected_cluster
 
     if cfg.distributed.num_processes > 1 or detected_cluster() is not None:
         import jax

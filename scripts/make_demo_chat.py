@@ -38,7 +38,8 @@ import make_demo_corpus as corpus  # noqa: E402
 import vishwam  # noqa: E402
 from vishwam.data.chat import find_template  # noqa: E402
 from vishwam.data.chat_rows import encode_rows, pack_rows  # noqa: E402
-from vishwam.data.text import batch_for_step, eval_batches, load_tokenizer  # noqa: E402
+from vishwam.data.text import load_tokenizer  # noqa: E402
+from vishwam.data.windows import batch_for_step, eval_batches  # noqa: E402
 
 DEMO_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "vishwam", "assets",
                                          "demo"))

@@ -35,7 +35,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 import vishwam
 from models import CausalLM, ModelConfig
-from vishwam.data.text import PackedDataset, batch_for_step, eval_batches, load_token_stream
+from vishwam.data.text import load_token_stream
+from vishwam.data.windows import PackedDataset, batch_for_step, eval_batches
 
 DEMO_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "vishwam", "assets",
                                          "demo"))

@@ -20,7 +20,7 @@ import vishwam.teacher.sources as teachers
 from distill.logits import teacher_topk
 from vishwam.cache import main as cache_main
 from vishwam.config.cli import load_config, run_main
-from vishwam.data.text import PackedDataset
+from vishwam.data.windows import PackedDataset
 from vishwam.run.build import prepare
 from vishwam.run.loop import train
 from vishwam.teacher.cache import TeacherCache, build_cache

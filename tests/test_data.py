@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from vishwam.data.text import (
-    PackedDataset,
-    batch_for_step,
-    check_vocab,
-    eval_batches,
-    load_token_stream,
-    split_eval,
-)
+from vishwam.data.text import check_vocab, load_token_stream, split_eval
+from vishwam.data.windows import PackedDataset, batch_for_step, eval_batches
 from vishwam.errors import DataError
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song", "cats and dogs play"]

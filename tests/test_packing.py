@@ -23,7 +23,7 @@ from models import ModelConfig, init_model, prepare_inputs
 from vishwam.config.cli import load_config
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_rows, pack_rows
-from vishwam.data.text import PackedDataset
+from vishwam.data.windows import PackedDataset
 from vishwam.errors import DataError
 from vishwam.io.checkpoint import open_pretrained
 from vishwam.teacher.cache import TeacherCache, build_cache

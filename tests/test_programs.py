@@ -22,7 +22,7 @@ import yaml
 from hf_fixtures import hf_config, make_hf_model, save_hf
 
 from models import init_model
-from vishwam.data.text import PackedDataset
+from vishwam.data.windows import PackedDataset
 from vishwam.sharding import batch_sharding, make_mesh
 from vishwam.teacher.sources import TeacherSource
 from vishwam.train.evaluation import evaluate
@@ -218,7 +218,7 @@ def test_chat_data_programs_take_the_batches_the_run_feeds(config, tmp_path):
     from vishwam.compile.targets import resolve_target
     from vishwam.config.cli import load_config
     from vishwam.data import chat_rows as chat_data
-    from vishwam.data.text import batch_for_step
+    from vishwam.data.windows import batch_for_step
 
     demo = ROOT / "vishwam" / "assets" / "demo"
     chat = ["--data.train", str(demo / "chat_train.jsonl"), "--data.tokenizer", str(demo / "chat_teacher"),

@@ -16,7 +16,7 @@ from test_train import read_metrics, run, write_config
 
 import vishwam
 from distill.logits import teacher_topk
-from vishwam.data.text import PackedDataset
+from vishwam.data.windows import PackedDataset
 from vishwam.errors import DataError
 from vishwam.sharding import make_mesh, shard_tree
 from vishwam.teacher.cache import TeacherCache, build_cache
@@ -252,7 +252,7 @@ def _capturing_run(monkeypatch, config, *flags):
 def _step_references(r, students, teacher, temp, rows):
     """The float64 reference of every logged step: its batch (`batch_for_step`), the live teacher's full logits,
     the student that step saw."""
-    from vishwam.data.text import batch_for_step
+    from vishwam.data.windows import batch_for_step
 
     tr = r.cfg.training
     refs = []
@@ -369,7 +369,7 @@ def test_one_corrupted_cache_value_fails_the_kd_comparison(assets, tmp_path, mon
     """The same comparison at T = 2 (the tail as if its logits were equal) passes on the intact steps and fails on
     the step whose batch holds one corrupted cached value (checksums updated, so nothing else notices)."""
     r, _, _, d = cached_t1
-    from vishwam.data.text import batch_for_step
+    from vishwam.data.windows import batch_for_step
 
     shutil.copytree(d / "cache", tmp_path / "cache")
     victim_step = 2

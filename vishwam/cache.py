@@ -16,7 +16,8 @@ import jax
 
 from vishwam.config.cli import parse_args, run_main
 from vishwam.errors import ConfigError
-from vishwam.run.build import detected_cluster, prepare
+from vishwam.run.build import prepare
+from vishwam.sharding import detected_cluster
 from vishwam.teacher.sources import build_caches
 from vishwam.tracking import log
 

@@ -9,6 +9,7 @@ A logical axis whose size does not divide by its mesh axes is replicated instead
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -159,3 +160,42 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
     """A host batch as global arrays: every process holds the same global batch (a pure function of seed and
     step) and hands JAX the slice each of its devices owns."""
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """`(scheduler, processes)` when the environment names a multi-process job that `jax.distributed` can join
+    by itself (SLURM, Open MPI, a TPU pod's worker list), else None."""
+    env = os.environ
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
+        found = ("SLURM", int(env["SLURM_NTASKS"]))
+    elif "OMPI_MCA_orte_hnp_uri" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        found = ("Open MPI", int(env["OMPI_COMM_WORLD_SIZE"]))
+    elif env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES"):
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env["TPU_WORKER_HOSTNAMES"]
+        found = ("TPU pod", len(hosts.split(",")))
+    else:
+        return None
+    return found if found[1] > 1 else None
+
+
+def setup_distributed(d) -> None:
+    """Join the multi-host job: at `distributed.coordinator_address` when it is set; otherwise, when the
+    environment names a cluster job (`detected_cluster`) or `num_processes > 1`, through JAX's own cluster
+    detection (SLURM, Open MPI, Cloud TPU, Kubernetes), which reads the coordinator, process count and id from
+    the scheduler. `d`: the run's `distributed` section (`coordinator_address`, `num_processes`, `process_id`)."""
+    if d.coordinator_address:
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+        return
+    cluster = detected_cluster()
+    if cluster is None and d.num_processes == 1:
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"config key 'distributed.coordinator_address' is unset and JAX detects no cluster for "
+                          f"{d.num_processes} processes ({' '.join(str(e).split())[:200]}): set it to process 0's "
+                          f"host:port") from None
+    if d.num_processes > 1 and jax.process_count() != d.num_processes:
+        raise ConfigError(f"config key 'distributed.num_processes' is {d.num_processes}, but the "
+                          f"{cluster[0] if cluster else 'detected'} job has {jax.process_count()} processes")

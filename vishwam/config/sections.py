@@ -133,6 +133,12 @@ class DataConfig(Section):
     loss_on: Literal["assistant", "all"] = "assistant"
     """Chat data: the tokens KD, CE and feature losses count: 'assistant' (assistant turns, or a row's
     'completion') or 'all' (every token but each row's first)."""
+    store_dir: str | None = None
+    """Where the token store of the data lives (train in store_dir/train, eval in store_dir/eval): prepared there
+    on first use (python -m vishwam.data, or the run itself), reused on every later start; a store there made
+    from other data is an error. None: a directory named by the sources' fingerprint under ~/.cache/vishwam/data."""
+    workers: int = 0
+    """Tokenizer processes when the run prepares its token store itself (0: one per CPU core)."""
 
     def _check(self) -> None:
         if not self.train:
@@ -145,6 +151,10 @@ class DataConfig(Section):
             raise config_error(self._key("eval_fraction"), f"must be in [0, 1), got {self.eval_fraction}")
         if self.eval and self.eval_fraction > 0:
             raise config_error(self._key("eval_fraction"), "cannot be used together with data.eval files")
+        if self.workers < 0:
+            raise config_error(self._key("workers"), f"must be >= 0, got {self.workers}")
+        if self.store_dir is not None and not self.store_dir:
+            raise config_error(self._key("store_dir"), "is an empty path")
 
 
 # --------------------------------------------------------------------------------------------------- training

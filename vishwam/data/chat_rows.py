@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jinja2
@@ -32,7 +32,8 @@ from tokenizers import Tokenizer
 from vishwam.config.sections import DataConfig
 from vishwam.data.chat import ChatTemplate, find_template, token_mask
 from vishwam.data.tables import is_table, table_columns
-from vishwam.data.text import PackedDataset, check_vocab, expand_paths, load_tokenizer, records
+from vishwam.data.text import check_vocab, expand_paths, load_tokenizer, records
+from vishwam.data.windows import PackedDataset, pack_plan
 from vishwam.errors import DataError
 
 Row = tuple[np.ndarray, np.ndarray]  # token ids int32 [n], targets bool [n]
@@ -112,10 +113,16 @@ def encode_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate | None, 
                 eos_id: int | None) -> list[Row]:
     """Every row of the chat file or table `path` as `(token ids, targets)` (see the module docstring); a bad row
     is a `DataError` naming `file:line` (a table's: `path row i`)."""
+    return encode_records(records(path), tokenizer, template, loss_on=loss_on, eos_id=eos_id)
+
+
+def encode_records(items: Iterable[tuple[str, object]], tokenizer: Tokenizer, template: ChatTemplate | None, *,
+                   loss_on: str, eos_id: int | None) -> list[Row]:
+    """`encode_rows` of `(where, record)` pairs (the token store feeds them a batch at a time)."""
     rendered: list[tuple[int, str, list | None]] = []  # (row, text, assistant spans)
     plain: list[tuple[int, str, str]] = []  # (row, prompt, completion)
     rows: list[Row | None] = []
-    for where, record in records(path):
+    for where, record in items:
         if _kind(_keys(record)) != "chat":
             raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
                             f"file's first")
@@ -145,45 +152,31 @@ def encode_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate | None, 
     return rows
 
 
+def first_targets(rows: Sequence[Row]) -> np.ndarray:
+    """Each row's first target position after its first token (its length when it has none)."""
+    return np.asarray([1 + int(np.argmax(t[1:])) if t[1:].any() else len(t) for _, t in rows], np.int64)
+
+
 def pack_rows(rows: Sequence[Row], seq_len: int, *, name: str, log: Callable[[str], None]) -> PackedDataset:
-    """Rows packed into windows of `seq_len + 1` tokens, greedy first-fit in order (see the module docstring);
-    logs how many rows were packed into how many windows, truncated and dropped."""
+    """Rows packed into windows of `seq_len + 1` tokens, greedy first-fit in order (`vishwam.data.windows.pack_plan`,
+    the plan a token store's rows are packed by); logs how many rows were packed into how many windows,
+    truncated and dropped."""
     width = seq_len + 1
-    kept: list[Row] = []
-    truncated = 0
-    for ids, targets in rows:
-        if len(ids) > width:
-            ids, targets = ids[:width], targets[:width]
-            truncated += 1
-        targets = targets.copy()
-        targets[:1] = False
-        if targets.any():
-            kept.append((ids, targets))
-    if not kept:
+    row_ids, starts, sizes, window_starts, truncated = pack_plan([len(ids) for ids, _ in rows], first_targets(rows),
+                                                                 width)
+    if not len(row_ids):
         raise DataError(f"{name}: none of its {len(rows)} rows has a target token to train on")
-    # First fit in O(log windows) per row: a max-tree over the windows' free room (unopened windows: all room).
-    size = 1 << max(len(kept) - 1, 0).bit_length()
-    room = [width] * (2 * size)
-    placed = []
-    for ids, _ in kept:
-        node = 1
-        while node < size:
-            node = 2 * node if room[2 * node] >= len(ids) else 2 * node + 1
-        placed.append((node - size, width - room[node]))
-        room[node] -= len(ids)
-        while node > 1:
-            node //= 2
-            room[node] = max(room[2 * node], room[2 * node + 1])
-    num_windows = 1 + max(w for w, _ in placed)
+    num_windows = len(window_starts) - 1
     windows = np.zeros((num_windows, width), np.int32)
     segments = np.zeros((num_windows, width), np.int32)
     targets = np.zeros((num_windows, width), bool)
-    for (ids, target), (w, start) in zip(kept, placed):
-        windows[w, start:start + len(ids)] = ids
-        segments[w, start:start + len(ids)] = segments[w, start - 1] + 1 if start else 1
-        targets[w, start:start + len(ids)] = target
-    log(f"{name}: {len(kept)} rows packed into {num_windows} windows ({truncated} truncated, "
-        f"{len(rows) - len(kept)} dropped)")
+    for w in range(num_windows):
+        for segment, k in enumerate(range(window_starts[w], window_starts[w + 1]), start=1):
+            (ids, target), at, n = rows[row_ids[k]], starts[k], sizes[k]
+            windows[w, at:at + n], segments[w, at:at + n] = ids[:n], segment
+            targets[w, at + 1:at + n] = target[1:n]
+    log(f"{name}: {len(row_ids)} rows packed into {num_windows} windows ({truncated} truncated, "
+        f"{len(rows) - len(row_ids)} dropped)")
     return PackedDataset.of_rows(windows, segments, targets, name=name)
 
 
@@ -226,4 +219,4 @@ def load_chat_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None,
     return packed, None if evaluation is None else pack_rows(evaluation, seq_len, name="data.eval", log=log)
 
 
-__all__ = ["encode_rows", "is_chat", "load_chat_splits", "pack_rows"]
+__all__ = ["encode_records", "encode_rows", "first_targets", "is_chat", "load_chat_splits", "pack_rows"]

@@ -34,7 +34,7 @@ from vishwam.data.tables import is_saved_dataset, is_table, table_records
 from vishwam.errors import DataError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -120,10 +120,10 @@ def _txt_documents(path: str) -> list[str]:
         text = _read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 (byte {error.start})") from None
-    return [document.strip() for document in _BLANK_LINES.split(text) if document.strip()]
+    return [document.strip() for document in BLANK_LINES.split(text) if document.strip()]
 
 
-def _npy_tokens(path: str) -> np.ndarray:
+def npy_tokens(path: str) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as error:  # object arrays need pickle; a bad header is a ValueError too
@@ -199,7 +199,7 @@ def load_token_stream(
     for path in files:
         extension = os.path.splitext(path)[1].lower()
         if extension == ".npy":
-            pieces.append(_npy_tokens(path))
+            pieces.append(npy_tokens(path))
             if vocab_size is not None:
                 check_vocab(pieces[-1], vocab_size, path)
             continue
@@ -251,135 +251,3 @@ def split_eval(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndar
         raise DataError(f"data.eval_fraction {fraction} of the {len(tokens)} training tokens leaves an empty "
                         f"{'eval' if num_eval == 0 else 'train'} split")
     return tokens[: len(tokens) - num_eval], tokens[len(tokens) - num_eval :]
-
-
-# -------------------------------------------------------------------------------------------------- packing
-
-
-class PackedDataset:
-    """A token stream cut into non-overlapping windows of `seq_len + 1` tokens; the tail that does not fill one
-    is dropped.
-
-    **Arguments:**
-
-    - `tokens`: the 1-D token stream.
-    - `seq_len`: tokens per training sequence.
-    - `name`: what the data is called in errors (e.g. 'data.train').
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, *, name: str = "data"):
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-        if seq_len <= 0:
-            raise ValueError(f"seq_len must be > 0, got {seq_len}")
-        num_windows = len(tokens) // (seq_len + 1)
-        if num_windows == 0:
-            raise DataError(f"{name} has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
-                            f"{seq_len + 1} (add data or lower training.seq_len)")
-        self.name = name
-        self.seq_len = seq_len
-        self.windows = tokens[: num_windows * (seq_len + 1)].astype(np.int32).reshape(num_windows, seq_len + 1)
-        self.segment_ids: np.ndarray | None = None
-        self.targets: np.ndarray | None = None
-        self._permutations: dict[tuple[int, int], np.ndarray] = {}
-
-    @classmethod
-    def of_rows(cls, windows: np.ndarray, segment_ids: np.ndarray, targets: np.ndarray, *,
-                name: str = "data") -> "PackedDataset":
-        """Windows packed from rows elsewhere (chat data, `vishwam.data.chat_rows`), `[windows, seq_len + 1]` each:
-        the tokens, each token's row within its window (1, 2, ...; 0 for padding) and whether it is a target (a
-        token the loss counts as a label; never a row's first)."""
-        if not (windows.ndim == 2 and windows.shape == segment_ids.shape == targets.shape and len(windows)):
-            raise ValueError(f"need equal non-empty [windows, seq_len + 1] arrays, got {windows.shape}, "
-                             f"{segment_ids.shape}, {targets.shape}")
-        self = cls(windows[0], windows.shape[1] - 1, name=name)
-        self.windows = windows.astype(np.int32)
-        self.segment_ids, self.targets = segment_ids.astype(np.int32), targets.astype(bool)
-        return self
-
-    @property
-    def num_windows(self) -> int:
-        """Number of windows."""
-        return self.windows.shape[0]
-
-    def __len__(self) -> int:
-        return self.num_windows
-
-    def __repr__(self) -> str:
-        return f"PackedDataset({self.name!r}, num_windows={self.num_windows}, seq_len={self.seq_len})"
-
-    def permutation(self, seed: int, epoch: int) -> np.ndarray:
-        """The window order of one epoch: a function of `(seed, epoch)` only."""
-        key = (seed, epoch)
-        if key not in self._permutations:
-            if len(self._permutations) >= 4:  # consecutive steps touch at most two epochs
-                self._permutations.pop(next(iter(self._permutations)))
-            self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
-        return self._permutations[key]
-
-    def batch(self, indices: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The batch of the given window indices (see `batch_for_step` for the keys)."""
-        windows = self.windows[indices]
-        if mask is None:
-            mask = np.ones((len(indices), self.seq_len), dtype=np.int32)
-        batch = {
-            "input_ids": np.ascontiguousarray(windows[:, :-1]),
-            "labels": np.ascontiguousarray(windows[:, 1:]),
-            "mask": mask.astype(np.int32),
-            "window": np.asarray(indices, dtype=np.int64),
-        }
-        if self.segment_ids is not None:
-            segments, targets = self.segment_ids[indices], self.targets[indices]
-            batch["mask"] = ((segments[:, :-1] > 0) & (mask > 0)).astype(np.int32)
-            batch["segment_ids"] = np.ascontiguousarray(segments[:, :-1])
-            batch["loss_mask"] = (targets[:, 1:] & (mask > 0)).astype(np.int32)
-        return batch
-
-
-def batch_for_step(dataset: PackedDataset, *, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-    """The training batch of a step: a pure function of `(seed, step)`.
-
-    Windows are visited in a fresh permutation each epoch (`np.random.default_rng([seed, epoch])`); the batch at
-    `step` takes positions `step * batch_size ...` of the concatenated epoch orders, wrapping across epochs. So
-    every window is seen once per epoch and a resumed run gets the same batches as an uninterrupted one.
-
-    **Returns:** `input_ids`, `labels` (inputs shifted by one) and `mask` (1 where the loss counts), each an
-    `int32` array `[batch_size, seq_len]`, and `window` (`[batch_size]`, the window indices: what a teacher
-    cache is keyed by). Windows packed from chat rows (`PackedDataset.of_rows`) add `segment_ids` (each
-    position's row in its window, 0 for padding: attention stays within a row and positions restart with each)
-    and `loss_mask` (1 where the label is a target token of the same row); their `mask` is 1 at every real
-    token (attention's key validity), and the losses count `loss_mask`.
-    """
-    if step < 0 or batch_size <= 0:
-        raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")
-    return dataset.batch(epoch_order(step, batch_size, dataset.num_windows,
-                                     lambda epoch: dataset.permutation(seed, epoch)))
-
-
-def epoch_order(step: int, rows: int, count: int, permutation) -> np.ndarray:
-    """The items of a step of `rows`: positions `step * rows ...` of the concatenated epoch orders of `count`
-    items (`permutation(epoch)`, a permutation of `range(count)`), wrapping across epochs."""
-    epochs, offsets = np.divmod(step * rows + np.arange(rows), count)
-    indices = np.empty(rows, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        at = epochs == epoch
-        indices[at] = permutation(int(epoch))[offsets[at]]
-    return indices
-
-
-def eval_batches(dataset: PackedDataset, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:
-    """The first `n` batches of the windows in order, no shuffling, each window at most once.
-
-    When the windows run out, the last batch is filled up with rows whose `mask` is 0 (so every batch keeps the
-    shape `[batch_size, seq_len]`); there are fewer than `n` batches when the windows run out sooner.
-    """
-    if batch_size <= 0 or n < 0:
-        raise ValueError(f"need batch_size > 0 and n >= 0, got batch_size={batch_size}, n={n}")
-    batches = []
-    for start in range(0, min(n * batch_size, dataset.num_windows), batch_size):
-        indices = np.arange(start, start + batch_size)
-        valid = indices < dataset.num_windows
-        mask = np.repeat(valid[:, None], dataset.seq_len, axis=1).astype(np.int32)
-        batches.append(dataset.batch(np.where(valid, indices, 0), mask))
-    return batches

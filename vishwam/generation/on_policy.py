@@ -30,7 +30,7 @@ from distill.config import OnPolicyConfig
 from distill.objective import Objective
 from models import CausalLM, cast_floating
 from vishwam.config.sections import TrainingConfig
-from vishwam.data.text import PackedDataset, epoch_order
+from vishwam.data.windows import PackedDataset, epoch_order
 from vishwam.errors import ConfigError
 from vishwam.generation.sampler import generate, left_pad
 
@@ -56,10 +56,17 @@ def prompt_answers(dataset: PackedDataset) -> list[tuple[np.ndarray, np.ndarray]
     """Each packed row's `(prompt, answer)`: its last run of target tokens (for a conversation, its last
     assistant turn's content and end token) and every token before it (that turn's header included). Rows of
     `dataset` are its windows' segments; `dataset` must be packed from rows (`PackedDataset.of_rows`)."""
-    if dataset.segment_ids is None:
+    if not dataset.packed:
         raise ValueError("prompt_answers needs rows packed with segment ids (chat data)")
     pairs = []
-    for ids, segments, targets in zip(dataset.windows, dataset.segment_ids, dataset.targets):
+    for start in range(0, dataset.num_windows, 1024):  # a chunk of windows in memory at a time
+        pairs.extend(_window_prompt_answers(*dataset.read(np.arange(start, min(start + 1024, dataset.num_windows)))))
+    return pairs
+
+
+def _window_prompt_answers(windows, segment_ids, targets) -> list[tuple[np.ndarray, np.ndarray]]:
+    pairs = []
+    for ids, segments, targets in zip(windows, segment_ids, targets):
         for s in np.unique(segments[segments > 0]):
             where = np.flatnonzero(segments == s)
             t = targets[where]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import optax
+from jax.experimental import multihost_utils
 
 from distill.eplb import LossBalancer
 from distill.features import FeatureProjections
@@ -27,15 +27,15 @@ from models import CausalLM, ModelConfig, cast_floating, init_model
 from models.pytree import count_parameters
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict
-from vishwam.data import chat_rows as chat_data
-from vishwam.data import text as data_lib
+from vishwam.data import windows as data_lib
+from vishwam.data.splits import load_splits, tokenizer_path
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
 from vishwam.io.files import atomic_write
 from vishwam.plan.fit import check_and_summarize
 from vishwam.plan.planner import MemoryPlan
-from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
+from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, setup_distributed, tree_shardings
 from vishwam.teacher.sources import TeacherSource, check_cacheable
 from vishwam.teacher.streamed import StreamedTeacher
 from vishwam.tracking import log
@@ -79,76 +79,23 @@ class Prepared:
         return {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
 
 
-def detected_cluster() -> tuple[str, int] | None:
-    """`(scheduler, processes)` when the environment names a multi-process job that `jax.distributed` can join
-    by itself (SLURM, Open MPI, a TPU pod's worker list), else None."""
-    env = os.environ
-    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
-        found = ("SLURM", int(env["SLURM_NTASKS"]))
-    elif "OMPI_MCA_orte_hnp_uri" in env and "OMPI_COMM_WORLD_SIZE" in env:
-        found = ("Open MPI", int(env["OMPI_COMM_WORLD_SIZE"]))
-    elif env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES"):
-        hosts = env.get("TPU_PROCESS_ADDRESSES") or env["TPU_WORKER_HOSTNAMES"]
-        found = ("TPU pod", len(hosts.split(",")))
-    else:
-        return None
-    return found if found[1] > 1 else None
-
-
-def setup_distributed(cfg: RunConfig) -> None:
-    """Join the multi-host job: at `distributed.coordinator_address` when it is set; otherwise, when the
-    environment names a cluster job (`detected_cluster`) or `num_processes > 1`, through JAX's own cluster
-    detection (SLURM, Open MPI, Cloud TPU, Kubernetes), which reads the coordinator, process count and id from
-    the scheduler."""
-    d = cfg.distributed
-    if d.coordinator_address:
-        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                                   process_id=d.process_id)
-        return
-    cluster = detected_cluster()
-    if cluster is None and d.num_processes == 1:
-        return
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"config key 'distributed.coordinator_address' is unset and JAX detects no cluster for "
-                          f"{d.num_processes} processes ({' '.join(str(e).split())[:200]}): set it to process 0's "
-                          f"host:port") from None
-    if d.num_processes > 1 and jax.process_count() != d.num_processes:
-        raise ConfigError(f"config key 'distributed.num_processes' is {d.num_processes}, but the "
-                          f"{cluster[0] if cluster else 'detected'} job has {jax.process_count()} processes")
-
-
-def tokenizer_path(cfg: RunConfig, teacher: LazyCheckpoint) -> str | None:
-    """The run's tokenizer: `data.tokenizer`, else the teacher's `tokenizer.json` (None when it has none)."""
-    own = teacher.directory / "tokenizer.json"
-    return cfg.data.tokenizer or (str(own) if own.is_file() else None)
-
-
 def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
-    """The train and eval token streams, tokenized with the teacher's tokenizer unless pre-tokenized."""
-    tr, d = cfg.training, cfg.data
-    tokenizer = tokenizer_path(cfg, teacher)
+    """The train and eval datasets, from token stores (`vishwam.data.splits`; prepared on first use), tokenized
+    with the teacher's tokenizer unless `data.tokenizer` names another."""
     eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
-    if chat_data.is_chat(d.train):  # 'messages' or 'prompt' + 'completion' rows, packed with segment ids
-        return chat_data.load_chat_splits(d, seq_len=tr.seq_len, tokenizer_path=tokenizer, eos_id=eos,
-                                          vocab_size=vocab, log=log)
-    train_tokens = data_lib.load_token_stream(d.train, tokenizer, eos, vocab)  # ids checked file by file
-    eval_tokens = None
-    if d.eval:
-        eval_tokens = data_lib.load_token_stream(d.eval, tokenizer, eos, vocab)
-    elif d.eval_fraction > 0:
-        train_tokens, eval_tokens = data_lib.split_eval(train_tokens, d.eval_fraction)
-    train = data_lib.PackedDataset(train_tokens, tr.seq_len, name="data.train")
-    if eval_tokens is None:
-        return train, None
-    return train, data_lib.PackedDataset(eval_tokens, tr.seq_len, name="data.eval")
+    barrier = None
+    if jax.process_count() > 1:
+        barrier = multihost_utils.sync_global_devices
+    return load_splits(cfg.data, seq_len=cfg.training.seq_len,
+                       tokenizer_path=tokenizer_path(cfg.data, teacher.directory),
+                       eos_id=eos, vocab_size=vocab, log=log, workers=cfg.data.workers,
+                       process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
 
 
 def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     """Everything about the run that needs no weights (see the module docstring); raises the one-line errors.
     `training=False` (the cache build alone) skips the resume check and the memory plan of the train step."""
-    setup_distributed(cfg)
+    setup_distributed(cfg.distributed)
     p, tr = cfg.parallelism, cfg.training
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
@@ -166,7 +113,7 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
         prompts = None
         if objective.on_policy_rows:
-            if train.segment_ids is None:
+            if not train.packed:
                 raise ConfigError("config key 'distillation_params.on_policy.fraction' > 0 needs chat data (rows of "
                                   f"'messages' or 'prompt' + 'completion'), and data.train ({cfg.data.train[0]}) is "
                                   "text")
@@ -298,5 +245,4 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 
 
-__all__ = ["Prepared", "build_state", "compile_check_due", "detected_cluster", "init_student", "prepare",
-           "setup_distributed", "tokenizer_path"]
+__all__ = ["Prepared", "build_state", "compile_check_due", "init_student", "prepare"]

@@ -19,7 +19,8 @@ from vishwam.compile.programs import dry_run_compile
 from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
-from vishwam.data.text import batch_for_step
+from vishwam.data.splits import tokenizer_path
+from vishwam.data.windows import StepReader, batch_for_step
 from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
@@ -65,7 +66,7 @@ class Run:
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
         pad = run.teacher_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
+        self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out, vocab_size=run.vocab_size,
                                eos=eos, pad=pad)
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
@@ -126,6 +127,14 @@ class Run:
             sampler = self.on_policy
             rollout = None if sampler is None or start == 0 else host_rollout(state.rollout)
             data_rows = tr.batch_size - (sampler.rows if sampler else 0)
+            # Rows read where they are used: a resident teacher runs inside the step on the same global batch, so
+            # each process reads only the rows of its devices. (Streamed and cached teachers, and on-policy rows,
+            # take every row on every process.)
+            reader = None
+            if sampler is None and teacher.kind == "resident":
+                reader = StepReader(run.train_data, run.batch_sharding, seed=tr.seed, rows=data_rows,
+                                    accum=tr.grad_accum_steps)
+                stack.callback(reader.close)
             for step in range(start, tr.max_steps):
                 if step in remaps and step > 0:
                     state, sim = remap(state, self.objective, teacher.model, probe_batch(cfg, run.train_data),
@@ -136,13 +145,18 @@ class Run:
                 if sampler is not None and sampler.due(step):
                     rollout = sampler.sample(state.student, state.rng(step), step)
                     state = dataclasses.replace(state, rollout=place_rollout(rollout, shardings.rollout))
-                batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=data_rows)
-                if sampler is not None:
-                    batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
-                batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
-                t_out = teacher.outputs(batch)
-                batch.pop("window", None)
+                if reader is not None:  # this process reads its own devices' rows, read ahead on a thread
+                    batch, t_out = reader.get(step), None
+                else:
+                    batch = batch_for_step(run.train_data, seed=tr.seed, step=step, batch_size=data_rows)
+                    if sampler is not None:
+                        batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
+                    batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
+                    t_out = teacher.outputs(batch)
+                batch = {k: v for k, v in batch.items() if k != "window"}
                 state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
+                if reader is not None and step + 1 < tr.max_steps:
+                    reader.ahead(step + 1)
                 tok_since += tr.batch_size * tr.seq_len
                 done = step + 1
                 # The run of non-finite steps is read one step behind, once the next step is queued: reading this

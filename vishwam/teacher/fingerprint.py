@@ -11,12 +11,12 @@ dtype and the cache's format version. `fingerprint(...)` records each of them, c
   the samples tell apart two checkpoints of the same shapes (a fine-tuned one and its base), whose headers and
   sizes are identical.
 - `config.json` and the tokenizer files (those of `data.tokenizer`, else the teacher's): sha256 of their bytes.
-- Data: the sha256 of the packed windows themselves, the int32 token ids the cache's rows are keyed by (and, for
-  packed chat rows, their segment ids), and their number. This is exact where a file's path, size and mtime are
-  not: it covers the files' content, the tokenizer's output, the EOS id, the eval split and `seq_len`, and a
-  copied, moved or touched data set is still the same data. The tokens are in memory already; hashing them costs
-  less than reading or tokenizing them did. The data files' names and sizes are recorded beside it (not
-  compared) to say which file changed.
+- Data: windows read from a token store (`vishwam.data.store`, what a run reads) are named by the store's
+  fingerprint (its sources' names, sizes and sampled bytes, the tokenizer, the EOS id, the chat template), the
+  split's range and `seq_len` (`PackedDataset.identity`): nothing is hashed per window, so the check costs O(1) in
+  the corpus. Windows in memory (built by hand) are hashed: the sha256 of their int32 token ids (and, for packed
+  chat rows, their segment ids). Either way the number of windows is recorded, and the data files' names and
+  sizes beside it (not compared) to say which file changed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from vishwam.config.sections import RunConfig
-from vishwam.data.text import PackedDataset, expand_paths
+from vishwam.data.text import expand_paths
+from vishwam.data.windows import PackedDataset
 from vishwam.errors import DataError
 from vishwam.io.checkpoint import TOKENIZER_FILES, LazyCheckpoint
 from vishwam.io.files import sha256_file
@@ -80,9 +81,12 @@ def fingerprint(cfg: RunConfig, lazy: LazyCheckpoint, split: str, data: PackedDa
                 vocab_size: int, hidden_layers: tuple[int, ...], version: int) -> dict:
     """The fingerprint of split `split`'s cache (see the module docstring), as it reads back from JSON."""
     weights = {os.path.basename(p): safetensors_entry(p) for p in sorted(set(lazy.weight_map.values()))}
-    windows = hashlib.sha256(memoryview(np.ascontiguousarray(data.windows, dtype=np.int32)).cast("B"))
-    if data.segment_ids is not None:  # packed chat rows: the teacher's outputs depend on where each row starts
-        windows.update(memoryview(np.ascontiguousarray(data.segment_ids, dtype=np.int32)).cast("B"))
+    if data.identity is not None:  # a token store's windows: its fingerprint names them, nothing is hashed
+        windows = hashlib.sha256(json.dumps(data.identity, sort_keys=True).encode())
+    else:
+        windows = hashlib.sha256(memoryview(np.ascontiguousarray(data.windows, dtype=np.int32)).cast("B"))
+        if data.packed:  # packed chat rows: the teacher's outputs depend on where each row starts
+            windows.update(memoryview(np.ascontiguousarray(data.segment_ids, dtype=np.int32)).cast("B"))
     out = {
         "version": version,
         "teacher_weights": weights,

@@ -22,7 +22,7 @@ from distill.objective import Objective, TeacherOutputs
 from models import CausalLM
 from vishwam.config.sections import RunConfig
 from vishwam.config.specs import DTYPES
-from vishwam.data.text import PackedDataset
+from vishwam.data.windows import PackedDataset
 from vishwam.errors import ConfigError, DataError
 from vishwam.io.checkpoint import LazyCheckpoint
 from vishwam.teacher.cache import (

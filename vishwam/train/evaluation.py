@@ -27,7 +27,7 @@ import numpy as np
 from distill.logits import align_vocab, chunked_map, sparse_kd_tokens
 from distill.objective import TeacherOutputs
 from models import CausalLM, cast_floating
-from vishwam.data.text import PackedDataset, eval_batches
+from vishwam.data.windows import PackedDataset, eval_batches
 from vishwam.io.files import atomic_write
 from vishwam.sharding import global_batch, rows_sharding
 from vishwam.teacher.sources import TeacherSource

@@ -30,7 +30,7 @@ from distill.objective import Objective
 from models import cast_floating
 from models.pytree import path_name
 from vishwam.config.sections import RunConfig
-from vishwam.data.text import PackedDataset, batch_for_step
+from vishwam.data.windows import PackedDataset, batch_for_step
 from vishwam.sharding import global_batch, rows_sharding
 from vishwam.train.step import TrainState
 

@@ -1,0 +1,204 @@
+"""A run's train and eval data, from token stores: prepared on first use, reused on every later start.
+
+`load_splits(d, ...)` finds each split's store (`data.store_dir/train` and `/eval` when `data.store_dir` is set,
+else a directory named by the sources' fingerprint under `~/.cache/vishwam/data`), builds it when it is missing
+(`vishwam.data.prepare.build_store`, the same code `python -m vishwam.data` runs), and opens it: the manifest read,
+the shards' sizes checked, nothing else. A store whose fingerprint no longer matches its sources is never read:
+under the default root it is another directory (the fingerprint names it), so the data is prepared anew with a
+log line; at an explicit `data.store_dir` it is one error line. `data.train` (and `data.eval`) may also name a
+prepared store directly.
+
+Chat rows are packed by a plan per `seq_len` and row range (`vishwam.data.windows.pack_plan`), stored in the
+store's `plans/`: a new `seq_len` re-plans from the stored row lengths, without tokenizing again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from vishwam.config.sections import DataConfig
+from vishwam.data import windows
+from vishwam.data.chat import find_template
+from vishwam.data.chat_rows import is_chat
+from vishwam.data.prepare import Recipe, build_store
+from vishwam.data.store import (
+    MANIFEST,
+    TokenStore,
+    describe_change,
+    fingerprint_key,
+    is_store,
+    source_fingerprint,
+)
+from vishwam.data.text import expand_paths
+from vishwam.data.windows import PackedDataset, pack_plan
+from vishwam.errors import DataError
+from vishwam.io.files import atomic_write
+
+DEFAULT_ROOT = Path("~/.cache/vishwam/data")
+
+
+def tokenizer_path(d: DataConfig, teacher_dir: Path) -> str | None:
+    """The run's tokenizer: `data.tokenizer`, else the teacher's `tokenizer.json` (None when it has none)."""
+    own = Path(teacher_dir) / "tokenizer.json"
+    return d.tokenizer or (str(own) if own.is_file() else None)
+
+
+def _tokenizer_files(tokenizer_path: str | None) -> list[str]:
+    if tokenizer_path is None:
+        return []
+    directory = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or "."
+    main = os.path.join(tokenizer_path, "tokenizer.json") if os.path.isdir(tokenizer_path) else tokenizer_path
+    extra = os.path.join(directory, "tokenizer_config.json")
+    return [f for f in (main, extra) if os.path.isfile(f)]
+
+
+def recipe_of(d: DataConfig, files: list[str], *, tokenizer_path: str | None, eos_id: int | None,
+              vocab_size: int | None) -> tuple[Recipe, dict]:
+    """How `files` become tokens, and their fingerprint (`vishwam.data.store.source_fingerprint`)."""
+    kind = "chat" if is_chat(files) else "text"
+    template = None
+    if kind == "chat":
+        if tokenizer_path is None:
+            raise DataError(f"{files[0]} holds chat rows but no tokenizer is given (set data.tokenizer)")
+        directory = Path(tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or ".")
+        found = find_template(d.chat_template, directory)
+        template = None if found is None else (found.source, found.text, found.variables)
+    recipe = Recipe(kind, tokenizer_path, eos_id, vocab_size, template, d.loss_on)
+    needs_tokenizer = kind == "chat" or any(not f.lower().endswith(".npy") for f in files)
+    fingerprint = source_fingerprint(files, kind=kind, tokenizer_files=_tokenizer_files(tokenizer_path)
+                                     if needs_tokenizer else [], eos_id=eos_id,
+                                     chat_template=None if template is None else template[1], loss_on=d.loss_on)
+    return recipe, fingerprint
+
+
+def store_for(paths: tuple[str, ...], d: DataConfig, split: str, *, tokenizer_path: str | None, eos_id: int | None,
+              vocab_size: int | None, log: Callable[[str], None], workers: int = 0, process_index: int = 0,
+              process_count: int = 1, barrier: Callable[[str], None] | None = None) -> TokenStore:
+    """The token store of one split's `paths`: opened when prepared and current, else built (see the module
+    docstring)."""
+    if len(paths) == 1 and is_store(paths[0]):
+        store = TokenStore(paths[0])
+        _check_prepared(store, paths[0], eos_id=eos_id, vocab_size=vocab_size)
+        return store
+    files = expand_paths(paths)
+    if not files:
+        raise DataError("no data files given")
+    recipe, fingerprint = recipe_of(d, files, tokenizer_path=tokenizer_path, eos_id=eos_id, vocab_size=vocab_size)
+    key = fingerprint_key(fingerprint)
+    explicit = d.store_dir is not None
+    directory = (Path(d.store_dir) / split) if explicit else DEFAULT_ROOT.expanduser() / f"{recipe.kind}-{key[:20]}"
+    if (directory / MANIFEST).is_file():
+        store = TokenStore(directory)
+        if store.fingerprint == fingerprint:
+            _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size)
+            if process_count == 1:
+                return store
+            # Several processes go through build_store's barriers together (each finds every unit finished), so
+            # none waits for another that returned early.
+        elif explicit:
+            raise DataError(f"token store {directory} was prepared from other data than data.{split} "
+                            f"({describe_change(store.fingerprint, fingerprint)}): remove it, or set data.store_dir "
+                            f"to another directory")
+        else:
+            log(f"token store {directory} is stale ({describe_change(store.fingerprint, fingerprint)}): preparing "
+                f"it again")
+            (directory / MANIFEST).unlink(missing_ok=True)
+    elif explicit and directory.exists() and any(directory.iterdir()) and not (directory / "shards").is_dir():
+        raise DataError(f"data.store_dir: {directory} exists and is not a token store; name an empty or new directory")
+    store = build_store(files, recipe, fingerprint, directory, workers=workers or (os.cpu_count() or 1), log=log,
+                        process_index=process_index, process_count=process_count, barrier=barrier)
+    _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size)
+    return store
+
+
+def _kind(paths: tuple[str, ...]) -> str:
+    if len(paths) == 1 and is_store(paths[0]):
+        return TokenStore(paths[0]).kind
+    return "chat" if is_chat(paths) else "text"
+
+
+def _check_prepared(store: TokenStore, where: str, *, eos_id: int | None, vocab_size: int | None) -> None:
+    if store.kind == "text" and store.eos_id != eos_id:
+        raise DataError(f"token store {where} joins documents with EOS id {store.eos_id}, the run's teacher uses "
+                        f"{eos_id}: prepare the store with this run's config")
+    if vocab_size is not None and store.max_id >= vocab_size:
+        raise DataError(f"token store {where} holds token id {store.max_id}, outside the model's vocabulary of "
+                        f"{vocab_size} ids (was it tokenized with another tokenizer?)")
+
+
+def _split_range(total: int, fraction: float, what: str) -> int:
+    """Where the held-out tail of `total` items (tokens or rows) starts."""
+    n = int(round(total * fraction))
+    if n == 0 or n == total:
+        raise DataError(f"data.eval_fraction {fraction} of the {total} training {what} leaves an empty "
+                        f"{'eval' if n == 0 else 'train'} split")
+    return total - n
+
+
+def plan(store: TokenStore, rows: tuple[int, int], seq_len: int, *, name: str, log: Callable[[str], None]):
+    """The packing plan of `store`'s rows `rows` into windows of `seq_len + 1` (stored in `plans/`, made once)."""
+    lo, hi = rows
+    directory = store.directory / "plans" / f"seq{seq_len}-rows{lo}-{hi}-block{windows.PLAN_BLOCK_ROWS}"
+    names = ("rows", "starts", "sizes", "window_starts")
+    try:
+        meta = json.loads((directory / "plan.json").read_text())
+        arrays = tuple(np.load(directory / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names)
+    except (OSError, ValueError):
+        lengths, firsts = store.row_lengths(lo, hi)
+        row_ids, starts, sizes, window_starts, truncated = pack_plan(lengths, firsts, seq_len + 1)
+        arrays = (row_ids + lo, starts, sizes, window_starts)
+        for n, a in zip(names, arrays):
+            atomic_write(directory / f"{n}.npy", lambda f, a=a: np.save(f, np.asarray(a, np.int64), allow_pickle=False))
+        meta = {"kept": int(len(row_ids)), "rows": hi - lo, "truncated": truncated, "windows": len(window_starts) - 1}
+        atomic_write(directory / "plan.json", json.dumps(meta) + "\n")
+    if meta["kept"] == 0:
+        raise DataError(f"{name}: none of its {meta['rows']} rows has a target token to train on")
+    log(f"{name}: {meta['kept']} rows packed into {meta['windows']} windows ({meta['truncated']} truncated, "
+        f"{meta['rows'] - meta['kept']} dropped)")
+    return arrays
+
+
+def datasets(store: TokenStore, seq_len: int, *, name: str, part: tuple[float, float] | None = None,
+             log: Callable[[str], None]) -> PackedDataset:
+    """`store`'s windows (all of it, or the `(from, to)` items of `part` given as item counts) as a dataset."""
+    if store.kind == "text":
+        lo, hi = part if part is not None else (0, store.num_tokens)
+        data = PackedDataset.from_store(store, int(lo), int(hi), seq_len, name=name)
+        log(f"{name}: {hi - lo:,} tokens, {data.num_windows:,} windows, token store {store.directory}")
+        return data
+    lo, hi = part if part is not None else (0, store.num_rows)
+    rows = (int(lo), int(hi))
+    data = PackedDataset.from_plan(store, plan(store, rows, seq_len, name=name, log=log), seq_len, name=name,
+                                   rows=rows)
+    log(f"{name}: token store {store.directory}")
+    return data
+
+
+def load_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None, eos_id: int | None,
+                vocab_size: int | None, log: Callable[[str], None], **build) -> tuple[PackedDataset,
+                                                                                     PackedDataset | None]:
+    """The run's train and eval datasets (see the module docstring); `build`: `store_for`'s build arguments."""
+    common = dict(tokenizer_path=tokenizer_path, eos_id=eos_id, vocab_size=vocab_size, log=log, **build)
+    if d.eval and _kind(d.train) != _kind(d.eval):  # before anything is tokenized
+        holds = {"chat": "chat rows", "text": "text"}
+        raise DataError(f"data.train holds {holds[_kind(d.train)]} but data.eval ({d.eval[0]}) holds "
+                        f"{holds[_kind(d.eval)]}; give one kind")
+    train_store = store_for(d.train, d, "train", **common)
+    if d.eval:
+        eval_store = store_for(d.eval, d, "eval", **common)
+        return (datasets(train_store, seq_len, name="data.train", log=log),
+                datasets(eval_store, seq_len, name="data.eval", log=log))
+    if d.eval_fraction > 0:
+        total = train_store.num_tokens if train_store.kind == "text" else train_store.num_rows
+        cut = _split_range(total, d.eval_fraction, "tokens" if train_store.kind == "text" else "rows")
+        return (datasets(train_store, seq_len, name="data.train", part=(0, cut), log=log),
+                datasets(train_store, seq_len, name="data.eval", part=(cut, total), log=log))
+    return datasets(train_store, seq_len, name="data.train", log=log), None
+
+
+__all__ = ["DEFAULT_ROOT", "datasets", "load_splits", "plan", "recipe_of", "store_for", "tokenizer_path"]
