@@ -142,9 +142,25 @@ def test_help_is_still_tyros():
 def test_a_token_id_outside_the_vocabulary_names_the_file(assets, copy_of, tmp_path):
     bad = tmp_path / "big.npy"
     np.save(bad, np.arange(0, 500, dtype=np.int32))
+    # Without its checkpoints: a run that could resume compares the checkpoint's config first, and data.train
+    # changed (issue 30: the comparison runs before the data is read).
+    shutil.rmtree(copy_of / "checkpoints")
     before = tree_hash(copy_of)
     line = one_line_error(cli("--config", str(write_config(assets, copy_of)), "--data.train", str(bad)))
     assert f"{bad} holds token id 499, outside the model's vocabulary of 96 ids" in line, line
+    assert tree_hash(copy_of) == before
+
+
+def test_a_resumed_run_compares_its_config_before_reading_data(assets, copy_of, tmp_path):
+    """Issue 30 item 12: the checkpoint's config is compared before the data is read (a changed key costs no data
+    load, and its line is the only one)."""
+    bad = tmp_path / "big.npy"
+    np.save(bad, np.arange(0, 500, dtype=np.int32))  # would be a data error, were it read
+    before = tree_hash(copy_of)
+    proc = cli("--config", str(write_config(assets, copy_of)), "--data.train", str(bad))
+    line = one_line_error(proc)
+    assert line.startswith("error: config key 'data.train' is ") and "but the checkpoint" in line, line
+    assert "token store" not in proc.stderr and "tokens," not in proc.stderr  # nothing of the data was read
     assert tree_hash(copy_of) == before
 
 

@@ -327,10 +327,10 @@ def _build(files, recipe, fingerprint, directory: Path, *, workers, log, process
         elif i % process_count == process_index:
             jobs.append((i, unit, recipe, str(directory), key))
     total_bytes = sum(j[1]["stop"] - j[1]["start"] for j in jobs)
-    if jobs:
-        log(f"token store {directory}: tokenizing {len(jobs)} of {len(todo)} units ({total_bytes / 2**20:.1f} MiB) "
-            f"with {workers} worker{'s' if workers > 1 else ''}")
-    progress = _Progress(len(jobs), total_bytes)
+    # The bar shows after a second: a build that fails at once (a bad row, an id outside the vocabulary) says only
+    # its one error line.
+    progress = _Progress(len(jobs), total_bytes, f"token store {directory.name}: {len(jobs)} of {len(todo)} units, "
+                         f"{min(workers, len(jobs))} worker{'s' if min(workers, len(jobs)) > 1 else ''}")
 
     def done(meta: dict):
         metas[meta["name"]] = meta
@@ -354,8 +354,8 @@ def _build(files, recipe, fingerprint, directory: Path, *, workers, log, process
         if not (directory / MANIFEST).is_file():  # this process's filesystem is not process 0's
             _write_manifest(directory, fingerprint, ordered)
     if jobs:
-        log(f"token store {directory}: {progress.tokens:,} tokens in {progress.seconds():.1f}s "
-            f"({progress.tokens / max(progress.seconds(), 1e-9):,.0f} tokens/s)")
+        log(f"token store {directory}: {len(jobs)} of {len(todo)} units tokenized, {progress.tokens:,} tokens in "
+            f"{progress.seconds():.1f}s ({progress.tokens / max(progress.seconds(), 1e-9):,.0f} tokens/s)")
     return TokenStore(directory)
 
 
@@ -371,11 +371,11 @@ def _write_manifest(directory: Path, fingerprint: dict, metas: list[dict]) -> No
 class _Progress:
     """A progress bar over the units' bytes with tokens/s and the ETA (tqdm), on stderr."""
 
-    def __init__(self, units: int, total_bytes: int):
+    def __init__(self, units: int, total_bytes: int, what: str):
         self.t0 = time.perf_counter()
         self.tokens = 0
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=units == 0,
-                        dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what, disable=units == 0,
+                        dynamic_ncols=True, mininterval=1.0, delay=1.0)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -33,8 +34,8 @@ from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
 from vishwam.io.files import atomic_write
-from vishwam.plan.fit import check_and_summarize
-from vishwam.plan.planner import MemoryPlan
+from vishwam.plan.fit import check_fits
+from vishwam.plan.planner import MemoryPlan, plan
 from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, setup_distributed, tree_shardings
 from vishwam.teacher.sources import TeacherSource, check_cacheable
 from vishwam.teacher.streamed import StreamedTeacher
@@ -109,7 +110,10 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         resume_step = checkpoints.latest() if training else None
         if resume_step is not None:
             checkpoints.check_resumable(resume_step, cfg)  # before the data is read or anything written
-        memory = check_and_summarize(cfg, t_config) if training else None
+        memory = None
+        if training:  # a misfit stops here; the plan's summary is printed once the data has loaded too
+            memory = plan(cfg, t_config)
+            check_fits(memory, cfg)
         train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
         prompts = None
         if objective.on_policy_rows:
@@ -121,6 +125,8 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     except BaseException:
         checkpoints.close()
         raise
+    if memory is not None and jax.process_index() == 0:
+        print(memory.summary(), file=sys.stderr, flush=True)
     return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh), memory,
                     checkpoints, resume_step, prompts)
 
