@@ -219,3 +219,17 @@ def test_vocabulary_range_is_checked_at_build(text_sources, tmp_path, monkeypatc
                          log=lambda m: None)
     assert splits.store_for(d.train, d, "train", tokenizer_path=None, eos_id=EOS, vocab_size=store.max_id + 1,
                             log=lambda m: None).num_tokens == store.num_tokens
+
+
+def test_a_datasets_dataset_is_streamed_into_the_store(text_sources, tmp_path, monkeypatch):
+    """`hf:NAME[:split]`: a local dataset directory read through `datasets.load_dataset(..., streaming=True)` gives
+    the windows of the same rows as a .jsonl file; an unknown dataset is one line naming it."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(Path(text_sources[-1]).read_text())
+    store = _store([f"hf:{folder}:train"], tmp_path / "hf", monkeypatch)
+    reference = load_token_stream([text_sources[-1]], TOKENIZER, EOS)
+    assert np.array_equal(store.tokens(0, store.num_tokens), reference)
+    with pytest.raises(DataError, match=r"data entry hf:no-such-org/no-such-dataset: cannot load the dataset "
+                                        r"'no-such-org/no-such-dataset' \(split 'train'\)"):
+        _store(["hf:no-such-org/no-such-dataset"], tmp_path / "none", monkeypatch)

@@ -29,7 +29,7 @@ from vishwam.errors import CheckpointError, ConfigError
 from vishwam.io.checkpoint import hub_failure, read_config, resolve_checkpoint_dir
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ARCHITECTURES_DIR = Path(__file__).parent / "assets" / "architectures"
+ARCHITECTURES_DIR = Path(__file__).parents[1] / "assets" / "architectures"
 _ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                         "intermediate_size", "head_dim", "tie_word_embeddings")
 

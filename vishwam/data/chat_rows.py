@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 
 from vishwam.config.sections import DataConfig
 from vishwam.data.chat import ChatTemplate, find_template, token_mask
-from vishwam.data.tables import is_table, table_columns
+from vishwam.data.tables import hf_columns, is_hf, is_table, table_columns
 from vishwam.data.text import check_vocab, expand_paths, load_tokenizer, records
 from vishwam.data.windows import PackedDataset, pack_plan
 from vishwam.errors import DataError
@@ -61,6 +61,8 @@ def _first_record(path: str):
 
 
 def _file_kind(path: str) -> str:
+    if is_hf(path):
+        return _kind(hf_columns(path))
     if is_table(path):
         return _kind(table_columns(path))
     if path.lower().endswith(".jsonl"):

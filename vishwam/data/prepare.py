@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_records
 from vishwam.data.store import MANIFEST, TokenStore, crc_blocks, fingerprint_key
-from vishwam.data.tables import is_table
+from vishwam.data.tables import hf_records, is_hf, is_table
 from vishwam.data.text import BLANK_LINES, check_vocab, load_tokenizer, npy_tokens, records
 from vishwam.errors import DataError
 from vishwam.io.files import atomic_write
@@ -57,6 +57,8 @@ class Recipe:
 
 
 def _format(path: str) -> str:
+    if is_hf(path):
+        return "hf"
     if is_table(path):
         return "table"
     extension = os.path.splitext(path)[1].lower()
@@ -107,7 +109,7 @@ def units(files: list[str]) -> list[dict]:
     out = []
     for path in files:
         fmt = _format(path)
-        size = 0 if fmt == "table" else os.path.getsize(path)
+        size = 0 if fmt in ("table", "hf") else os.path.getsize(path)
         for start, stop, line in _cut(path, fmt, size):
             out.append({"path": path, "format": fmt, "start": start, "stop": stop, "line": line})
     return out
@@ -134,6 +136,8 @@ def _jsonl(path: str, start: int, stop: int, line: int) -> Iterator[tuple[str, o
 def _records(unit: dict) -> Iterator[tuple[str, object]]:
     if unit["format"] == "jsonl":
         yield from _jsonl(unit["path"], unit["start"], unit["stop"], unit["line"])
+    elif unit["format"] == "hf":
+        yield from hf_records(unit["path"])
     else:
         yield from records(unit["path"])
 
@@ -151,7 +155,7 @@ def _documents(unit: dict) -> Iterator[str]:
             raise DataError(f"{path}: not valid UTF-8 (byte {unit['start'] + error.start})") from None
         yield from (d.strip() for d in BLANK_LINES.split(text) if d.strip())
         return
-    table = unit["format"] == "table"
+    table = unit["format"] in ("table", "hf")
     for where, record in _records(unit):
         if not isinstance(record, dict) or "text" not in record:
             raise DataError(f"{where}: expected a {'row' if table else 'JSON object'} with a 'text' field")

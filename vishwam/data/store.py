@@ -64,6 +64,8 @@ def source_entry(path: str) -> dict:
     """A source's name, size and the sha256 of its sampled bytes (a `save_to_disk` directory: of each file in it):
     a few small reads, never the whole file. A copied or moved data set keeps its entry; an edited one changes
     its size or, almost always, a sample."""
+    if path.startswith("hf:"):  # a datasets dataset: named, not sampled (name a revision to pin its content)
+        return {"name": path, "size": None, "sampled_sha256": None}
     p = Path(path)
     digest = hashlib.sha256()
     if p.is_dir():

@@ -1,6 +1,8 @@
 """Tables as data: `.parquet` files and directories written by HF `datasets`' `save_to_disk`, read with `pyarrow`
 (an optional dependency, the `[data]` extra: imported when a table is read, and a one-line `DataError` naming
-the file and the extra when it is missing).
+the file and the extra when it is missing); and `hf:NAME[:split]` entries, a `datasets` hub id or a local dataset
+directory read with `datasets.load_dataset(NAME, split=split, streaming=True)` (split default `train`), row by
+row, into the token store (`vishwam.data.prepare`); offline or unknown, it is one line naming the dataset.
 
 A `save_to_disk` directory holds `state.json` (its `_data_files` name the `.arrow` shards, in order) beside the
 shards, in the Arrow IPC stream format `datasets` writes. A `DatasetDict`'s directory (`dataset_dict.json` and one
@@ -117,3 +119,40 @@ def table_records(path: str) -> list[tuple[str, object]]:
 
 
 __all__ = ["is_saved_dataset", "is_table", "read_table", "table_columns", "table_records"]
+
+
+HF_PREFIX = "hf:"
+
+
+def is_hf(path: str) -> bool:
+    """Whether a data entry names a `datasets` dataset (`hf:NAME[:split]`)."""
+    return str(path).startswith(HF_PREFIX)
+
+
+def _hf_stream(path: str):
+    name, _, split = path[len(HF_PREFIX):].partition(":")
+    if not name:
+        raise DataError(f"data entry {path!r}: name a dataset, hf:NAME[:split]")
+    try:
+        import datasets  # optional: the [data] extra
+    except ImportError:
+        raise DataError(f"{path}: reading datasets needs the datasets package (pip install 'vishwam[data]')") from None
+    try:
+        return iter(datasets.load_dataset(name, split=split or "train", streaming=True))
+    except Exception as error:  # datasets raises many kinds (offline, unknown, a bad split): one line names it
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise DataError(f"data entry {path}: cannot load the dataset {name!r} (split {split or 'train'!r}): "
+                        f"{message}") from None
+
+
+def hf_columns(path: str) -> list[str]:
+    """The fields of a dataset's first row."""
+    first = next(_hf_stream(path), None)
+    return list(first) if isinstance(first, dict) else []
+
+
+def hf_records(path: str):
+    """`(where, row as a dict)` of each row of the dataset `path` names, streamed (`where` is `path row i`)."""
+    for i, record in enumerate(_hf_stream(path)):
+        yield f"{path} row {i}", record
+

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from vishwam.data.tables import is_saved_dataset, is_table, table_records
+from vishwam.data.tables import is_hf, is_saved_dataset, is_table, table_records
 from vishwam.errors import DataError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -48,7 +48,9 @@ def expand_paths(paths_or_globs: str | Sequence[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         pattern = os.fspath(pattern)
-        if _GLOB_CHARS.search(pattern):
+        if is_hf(pattern):  # a datasets dataset, read by the token store
+            files.append(pattern)
+        elif _GLOB_CHARS.search(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True)
                              if os.path.isfile(p) or is_saved_dataset(p))
             if not matches:

@@ -215,6 +215,12 @@ class Planner:
         layer, outside = split_layers(self.teacher, self.t_config.num_hidden_layers, setup.mesh, dtype)
         return self.streamed_layers() * layer + outside
 
+    def cache_bytes_per_token(self) -> int:
+        """A teacher cache's bytes per token (`vishwam.teacher.cache.cache_rows`): top-k float32 values and int32
+        ids, the float32 tail logsumexp and label log-probability, and each mapped layer's float32 hidden state."""
+        layers = len({t for _, t in self.objective.feature_pairs}) if self.objective.uses_features else 0
+        return 8 * self.cfg.distillation.teacher_model.top_k + 8 + 4 * self.t_config.hidden_size * layers
+
     # -- activations
 
     def activations(self, setup: Setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
@@ -243,6 +249,12 @@ class Planner:
             outside = split_layers(self.teacher, self.t_config.num_hidden_layers, setup.mesh, t.dtype)[1]
             total = max(total - teacher + outside, teacher + trainable + optimizer + teacher_out)
         notes = []
+        per_token = self.cache_bytes_per_token()
+        run_tokens = tr.max_steps * tr.batch_size * tr.seq_len
+        hidden = ", mapped hidden states" if self.objective.uses_features else ""
+        notes.append(f"an offline teacher cache (loading: cached) holds {per_token:,} bytes per token (top-{t.top_k} "
+                     f"values and ids, tail and label log-probabilities{hidden}): {_size(per_token * run_tokens)} for "
+                     f"the {run_tokens:,} tokens of max_steps x batch_size x seq_len")
         if setup.loading == "cached":
             notes.append(f"the teacher's top-k logits are read from {t.cache_dir or 'cache_dir'} on disk")
             if self.objective.uses_features or self.objective.uses_attention:
@@ -287,3 +299,10 @@ def plan(cfg: RunConfig, teacher_config: ModelConfig | None = None, *, device_co
 
 
 __all__ = ["DEFAULT_SHARD_BYTES", "GiB", "MemoryPlan", "Setup", "abstract_model", "plan", "split_layers", "tree_bytes"]
+
+
+def _size(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
