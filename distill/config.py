@@ -180,9 +180,11 @@ class OnPolicyConfig(Section):
 
     fraction: float = 0.0
     """Share of each micro-batch's rows whose completion the student samples (lambda), in [0, 1]; 0 turns
-    on-policy distillation off. Rounded to whole rows per micro-batch."""
+    on-policy distillation off. Rounded to whole rows per micro-batch; a fraction that rounds to 0 rows is an
+    error."""
     max_new_tokens: int = 64
-    """Most tokens the student writes per prompt."""
+    """Most tokens the student writes per prompt; prompts longer than seq_len + 1 - max_new_tokens are left out
+    (their count is logged)."""
     temperature: float = 1.0
     """Sampling temperature of the student's completions (0: greedy)."""
     top_p: float = 1.0

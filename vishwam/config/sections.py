@@ -179,7 +179,7 @@ class TrainingConfig(Section):
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (must divide batch_size)."""
     learning_rate: float = 3e-4
-    """Peak learning rate (AdamW), reached after warmup_steps."""
+    """Peak learning rate (AdamW), reached after warmup_steps, then decayed on a cosine to 10% of it at max_steps."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.01
@@ -197,7 +197,7 @@ class TrainingConfig(Section):
     eval_every: int = 50
     """Evaluate every this many steps."""
     eval_batches: int = 4
-    """Batches per evaluation."""
+    """Batches per evaluation (0: no evaluation)."""
     sample_prompts: tuple[str, ...] = ()
     """Prompts whose greedy continuation by the student (and, once, by a resident teacher) is written at every
     evaluation to output_dir/samples.jsonl (step, prompt, student, teacher) and to Aim as text."""
@@ -210,7 +210,8 @@ class TrainingConfig(Section):
     keep_checkpoints: int = 2
     """Number of newest checkpoints kept."""
     max_nonfinite_steps: int = 5
-    """Stop the run after this many non-finite (NaN/inf) steps in a row."""
+    """A non-finite (NaN/inf) loss or gradient skips the step's update; this many skipped steps in a row stop the
+    run."""
     dry_run: bool | Literal["compile"] = False
     """true: print the planner's memory plan from the shapes and exit. 'compile': also compile every program of
     the run from abstract inputs (no weight read) for compile_target and write output_dir/memory_plan.json."""

@@ -19,7 +19,7 @@ Activations: the train step's peak, by phase (`vishwam.plan.step_plan`); with a 
 of the step (the groups released, only the embeddings, final norm and head held) and the teacher's pass (its
 groups and the step's teacher outputs). The other programs of a run: `vishwam.plan.program_plan`. Weights, optimizer
 state and gradients are exact; activations are estimates, set against XLA:TPU's compiled programs by
-`benchmarks/plan_vs_xla.py` (README "Memory at the flagship's size").
+`benchmarks/plan_vs_xla.py` (`docs/scale.md`, "Memory at the flagship's size").
 
 Capacity: `device_bytes`, else `vishwam.plan.capacity.device_capacity`. Whether a plan fits, and what would make it
 fit: `vishwam.plan.fit`. Architectures: `vishwam.config.specs` (bundled for hub ids, so a dry run works offline).

@@ -24,7 +24,7 @@ vocabulary divided by `tensor` where the rules shard them):
   (the float32 accumulator it is added to lives through the step: `vishwam.plan.planner`).
 
 The peak is what lives through the step plus the largest phase (the loss and the backward both also hold what the
-forward saved). Set against XLA:TPU's compiled steps by `benchmarks/plan_vs_xla.py` (README "Memory at the
+forward saved). Set against XLA:TPU's compiled steps by `benchmarks/plan_vs_xla.py` (`docs/scale.md`, "Memory at the
 flagship's size").
 """
 
