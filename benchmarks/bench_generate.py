@@ -22,16 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "vishwam" / "assets" / "demo" / "teacher"
+from benchmarks.common import DEMO, cpu_model, last_json, markdown_table, python_child, timed
+
 D512 = dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=0)
 
@@ -51,7 +46,7 @@ def torch_side(args, d512_dir: str) -> dict:
     transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**D512)).save_pretrained(d512_dir)
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
            "rows": {}}
-    for name, path in (("demo", DEMO), ("d512", d512_dir)):
+    for name, path in (("demo", DEMO / "teacher"), ("d512", d512_dir)):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None
         for batch in args.batches:
@@ -60,10 +55,8 @@ def torch_side(args, d512_dir: str) -> dict:
 
             def run(new):
                 with torch.inference_mode():
-                    start = time.perf_counter()
-                    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   pad_token_id=0)
-                    return time.perf_counter() - start
+                    return timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                        min_new_tokens=new, do_sample=False, pad_token_id=0))
 
             run(args.new)  # warm-up
             prefill = statistics.median(run(1) for _ in range(args.repeats))
@@ -89,7 +82,7 @@ def jax_side(args, d512_dir: str) -> dict:
     from vishwam.generation.sampler import _decode, _eos_array, _prefill, prompt_bucket
 
     out = {"jax": jax.__version__, "rows": {}, "cost": {}}
-    for name, path in (("demo", DEMO), ("d512", d512_dir)):
+    for name, path in (("demo", DEMO / "teacher"), ("d512", d512_dir)):
         model = vishwam.load_pretrained(path, dtype=jnp.float32)
         for batch in args.batches:
             ids = _prompts(model.config.vocab_size, batch, args.prompt).astype(np.int32)
@@ -101,18 +94,16 @@ def jax_side(args, d512_dir: str) -> dict:
             decode_args = (jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1), _eos_array([]),
                            jnp.int32(0))
 
-            def timed(fn):
-                start = time.perf_counter()
-                jax.block_until_ready(fn())
-                return time.perf_counter() - start
+            def prefill_once():
+                return timed(lambda: jax.block_until_ready(prefill()))
 
             def decode_once():
                 logits, cache = jax.block_until_ready(prefill())
-                return timed(lambda: _decode(model, cache, logits, *decode_args, max_new_tokens=args.new,
-                                             cache_sharding=None))
+                return timed(lambda: jax.block_until_ready(_decode(model, cache, logits, *decode_args,
+                                                                   max_new_tokens=args.new, cache_sharding=None)))
 
-            timed(prefill), decode_once()  # compile both
-            t_prefill = statistics.median(timed(prefill) for _ in range(args.repeats))
+            prefill_once(), decode_once()  # compile both
+            t_prefill = statistics.median(prefill_once() for _ in range(args.repeats))
             t_decode = statistics.median(decode_once() for _ in range(args.repeats))
             out["rows"][f"{name}/{batch}"] = {"prefill_ms": t_prefill * 1e3,
                                               "decode_tokens_per_s": batch * (args.new - 1) / t_decode}
@@ -141,25 +132,23 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         d512 = os.path.join(tmp, "d512")
-        child = subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", "--torch-child", d512,
-                                "--batches", *map(str, args.batches), "--prompt", str(args.prompt), "--new",
-                                str(args.new), "--repeats", str(args.repeats)], capture_output=True, text=True,
-                               cwd=ROOT, check=True)
-        theirs = json.loads(child.stdout.strip().splitlines()[-1])
+        child = python_child(["-m", "benchmarks.bench_generate", "--torch-child", d512, "--batches",
+                              *map(str, args.batches), "--prompt", str(args.prompt), "--new", str(args.new),
+                              "--repeats", str(args.repeats)])
+        theirs = last_json(child.stdout)
         ours = jax_side(args, d512)
     print(f"# generation: prompt {args.prompt}, {args.new} new tokens, greedy, float32, CPU "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+          f"({cpu_model()}, {os.cpu_count()} cores)")
     print(f"# jax {ours['jax']} | torch {theirs['torch']} ({theirs['threads']} threads) | transformers "
           f"{theirs['transformers']}; medians of {args.repeats} after a warm-up")
-    print("| model | batch | vishwam prefill ms | transformers prefill ms | vishwam decode tok/s | "
-          "transformers decode tok/s | decode ratio |")
-    print("|---|---|---|---|---|---|---|")
+    cells = []
     for key, row in ours["rows"].items():
         ref = theirs["rows"][key]
-        name, batch = key.split("/")
-        print(f"| {name} | {batch} | {row['prefill_ms']:.1f} | {ref['prefill_ms']:.1f} | "
-              f"{row['decode_tokens_per_s']:.0f} | {ref['decode_tokens_per_s']:.0f} | "
-              f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x |")
+        cells.append([*key.split("/"), f"{row['prefill_ms']:.1f}", f"{ref['prefill_ms']:.1f}",
+                      f"{row['decode_tokens_per_s']:.0f}", f"{ref['decode_tokens_per_s']:.0f}",
+                      f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"])
+    print("\n".join(markdown_table(["model", "batch", "vishwam prefill ms", "transformers prefill ms",
+                                    "vishwam decode tok/s", "transformers decode tok/s", "decode ratio"], cells)))
     print("\n# vishwam decode step, d512 (XLA cost analysis of one step; time from the decode program)")
     for batch, c in ours["cost"].items():
         print(f"batch {batch}: {c['flops'] / 1e9:.3f} GFLOP, {c['bytes'] / 1e6:.1f} MB accessed per step; "

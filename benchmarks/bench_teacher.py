@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
+
+from benchmarks.common import DEMO, ROOT, last_json, markdown_table, python_child, timed, write_json
 
 _CHILD = textwrap.dedent("""
     import json, sys, time
@@ -68,12 +68,9 @@ def memory_comparison(workdir: Path) -> dict:
     path = workdir / "teacher600mb"
     nbytes = _make_teacher(path)
     shards = len(list(path.glob("*.safetensors")))
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-    results = {}
-    for mode in ("resident", "streamed"):
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode], capture_output=True, text=True,
-                              env=env, check=True)
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    results = {mode: last_json(python_child(["-c", _CHILD, str(path), mode], env=env).stdout)
+               for mode in ("resident", "streamed")}
     r, s = results["resident"], results["streamed"]
     agree = abs(r["checksum"] - s["checksum"]) <= 1e-5 * abs(r["checksum"])
     return {
@@ -89,14 +86,12 @@ def cache_throughput(workdir: Path, steps: int) -> dict:
     from vishwam.config.cli import load_config
     from vishwam.run.loop import Run
 
-    root = Path(__file__).resolve().parents[1]
-    cfg_path = root / "configs" / "distill.yaml"
+    cfg_path = ROOT / "configs" / "distill.yaml"
     common = ["--training.max-steps", str(steps), "--training.eval-every", str(10**6), "--training.save-every",
               str(10**6), "--training.log-every", str(max(1, steps // 3)), "--tracking.aim", "false",
               "--distillation-params.attention-weight", "0", "--distillation-params.eplb.remap", "false",
-              "--distillation.teacher-model.path", str(root / "vishwam/assets/demo/teacher"),
-              "--data.train", str(root / "vishwam/assets/demo/train.jsonl"),
-              "--data.eval", str(root / "vishwam/assets/demo/eval.jsonl")]
+              "--distillation.teacher-model.path", str(DEMO / "teacher"), "--data.train", str(DEMO / "train.jsonl"),
+              "--data.eval", str(DEMO / "eval.jsonl")]
     out = {}
     for mode in ("resident", "cached"):
         flags = [*common, "--training.output-dir", str(workdir / mode), "--distillation.teacher-model.loading", mode,
@@ -106,9 +101,7 @@ def cache_throughput(workdir: Path, steps: int) -> dict:
 
             build(["--config", str(cfg_path), *flags])
         run = Run(load_config(str(cfg_path), flags))
-        t0 = time.perf_counter()
-        run.train()
-        wall = time.perf_counter() - t0
+        wall = timed(run.train)
         rows = [json.loads(x) for x in (workdir / mode / "metrics.jsonl").read_text().splitlines()]
         out[mode] = {"tokens_per_sec_last_interval": rows[-1]["tokens_per_sec"], "wall_seconds": wall}
     index = json.loads((workdir / "cache" / "train" / "index.json").read_text())
@@ -116,6 +109,29 @@ def cache_throughput(workdir: Path, steps: int) -> dict:
     out["cached_over_resident"] = (out["cached"]["tokens_per_sec_last_interval"]
                                    / out["resident"]["tokens_per_sec_last_interval"])
     return out
+
+
+def memory_table(mem: dict) -> list[str]:
+    """`memory_comparison`'s figures as a markdown table."""
+    return markdown_table(["teacher forward (4×128 tokens)", "resident", "streamed (max_resident_shards=2)"], [
+        ["checkpoint", f"{mem['teacher_mb']:.0f} MB fp32 in {mem['shards']} shards",
+         f"{mem['streamed_groups']} layer groups"],
+        ["peak RSS (VmHWM)", f"{mem['resident_peak_mb']:.0f} MB",
+         f"{mem['streamed_peak_mb']:.0f} MB ({mem['peak_ratio']:.2f}×)"],
+        ["peak RSS above the post-import baseline", f"{mem['resident_extra_mb']:.0f} MB",
+         f"{mem['streamed_extra_mb']:.0f} MB ({mem['extra_ratio']:.2f}×)"],
+        ["load + forward time", f"{mem['resident_seconds']:.1f} s", f"{mem['streamed_seconds']:.1f} s"],
+        ["outputs agree (1e-5)", mem["outputs_agree"], ""]])
+
+
+def cache_table(cache: dict, steps: int) -> list[str]:
+    """`cache_throughput`'s figures (of `steps` steps per mode) as a markdown table."""
+    resident, cached = cache["resident"], cache["cached"]
+    return markdown_table(["distillation step, demo shapes", "live resident teacher", "top-k cache (k=64)"], [
+        [f"tokens/s (the last third of {steps} steps, after compilation)",
+         f"{resident['tokens_per_sec_last_interval']:.0f}",
+         f"{cached['tokens_per_sec_last_interval']:.0f} ({cache['cached_over_resident']:.2f}×)"],
+        ["cache size", "", f"{cache['cache_bytes_per_token']:.0f} bytes/token"]])
 
 
 def main(argv=None) -> int:
@@ -127,29 +143,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         mem = memory_comparison(work)
-        print("| teacher forward (4×128 tokens) | resident | streamed (max_resident_shards=2) |")
-        print("|---|---|---|")
-        print(f"| checkpoint | {mem['teacher_mb']:.0f} MB fp32 in {mem['shards']} shards | "
-              f"{mem['streamed_groups']} layer groups |")
-        print(f"| peak RSS (VmHWM) | {mem['resident_peak_mb']:.0f} MB | {mem['streamed_peak_mb']:.0f} MB "
-              f"({mem['peak_ratio']:.2f}×) |")
-        print(f"| peak RSS above the post-import baseline | {mem['resident_extra_mb']:.0f} MB | "
-              f"{mem['streamed_extra_mb']:.0f} MB ({mem['extra_ratio']:.2f}×) |")
-        print(f"| load + forward time | {mem['resident_seconds']:.1f} s | {mem['streamed_seconds']:.1f} s |")
-        print(f"| outputs agree (1e-5) | {mem['outputs_agree']} | |")
+        print("\n".join(memory_table(mem)))
         result = {"memory": mem}
         if not args.skip_cache:
             cache = cache_throughput(work, args.steps)
             result["cache"] = cache
             print()
-            print("| distillation step, demo shapes | live resident teacher | top-k cache (k=64) |")
-            print("|---|---|---|")
-            print(f"| tokens/s (the last third of {args.steps} steps, after compilation) | "
-                  f"{cache['resident']['tokens_per_sec_last_interval']:.0f} | "
-                  f"{cache['cached']['tokens_per_sec_last_interval']:.0f} ({cache['cached_over_resident']:.2f}×) |")
-            print(f"| cache size | | {cache['cache_bytes_per_token']:.0f} bytes/token |")
+            print("\n".join(cache_table(cache, args.steps)))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

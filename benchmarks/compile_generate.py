@@ -20,14 +20,13 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
+from benchmarks.common import ROOT  # noqa: E402
 from models import cast_floating, init_model  # noqa: E402
 from vishwam.compile.targets import resolve_target  # noqa: E402
-from vishwam.config import specs
+from vishwam.config import specs  # noqa: E402
 from vishwam.config.cli import load_config  # noqa: E402
 from vishwam.generation.sampler import generation_programs  # noqa: E402
 from vishwam.sharding import make_mesh, tree_shardings  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def placed(config, mesh):
@@ -42,7 +41,7 @@ def main() -> None:
     target = resolve_target("tpu:v5p-16", 8)
     mesh = make_mesh(1, 8, 1, devices=target.devices)
     teacher = specs.resolve_architecture("Qwen/Qwen2.5-32B")
-    cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-32b-to-7b.yaml"))
+    cfg = load_config(str(ROOT / "configs" / "qwen2.5-32b-to-7b.yaml"))
     student = specs.student_config(cfg, teacher)
     print(f"# generation programs compiled for tpu:v5p-16 (fsdp=8); {time.strftime('%Y-%m-%d')}, jax "
           f"{jax.__version__}; GiB per chip of {target.capacity / 2**30:.2f}")

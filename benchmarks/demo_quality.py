@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, git_commit, markdown_table, python_child
+
 P = "--distillation-params."
 CE_ONLY = [f"{P}kd-weight", "0", f"{P}ce-weight", "1", f"{P}feature-weight", "0", f"{P}attention-weight", "0"]
 PREVIOUS = [f"{P}ce-weight", "0.1", f"{P}feature-weight", "0.5", f"{P}attention-weight", "0.1",
@@ -27,11 +27,11 @@ PREVIOUS = [f"{P}ce-weight", "0.1", f"{P}feature-weight", "0.5", f"{P}attention-
 
 
 def run(out: Path, steps: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, str(ROOT / "run.py"), "--config", "configs/distill.yaml", "--training.max-steps",
-           str(steps), "--training.output-dir", str(out), "--tracking.aim", "false", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    cmd = [str(ROOT / "run.py"), "--config", "configs/distill.yaml", "--training.max-steps", str(steps),
+           "--training.output-dir", str(out), "--tracking.aim", "false", *extra]
+    proc = python_child(cmd, check=False)
     if proc.returncode:
-        sys.exit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        sys.exit(f"run failed ({' '.join([sys.executable, *cmd])}):\n{proc.stderr[-3000:]}")
     return json.loads((out / "eval.json").read_text())
 
 
@@ -39,23 +39,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"# python -m benchmarks.demo_quality --steps {args.steps}; commit {commit}; "
+    print(f"# python -m benchmarks.demo_quality --steps {args.steps}; commit {git_commit()}; "
           f"{datetime.date.today().isoformat()}")
     with tempfile.TemporaryDirectory() as tmp:
         kd = run(Path(tmp) / "kd", args.steps, [])
         previous = run(Path(tmp) / "previous", args.steps, PREVIOUS)
         ce = run(Path(tmp) / "ce", args.steps, CE_ONLY)
-    print("| student trained with | eval loss | eval ppl | KL to teacher | top-1 agreement |")
-    print("|---|---|---|---|---|")
-    for name, r in (("`configs/distill.yaml`: forward KL, T = 1", kd),
-                    ("the previous default: KD (T cosine 2 -> 1) + 0.1 CE + 0.5 features + 0.1 attention + EPLB",
-                     previous),
-                    (f"CE on the labels alone (`{' '.join(CE_ONLY)}`)", ce)):
-        print(f"| {name} | {r['student_loss']:.3f} | {r['student_ppl']:.2f} | {r['kl']:.3f} | "
-              f"{r['top1_agreement']:.3f} |")
-    print(f"| the teacher itself | {kd['teacher_loss']:.3f} | {kd['teacher_ppl']:.2f} | – | – |")
+    arms = (("`configs/distill.yaml`: forward KL, T = 1", kd),
+            ("the previous default: KD (T cosine 2 -> 1) + 0.1 CE + 0.5 features + 0.1 attention + EPLB", previous),
+            (f"CE on the labels alone (`{' '.join(CE_ONLY)}`)", ce))
+    rows = [[name, f"{r['student_loss']:.3f}", f"{r['student_ppl']:.2f}", f"{r['kl']:.3f}",
+             f"{r['top1_agreement']:.3f}"] for name, r in arms]
+    rows.append(["the teacher itself", f"{kd['teacher_loss']:.3f}", f"{kd['teacher_ppl']:.2f}", "–", "–"])
+    print("\n".join(markdown_table(["student trained with", "eval loss", "eval ppl", "KL to teacher",
+                                    "top-1 agreement"], rows)))
     print(json.dumps({"kd": kd, "previous": previous, "ce_only": ce}))
 
 

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script
 
+from benchmarks.common import ROOT, markdown_table, mean_sd  # noqa: E402
 from models import cast_floating  # noqa: E402
 from vishwam.config.cli import load_config  # noqa: E402
 from vishwam.config.sections import StudentConfig  # noqa: E402
@@ -129,21 +128,18 @@ def main() -> None:
                 results[arm].append(figures)
                 lines.append("# raw " + json.dumps(figures))
                 print(lines[-1], flush=True)
+
+    def cell(rows, key, fmt="{:.4f}"):
+        return mean_sd([r[key] for r in rows], fmt)
+
     table = ["", f"{args.steps} steps of configs/chat.yaml per arm and stage (wall s: the arm's last stage), seeds "
              f"{args.seeds}; held-out: "
              f"{len(prompts)} eval prompts, greedy continuations of up to 32 tokens. mean ± sd over seeds.", "",
-             "| arm | reverse KL (student's own tokens) | forward KL (same tokens) | exact answers | "
-             "data loss (eval CE) | completion tokens | wall s |", "|---|---|---|---|---|---|---|"]
-
-    def cell(rows, key, fmt="{:.4f}"):
-        values = [r[key] for r in rows]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
-
-    for arm, rows in results.items():
-        table.append(f"| {arm} | {cell(rows, 'reverse_kl')} | {cell(rows, 'forward_kl')} | "
-                     f"{cell(rows, 'exact', '{:.3f}')} | {cell(rows, 'data_loss')} | "
-                     f"{cell(rows, 'completion_len', '{:.1f}')} | {cell(rows, 'seconds', '{:.0f}')} |")
+             *markdown_table(["arm", "reverse KL (student's own tokens)", "forward KL (same tokens)", "exact answers",
+                              "data loss (eval CE)", "completion tokens", "wall s"],
+                             [[arm, cell(rows, "reverse_kl"), cell(rows, "forward_kl"), cell(rows, "exact", "{:.3f}"),
+                               cell(rows, "data_loss"), cell(rows, "completion_len", "{:.1f}"),
+                               cell(rows, "seconds", "{:.0f}")] for arm, rows in results.items()])]
     print("\n".join(table))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -20,10 +20,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import DEMO, write_json
 from vishwam.compile.targets import configure_process
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "vishwam" / "assets" / "demo"
 TEACHER = dict(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                num_attention_heads=8, num_key_value_heads=4, head_dim=64, qkv_bias=True)
 LAYOUTS = {
@@ -143,7 +142,7 @@ def main() -> None:
         print(f"planner vs XLA, mid-size config, {args.target}; MiB per device; ratio = planner / XLA", flush=True)
         rows = compare(config, args.target, args.layouts, args.programs, log=lambda s: print(s, flush=True))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import jax
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script
 
+from benchmarks.common import ROOT, git_commit, log, markdown_table, mean_sd, timed_call  # noqa: E402
 from vishwam.config.cli import load_config  # noqa: E402
 from vishwam.run.loop import Run  # noqa: E402
 
@@ -109,8 +109,8 @@ def corpus() -> tuple[Path, Path]:
     record = json.loads((TEACHER / "training_data.json").read_text())
     for name, path in (("train", train), ("eval", evaluation)):
         if hashlib.sha256(path.read_bytes()).hexdigest() != record[name]["sha256"]:
-            print(f"warning: {path} differs from the corpus the teacher was trained on (another Python version?); "
-                  f"figures will not match docs/results/quality.md", file=sys.stderr)
+            log(f"warning: {path} differs from the corpus the teacher was trained on (another Python version?); "
+                f"figures will not match docs/results/quality.md")
     return train, evaluation
 
 
@@ -119,9 +119,7 @@ def run_cell(flags: list[str], seed: int, steps: int, tmp: Path, data: tuple[Pat
     base = tmp / f"{out.name}.yaml"
     base.write_text(BASE.format(teacher=TEACHER, train=data[0], eval=data[1], out=out, seed=seed, steps=steps,
                                 warmup=max(steps // 10, 1)))
-    start = time.perf_counter()
-    result = Run(load_config(str(base), flags)).train()
-    seconds = time.perf_counter() - start
+    result, seconds = timed_call(Run(load_config(str(base), flags)).train)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [m["tokens_per_sec"] for m in metrics if "tokens_per_sec" in m][1:]  # the first includes compiling
     e = result["eval"]
@@ -139,12 +137,7 @@ def table(rows: list[dict], names: dict[str, tuple[str, list[str]]], steps: int)
     ce = by_cell.get("ce_only")
     ce_loss = statistics.mean(r["eval_loss"] for r in ce) if ce else None
 
-    def cell(values, fmt):
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
-
-    lines = ["| cell | what it changes | seeds | eval loss | vs CE-only | ppl | KL to teacher | top-1 agreement | "
-             "tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for name, (what, _) in names.items():
         rs = by_cell.get(name)
         if not rs:
@@ -152,13 +145,14 @@ def table(rows: list[dict], names: dict[str, tuple[str, list[str]]], steps: int)
         loss = [r["eval_loss"] for r in rs]
         delta = f"{100 * (statistics.mean(loss) / ce_loss - 1):+.1f}%" if ce_loss else "–"
         speed = [r["tokens_per_sec"] for r in rs if r["tokens_per_sec"]]
-        lines.append(f"| `{name}` | {what} | {len(rs)} | {cell(loss, '{:.3f}')} | {delta} | "
-                     f"{cell([r['ppl'] for r in rs], '{:.2f}')} | {cell([r['kl'] for r in rs], '{:.3f}')} | "
-                     f"{cell([r['top1'] for r in rs], '{:.3f}')} | {statistics.mean(speed):,.0f} |")
+        cells.append([f"`{name}`", what, len(rs), mean_sd(loss, "{:.3f}"), delta,
+                      mean_sd([r["ppl"] for r in rs], "{:.2f}"), mean_sd([r["kl"] for r in rs], "{:.3f}"),
+                      mean_sd([r["top1"] for r in rs], "{:.3f}"), f"{statistics.mean(speed):,.0f}"])
     teacher = [r["teacher_loss"] for r in rows if r["steps"] == steps]
     if teacher:
-        lines.append(f"| teacher | – | – | {statistics.mean(teacher):.3f} | – | – | – | – | – |")
-    return lines
+        cells.append(["teacher", "–", "–", f"{statistics.mean(teacher):.3f}", "–", "–", "–", "–", "–"])
+    return markdown_table(["cell", "what it changes", "seeds", "eval loss", "vs CE-only", "ppl", "KL to teacher",
+                           "top-1 agreement", "tokens/s"], cells)
 
 
 def main() -> None:
@@ -179,8 +173,7 @@ def main() -> None:
     if args.raw.is_file():
         done = [json.loads(line) for line in args.raw.read_text().splitlines() if line.strip()]
     have = {(r["cell"], r["seed"], r["steps"]) for r in done}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for name in chosen:
