@@ -30,7 +30,7 @@ from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_records
 from vishwam.data.store import MANIFEST, TokenStore, crc_blocks, fingerprint_key
 from vishwam.data.tables import hf_records, is_hf, is_table
-from vishwam.data.text import BLANK_LINES, check_vocab, load_tokenizer, npy_tokens, records
+from vishwam.data.text import BLANK_LINES, check_vocab, load_tokenizer, npy_tokens, parse_jsonl, record_text, records
 from vishwam.errors import DataError
 from vishwam.io.files import atomic_write
 
@@ -122,15 +122,8 @@ def _jsonl(path: str, start: int, stop: int, line: int) -> Iterator[tuple[str, o
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(stop - start)
-    for number, raw in enumerate(data.split(b"\n"), start=line):
-        if not raw.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number}: not valid UTF-8") from None
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+    for number, record in parse_jsonl(path, data, first_line=line):
+        yield f"{path}:{number}", record
 
 
 def _records(unit: dict) -> Iterator[tuple[str, object]]:
@@ -156,14 +149,8 @@ def _documents(unit: dict) -> Iterator[str]:
         yield from (d.strip() for d in BLANK_LINES.split(text) if d.strip())
         return
     table = unit["format"] in ("table", "hf")
-    for where, record in _records(unit):
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f"{where}: expected a {'row' if table else 'JSON object'} with a 'text' field")
-        text = record["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
-        if text:
-            yield text
+    texts = (record_text(where, record, table=table) for where, record in _records(unit))
+    yield from (text for text in texts if text)
 
 
 def _batches(items: Iterator, n: int) -> Iterator[list]:

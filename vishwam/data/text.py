@@ -25,7 +25,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -83,17 +83,20 @@ def _read_bytes(path: str) -> bytes:
 def jsonl_records(path: str) -> list[tuple[int, object]]:
     """`(line number, parsed JSON value)` of each non-blank line of a `.jsonl` file; a line that is not valid
     UTF-8 or JSON is a `DataError` naming `file:line`."""
-    records = []
-    for number, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
+    return list(parse_jsonl(path, _read_bytes(path), first_line=1))
+
+
+def parse_jsonl(path: str, data: bytes, *, first_line: int) -> Iterator[tuple[int, object]]:
+    """`jsonl_records` of `data`, the bytes of `path` from line `first_line` on (a part of a large file)."""
+    for number, line in enumerate(data.split(b"\n"), start=first_line):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line.decode("utf-8"))))
+            yield number, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
             raise DataError(f"{path}:{number}: not valid UTF-8") from None
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-    return records
 
 
 def records(path: str) -> list[tuple[str, object]]:
@@ -103,18 +106,20 @@ def records(path: str) -> list[tuple[str, object]]:
     return [(f"{path}:{number}", record) for number, record in jsonl_records(path)]
 
 
+def record_text(where: str, record, *, table: bool) -> str:
+    """A text row's `text` (a `DataError` naming `where` when the row has none, or not a string)."""
+    if not isinstance(record, dict) or "text" not in record:
+        raise DataError(f"{where}: expected a {'row' if table else 'JSON object'} with a 'text' field")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+    return text
+
+
 def _documents(path: str) -> list[str]:
     """The `text` of each row of a `.jsonl` file or a table (empty documents skipped)."""
-    documents = []
-    for where, record in records(path):
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f"{where}: expected a {'row' if is_table(path) else 'JSON object'} with a 'text' field")
-        text = record["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
-        if text:
-            documents.append(text)
-    return documents
+    texts = (record_text(where, record, table=is_table(path)) for where, record in records(path))
+    return [text for text in texts if text]
 
 
 def _txt_documents(path: str) -> list[str]:
