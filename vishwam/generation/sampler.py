@@ -30,6 +30,7 @@ from jaxtyping import Array, PRNGKeyArray
 from models import CausalLM, ModelConfig
 from models.decode import KVCache, decode_step, prefill
 from models.sampling import sample_tokens
+from vishwam.errors import CheckpointError
 from vishwam.sharding import rows_sharding, spec_for
 
 #: Prompts up to this many tokens are padded to the next power of two, longer ones to a multiple of it.
@@ -191,13 +192,29 @@ def until_eos(tokens: Sequence[int], eos: Sequence[int]) -> tuple[list[int], boo
 
 def checkpoint_eos_ids(directory: Path, config: ModelConfig) -> list[int]:
     """The ids a checkpoint's generations end at: `generation_config.json`'s `eos_token_id` (which transformers'
-    `generate` uses), else `config.json`'s."""
+    `generate` uses), else `config.json`'s. A `generation_config.json` that is not a JSON object, or whose ids are
+    not token ids of `config`'s vocabulary, is a `CheckpointError` naming it."""
     generation = Path(directory) / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return list(config.eos_ids)
+    if not generation.is_file():
+        return list(config.eos_ids)
+    try:
+        settings = json.loads(generation.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{generation} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{generation} must hold a JSON object, got {type(settings).__name__}")
+    eos = settings.get("eos_token_id")
+    if eos is None:
+        return list(config.eos_ids)
+    ids = [eos] if not isinstance(eos, list) else eos
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise CheckpointError(f"{generation}: key 'eos_token_id' must be a token id or a list of them, got "
+                                  f"{eos!r}")
+        if not 0 <= token < config.vocab_size:
+            raise CheckpointError(f"{generation}: eos_token_id {token} is outside the vocabulary [0, "
+                                  f"vocab_size={config.vocab_size})")
+    return list(ids)
 
 
 def generation_programs(model: CausalLM, batch: int, prompt_len: int, max_new_tokens: int, mesh: Mesh,

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import equinox as eqx
 import jax
@@ -38,6 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _STACKED = "model.layers."
 # Tensors some checkpoints carry that are not parameters (old transformers saved RoPE buffers).
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _is_abstract(x) -> bool:
@@ -103,8 +104,15 @@ def read_weight_map(directory: Path) -> dict[str, str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> shard file, got "
+                                  f"{type(weight_map).__name__}")
+        for name, f in weight_map.items():
+            if not isinstance(f, str) or not _inside(f):
+                raise CheckpointError(f"{index}: weight_map entry {name!r} must name a shard file inside the "
+                                      f"checkpoint directory, got {f!r}")
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing:
             raise CheckpointError(f"{index} names shard {missing[0]} which is not in {directory}")
@@ -119,6 +127,13 @@ def read_weight_map(directory: Path) -> dict[str, str]:
             "loaded): convert with transformers' save_pretrained(safe_serialization=True)"
         )
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint directory {directory}")
+
+
+def _inside(relative: str) -> bool:
+    """Whether an index's shard path stays inside the checkpoint directory: relative, no `..`. Judged on the
+    name, not on where links lead (a hub snapshot's files are links into its blob store)."""
+    path = PurePosixPath(relative)
+    return bool(relative) and "\0" not in relative and not path.is_absolute() and ".." not in path.parts
 
 
 class LazyCheckpoint:
@@ -155,6 +170,7 @@ class LazyCheckpoint:
     def _validate(self):
         """Every tensor the model needs is present with the shape the config implies; nothing unexpected."""
         n = self.config.num_hidden_layers
+        self._check_layer_count()
         expected: set[str] = set()
         for path, leaf in named_leaves(self.abstract):
             shape = tuple(leaf.shape[1:]) if path.startswith(_STACKED) else tuple(leaf.shape)
@@ -182,6 +198,18 @@ class LazyCheckpoint:
         # Shard files named only by the index still must be readable and untruncated.
         for path in sorted(set(self.weight_map.values())):
             self.file(path)
+
+    def _check_layer_count(self):
+        """The config's layer count against the layers the checkpoint holds, before any per-layer name is listed:
+        a `num_hidden_layers` far beyond the checkpoint fails at once, in memory bounded by the index."""
+        held = {int(m.group(1)) for name in self.weight_map if (m := _LAYER.match(name))}
+        first_missing = next(i for i in range(len(held) + 1) if i not in held)
+        if first_missing < self.config.num_hidden_layers:
+            leaf = next(path for path, _ in named_leaves(self.abstract) if path.startswith(_STACKED))
+            name = f"{_STACKED}{first_missing}.{leaf[len(_STACKED):]}"
+            raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.directory} (its config.json has "
+                                  f"num_hidden_layers={self.config.num_hidden_layers}, its weights hold "
+                                  f"{len(held)} layers)")
 
     # ------------------------------------------------------------------------------------------- loading
 
