@@ -77,6 +77,8 @@ def main(argv: list[str]) -> int:
     flags = parse_flags(GenerateFlags, argv, __doc__.splitlines()[0])
     if flags.max_new_tokens < 1 or flags.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
+    if flags.fsdp < 1 or flags.tensor < 1:
+        raise ConfigError(f"--fsdp and --tensor must be >= 1 (mesh axis sizes), got {flags.fsdp} and {flags.tensor}")
     if flags.temperature < 0 or flags.top_k < 0 or not 0 < flags.top_p <= 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     prompts = _prompts(flags)
