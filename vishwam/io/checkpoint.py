@@ -236,6 +236,7 @@ class LazyCheckpoint:
 
     def _materialize(self, subtree, prefix: str, mesh: Mesh | None, dtype, rules, layer_range=None):
         """Build the arrays of `subtree` (a part of `abstract` found at `prefix`) from the checkpoint."""
+        _check_float_dtype(dtype)
         device = None if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         leaves, treedef = jax.tree_util.tree_flatten(subtree)
         out = []
@@ -304,6 +305,12 @@ class LazyCheckpoint:
         return sum(self.file(f).info(name).nbytes for name, f in self.weight_map.items())
 
 
+def _check_float_dtype(dtype) -> None:
+    """Weights are held in a floating dtype: casting them to an integer or boolean one would silently destroy them."""
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {jnp.dtype(dtype).name}")
+
+
 def open_pretrained(path_or_id: str | os.PathLike) -> LazyCheckpoint:
     """Open an HF checkpoint lazily: config parsed, index and shard headers validated, no tensor read."""
     return LazyCheckpoint(path_or_id)
@@ -322,6 +329,7 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype=None, mesh: Mesh | None
 
     **Returns:** the model, an `eqx.Module`.
     """
+    _check_float_dtype(dtype)  # before anything is opened
     ckpt = LazyCheckpoint(path_or_id)
     try:
         return ckpt.load(dtype=dtype, mesh=mesh, rules=rules)
@@ -348,16 +356,36 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
+def _export_target(out_dir: str | os.PathLike) -> Path:
+    """The absolute directory `save_pretrained` writes (`.` names the working directory), checked replaceable."""
+    out = Path(os.path.abspath(os.fspath(out_dir)))
+    cwd = Path.cwd()
+    if out == cwd or out in cwd.parents:
+        raise CheckpointError(f"save_pretrained: {out_dir} is the working directory or holds it; name a directory "
+                              "for the checkpoint (it is written beside the target and renamed into place)")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise CheckpointError(f"save_pretrained: {out} exists and is not a directory; name a new directory or "
+                                  "an earlier export to replace")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(f"save_pretrained: {out} is a directory that holds no checkpoint (no config.json); "
+                                  "only an earlier export or an empty directory is replaced")
+    return out
+
+
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
                     max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
     and the tokenizer files of `tokenizer_from` when given. `transformers.AutoModelForCausalLM` loads it.
 
     The directory is written beside the target and renamed into place, so an interrupted export never leaves a
-    half-written model where a good one was. In a multi-process run every process must call this (sharded
-    arrays are gathered); only process 0 writes.
+    half-written model where a good one was. What it replaces must be a checkpoint (a directory with a
+    `config.json`) or an empty directory: a file, another directory, or the working directory (or one that holds
+    it) is a `CheckpointError`, and nothing is touched. In a multi-process run every process must call this
+    (sharded arrays are gathered); only process 0 writes.
     """
-    out = Path(out_dir)
+    _check_float_dtype(dtype)
+    out = _export_target(out_dir)
     config = model.config
     n = config.num_hidden_layers
     limit = _parse_size(max_shard_size)
