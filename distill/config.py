@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -33,10 +34,36 @@ def unvalidated() -> Iterator[None]:
         _VALIDATE.reset(token)
 
 
+#: Integers of a config feed JAX's 32-bit integers (seeds, steps, token counts): larger ones would overflow there.
+INT_LIMIT = 2**31
+
+
+def number_problem(value: object) -> str | None:
+    """Why a number given for a config key or a flag is unusable, or None: a float must be finite (NaN compares
+    false with every bound, so range checks alone let it through) and an integer must fit in 32 bits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        bound = f"at most {INT_LIMIT - 1}" if value > 0 else f"at least {-INT_LIMIT}"
+        return f"must be {bound} (a 32-bit integer), got {value}"
+    return None
+
+
 def config_error(key: str, message: str) -> ConfigError:
     error = ConfigError(f"config key '{key}' {message}")
     error.key = key  # type: ignore[attr-defined]  # lets the CLI add the file the key came from
     return error
+
+
+def _numbers(key: str, value: object) -> Iterator[tuple[str, object]]:
+    """`(dotted key, number)` for a field's value: a number, or the numbers in a tuple of them (`pairs[0][1]`)."""
+    if isinstance(value, (int, float)):
+        yield key, value
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            yield from _numbers(f"{key}[{i}]", item)
 
 
 class Section:
@@ -46,7 +73,17 @@ class Section:
 
     def __post_init__(self) -> None:
         if _VALIDATE.get():
+            self._check_numbers()
             self._check()
+
+    def _check_numbers(self) -> None:
+        """Every number of this section's own fields (nested sections check theirs) is finite and fits in 32 bits:
+        checked once here, where values enter, for every key."""
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            for key, value in _numbers(self._key(field.name), getattr(self, field.name)):
+                problem = number_problem(value)
+                if problem is not None:
+                    raise config_error(key, problem)
 
     def _check(self) -> None:
         pass
@@ -72,6 +109,7 @@ class Section:
             value = getattr(self, field.name)
             if isinstance(value, Section):
                 value.validate()
+        self._check_numbers()
         self._check()
 
 
@@ -179,9 +217,9 @@ class OnPolicyConfig(Section):
     _path = "distillation_params.on_policy"
 
     fraction: float = 0.0
-    """Share of each micro-batch's rows whose completion the student samples (lambda), in [0, 1]; 0 turns
-    on-policy distillation off. Rounded to whole rows per micro-batch; a fraction that rounds to 0 rows is an
-    error."""
+    """Share of each micro-batch's rows whose completion the student samples (lambda), in [0, 1); 0 turns
+    on-policy distillation off. Rounded to whole rows per micro-batch, which must leave at least one row of each
+    kind: 1 <= round(fraction x micro-batch rows) <= micro-batch rows - 1."""
     max_new_tokens: int = 64
     """Most tokens the student writes per prompt; prompts longer than seq_len + 1 - max_new_tokens are left out
     (their count is logged)."""
@@ -198,9 +236,21 @@ class OnPolicyConfig(Section):
     def enabled(self) -> bool:
         return self.fraction > 0
 
+    def rows(self, micro_batch_size: int) -> int:
+        """On-policy rows per micro-batch of `micro_batch_size` rows: `round(fraction x micro_batch_size)` (0 when
+        off), which must leave at least one row of each kind (on-policy and data)."""
+        if not self.enabled:
+            return 0
+        rows = int(round(self.fraction * micro_batch_size))
+        if not 1 <= rows <= micro_batch_size - 1:
+            raise config_error(self._key("fraction"), f"x training.micro_batch_size ({self.fraction} x "
+                               f"{micro_batch_size}) rounds to {rows} on-policy rows per micro-batch: each "
+                               "micro-batch needs at least one on-policy row and one data row")
+        return rows
+
     def _check(self) -> None:
-        if not 0.0 <= self.fraction <= 1.0:
-            raise config_error(self._key("fraction"), f"must be in [0, 1], got {self.fraction}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise config_error(self._key("fraction"), f"must be in [0, 1), got {self.fraction}")
         self._positive("max_new_tokens", "every")
         self._non_negative("temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -272,5 +322,5 @@ class DistillationParams(Section):
             raise config_error(self._key("attention_layers"), "lists a layer more than once")
 
 
-__all__ = ["DistillationParams", "EPLBConfig", "LayerMappingConfig", "OnPolicyConfig", "Section", "TemperatureConfig",
-           "config_error", "unvalidated"]
+__all__ = ["INT_LIMIT", "DistillationParams", "EPLBConfig", "LayerMappingConfig", "OnPolicyConfig", "Section",
+           "TemperatureConfig", "config_error", "number_problem", "unvalidated"]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .attention import attention_kl_loss, relation_loss
-from .config import DistillationParams, config_error
+from .config import DistillationParams
 from .eplb import LossBalancer, ProgressiveSchedule, balance
 from .features import FeatureProjections, mapped_feature_losses
 from .logits import (align_vocab, cross_entropy_loss, kd_ce_loss, kd_loss, linear_kd_ce_loss, linear_kd_loss,
@@ -75,19 +75,13 @@ class Objective:
         """The objective of `params` for a student and a teacher of these depths: the layer mapping of
         `params.layer_mapping` and the attention pairs (`distill.mapping.attention_pairs`), checked against the
         depths; with EPLB on, the stage settings checked too; with on-policy distillation, its rows per
-        micro-batch of `micro_batch_size` rows (`on_policy_rows`, at least 1)."""
+        micro-batch of `micro_batch_size` rows (`on_policy_rows`, `OnPolicyConfig.rows`)."""
         lm = params.layer_mapping
         pairs = layer_mapping(lm.strategy, student_layers=student_layers, teacher_layers=teacher_layers, k=lm.k,
                               pairs=lm.pairs or None)
         attention = attention_pairs(pairs, params.attention_layers, strategy=lm.strategy, k=lm.k,
                                     student_layers=student_layers, teacher_layers=teacher_layers)
-        rows = 0
-        if params.on_policy.enabled:
-            rows = int(round(params.on_policy.fraction * micro_batch_size))
-            if rows < 1:
-                raise config_error("distillation_params.on_policy.fraction",
-                                   f"x training.micro_batch_size ({params.on_policy.fraction} x {micro_batch_size}) "
-                                   "rounds to 0 on-policy rows per micro-batch: raise either")
+        rows = params.on_policy.rows(micro_batch_size)
         objective = cls(params, tuple(pairs), tuple(attention), total_steps, rows)
         if objective.uses_eplb:
             objective.progressive()  # raises ConfigError for impossible stage settings, before anything runs

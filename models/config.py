@@ -12,6 +12,7 @@ One frozen (hashable) dataclass; the family differences are flags, not subclasse
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -29,6 +30,70 @@ _ARCH_TO_TYPE = {v: k for k, v in ARCHITECTURES.items()}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (NaN and infinities are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+_EXPECTED = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
+             list: "a list", "ids": "a token id or a list of token ids"}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if _is_json(value) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class _Reader:
+    """Typed reads of one JSON object: a value of the wrong type is a `ConfigError` naming `source` and the key."""
+
+    def __init__(self, data: dict[str, Any], source: str, prefix: str = ""):
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def get(self, key: str, kind: Any, default: Any = None, *, null_ok: bool = False, positive: bool = False) -> Any:
+        """`data[key]` if it is a `kind` (`int`, `float`, `bool`, `str`, `dict`, `list` or `"ids"`); `default` when
+        absent (or null, with `null_ok`)."""
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if value is None and null_ok:
+            return default
+        if kind is int:
+            ok = _is_int(value) and (value > 0 or not positive)
+        elif kind is float:
+            ok = _is_number(value)
+        elif kind == "ids":
+            ok = _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            expected = "a positive integer" if positive else _EXPECTED[kind]
+            raise ConfigError(f"{self.source}: key '{self.prefix}{key}' must be {expected}, got {_describe(value)}")
+        return value
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling (`rope_type` in HF's `rope_parameters` / `rope_scaling`)."""
@@ -38,6 +103,14 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive_number(f"rope {name}", getattr(self, name))
+        _check_positive_int("rope original_max_position_embeddings", self.original_max_position_embeddings)
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"rope high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                              f"({self.low_freq_factor}) for rope_type 'llama3'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +155,17 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        _check_positive_number("rms_norm_eps", self.rms_norm_eps)
+        _check_positive_number("rope_theta", self.rope_theta)
+        _check_positive_int("max_position_embeddings", self.max_position_embeddings)
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else () if value is None else (value,)
+            for token in ids:
+                if not _is_int(token):
+                    raise ConfigError(f"{name} must be a token id (an integer){' or a list of them' if name == 'eos_token_id' else ''} or null, got {value!r}")
+                if not 0 <= token < self.vocab_size:
+                    raise ConfigError(f"{name} {token} is outside the vocabulary [0, vocab_size={self.vocab_size})")
         if self.rope_scaling.rope_type not in _ROPE_TYPES:
             raise ConfigError(
                 f"unsupported rope_type {self.rope_scaling.rope_type!r}: supported are {', '.join(_ROPE_TYPES)}"
@@ -122,12 +204,17 @@ class ModelConfig:
     # ----------------------------------------------------------------------------------------- HF config.json
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
-        """Parse a transformers `config.json` dict. Errors name `source` and the offending field."""
+    def from_hf(cls, hf: Any, *, source: str = "config.json") -> "ModelConfig":
+        """Parse a transformers `config.json` (its JSON value: an object unless the file is broken). Errors name
+        `source` and the offending key: a value of the wrong JSON type, NaN or infinity, and ids outside the
+        vocabulary are one-line `ConfigError`s, never tracebacks."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source} must hold a JSON object, got {_describe(hf)}")
+        read = _Reader(hf, source)
         model_type = hf.get("model_type")
-        if model_type not in ARCHITECTURES:
-            archs = hf.get("architectures") or []
-            known = [_ARCH_TO_TYPE[a] for a in archs if a in _ARCH_TO_TYPE]
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            archs = read.get("architectures", list, [], null_ok=True)
+            known = [_ARCH_TO_TYPE[a] for a in archs if isinstance(a, str) and a in _ARCH_TO_TYPE]
             if known and model_type is None:
                 model_type = known[0]
             else:
@@ -135,65 +222,72 @@ class ModelConfig:
                     f"{source}: unsupported architecture {model_type or archs!r}; vishwam runs "
                     f"{', '.join(sorted(ARCHITECTURES.values()))}"
                 )
-        if hf.get("hidden_act", "silu") != "silu":
+        if read.get("hidden_act", str, "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-        if hf.get("use_sliding_window", False):
+        if read.get("use_sliding_window", bool, False):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in hf:
                 raise ConfigError(f"{source}: missing field {key!r}")
-        heads = hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads)
-        if model_type != "qwen3" and not hf.get("head_dim") and hf["hidden_size"] % heads:
-            raise ConfigError(
-                f"{source}: hidden_size={hf['hidden_size']} is not divisible by num_attention_heads={heads}"
-            )
+            read.get(key, int, positive=True)
+        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        kv_heads = read.get("num_key_value_heads", int, heads, null_ok=True, positive=True)
+        head_dim = read.get("head_dim", int, 0, null_ok=True, positive=True) or hidden // heads
+        if model_type != "qwen3" and not hf.get("head_dim") and hidden % heads:
+            raise ConfigError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
 
         # Released Qwen2.5 configs put rope_theta at the top level; transformers>=5 writes `rope_parameters`.
-        rope = hf.get("rope_parameters") or {}
-        legacy_scaling = hf.get("rope_scaling") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling_src = {**legacy_scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}}
-        rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default"))
-        scaling = RopeScaling(
-            rope_type=rope_type,
-            factor=float(scaling_src.get("factor", 1.0)),
-            low_freq_factor=float(scaling_src.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling_src.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling_src.get("original_max_position_embeddings", 8192)),
+        rope = _Reader(read.get("rope_parameters", dict, {}, null_ok=True), source, "rope_parameters.")
+        legacy = _Reader(read.get("rope_scaling", dict, {}, null_ok=True), source, "rope_scaling.")
+
+        def scaling_field(key: str, kind: type, default: Any) -> Any:
+            """A scaling field from `rope_parameters`, else `rope_scaling` (rope_type's old name there: type)."""
+            for part in (rope, legacy):
+                for name in (key, "type") if key == "rope_type" else (key,):
+                    if name in part.data:
+                        return part.get(name, kind)
+            return default
+
+        if "rope_theta" in rope.data:
+            rope_theta = rope.get("rope_theta", float)
+        else:
+            rope_theta = read.get("rope_theta", float, 10000.0, null_ok=True)
+        scaling = dict(
+            rope_type=scaling_field("rope_type", str, "default"),
+            factor=float(scaling_field("factor", float, 1.0)),
+            low_freq_factor=float(scaling_field("low_freq_factor", float, 1.0)),
+            high_freq_factor=float(scaling_field("high_freq_factor", float, 4.0)),
+            original_max_position_embeddings=scaling_field("original_max_position_embeddings", int, 8192),
         )
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-        eos = hf.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = tuple(eos)
-        try:
-            return cls(
-                model_type=model_type,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                rope_scaling=scaling,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                qk_norm=model_type == "qwen3",
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=eos,
-                pad_token_id=hf.get("pad_token_id"),
-            )
+            qkv_bias = o_bias = read.get("attention_bias", bool, False)
+        eos = read.get("eos_token_id", "ids", None, null_ok=True)
+        fields = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(read.get("rms_norm_eps", float, 1e-6)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=read.get("max_position_embeddings", int, 32768),
+            tie_word_embeddings=read.get("tie_word_embeddings", bool, False),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=read.get("mlp_bias", bool, False),
+            qk_norm=model_type == "qwen3",
+            bos_token_id=read.get("bos_token_id", int, None, null_ok=True),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=read.get("pad_token_id", int, None, null_ok=True),
+        )
+        try:  # the values' own checks (ranges, special ids in the vocabulary), named with the file
+            return cls(rope_scaling=RopeScaling(**scaling), **fields)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 

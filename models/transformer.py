@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .attention import Attention, CausalMask
@@ -88,6 +89,20 @@ class Transformer(eqx.Module):
         layer_keys = jax.random.split(kl, config.num_hidden_layers)
         self.layers = eqx.filter_vmap(lambda k: DecoderLayer(config, key=k))(layer_keys)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Concrete ids (a host array, or a device array called eagerly) must be integers in `[0, vocab_size)`: an
+    embedding lookup would silently clamp the others. Traced ids (inside `jit`, `vmap`, `eval_shape`) and arrays
+    spread over other processes are not looked at: their values are not known here."""
+    if isinstance(input_ids, jax.core.Tracer) or not getattr(input_ids, "is_fully_addressable", True):
+        return
+    ids = np.asarray(input_ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
 class CausalLMOutput(eqx.Module):
@@ -295,6 +310,7 @@ class CausalLM(eqx.Module):
 
         **Returns:** a `CausalLMOutput`.
         """
+        check_token_ids(input_ids, self.config.vocab_size)
         mask, cos, sin = prepare_inputs(self.config, input_ids, attention_mask, position_ids, segment_ids)
         h = constrain(self.embed(input_ids), activation_sharding)
         n = self.config.num_hidden_layers

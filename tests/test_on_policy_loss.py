@@ -5,6 +5,7 @@ expectations."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -97,7 +98,8 @@ def test_gkd_on_the_on_policy_rows_and_the_objective_on_the_others(beta, head):
 
 def test_all_rows_on_policy_is_the_gkd_loss_alone():
     s, t, labels, mask = inputs(3)
-    obj = objective(0.5, fraction=1.0)
+    # A config leaves at least one data row per micro-batch (OnPolicyConfig.rows); the loss itself takes any m.
+    obj = dataclasses.replace(objective(0.5), on_policy_rows=ROWS)
     loss, metrics, _ = distill_loss(obj, CausalLMOutput(logits=jnp.asarray(s)), TeacherOutputs(logits=jnp.asarray(t)),
                                     jnp.asarray(labels), jnp.asarray(mask), jnp.int32(0), None, None)
     np.testing.assert_allclose(loss, np_gkd(s, t, mask, 0.5), rtol=1e-5)

@@ -31,7 +31,7 @@ from vishwam.data.chat import find_template
 from vishwam.data.text import load_tokenizer, read_prompts
 from vishwam.errors import ConfigError, DataError
 from vishwam.generation.sampler import checkpoint_eos_ids, generate, left_pad, until_eos
-from vishwam.io.checkpoint import load_pretrained, resolve_checkpoint_dir
+from vishwam.io.checkpoint import load_pretrained, read_config, resolve_checkpoint_dir
 from vishwam.io.files import atomic_write
 from vishwam.sharding import make_mesh
 
@@ -77,6 +77,8 @@ def main(argv: list[str]) -> int:
     flags = parse_flags(GenerateFlags, argv, __doc__.splitlines()[0])
     if flags.max_new_tokens < 1 or flags.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
+    if flags.fsdp < 1 or flags.tensor < 1:
+        raise ConfigError(f"--fsdp and --tensor must be >= 1 (mesh axis sizes), got {flags.fsdp} and {flags.tensor}")
     if flags.temperature < 0 or flags.top_k < 0 or not 0 < flags.top_p <= 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     prompts = _prompts(flags)
@@ -85,10 +87,10 @@ def main(argv: list[str]) -> int:
 
     directory = resolve_checkpoint_dir(flags.model)
     tokenizer = load_tokenizer(str(directory))
+    eos = checkpoint_eos_ids(directory, read_config(directory))  # before any weight is read
     mesh = make_mesh(fsdp=flags.fsdp, tensor=flags.tensor) if flags.fsdp * flags.tensor > 1 else None
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[flags.dtype]
     model = load_pretrained(directory, dtype=dtype, mesh=mesh)
-    eos = checkpoint_eos_ids(directory, model.config)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
     if flags.chat:  # each prompt a user turn, rendered for the assistant's answer as apply_chat_template does
         template = find_template(None, directory)

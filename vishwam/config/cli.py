@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 import tyro
 import yaml
 
+from distill.config import number_problem
 from vishwam.config.sections import RunConfig, unvalidated
 from vishwam.errors import ConfigError, VishwamError
 
@@ -93,17 +94,22 @@ def _tyro(default: RunConfig, args: list[str]) -> RunConfig:
 
 def parse_flags(cls: type[T], argv: Sequence[str], description: str) -> T:
     """A tool's flags (a frozen dataclass `cls`) from `argv` through tyro, a bad flag a one-line `ConfigError`
-    (`--debug` is left to `run_main`)."""
+    (`--debug` is left to `run_main`): also a number that is NaN or infinite, or an integer past 32 bits."""
     captured = io.StringIO()
     args = [a for a in argv if a != "--debug"]
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(cls, args=args, description=description)  # booleans are flags: --chat
+            flags = tyro.cli(cls, args=args, description=description)  # booleans are flags: --chat
     except SystemExit as exit_:
         if not exit_.code:  # --help
             sys.stderr.write(captured.getvalue())
             raise
         raise ConfigError(_one_line(captured.getvalue())) from None
+    for field in dataclasses.fields(flags):  # type: ignore[arg-type]
+        problem = number_problem(getattr(flags, field.name))  # NaN, inf, integers past 32 bits: every flag
+        if problem is not None:
+            raise ConfigError(f"--{field.name.replace('_', '-')} {problem}")
+    return flags
 
 
 def _one_line(box: str) -> str:
@@ -238,7 +244,7 @@ def _flag_key(arg: str) -> str | None:
 
 
 def _in_flags(rest: Sequence[str], key: str) -> bool:
-    key = re.sub(r"\[\d+\]$", "", key)
+    key = re.sub(r"(\[\d+\])+$", "", key)  # `pairs[0][1]` is set by the flag `pairs`
     return any(_flag_key(arg) == key for arg in rest)
 
 

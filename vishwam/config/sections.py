@@ -346,6 +346,7 @@ class RunConfig(Section):
             raise config_error("training.batch_size", f"gives {micro} sequences per micro-batch, which must divide evenly "
                         f"over parallelism.data x parallelism.fsdp = {batch_devices} devices")
         on = self.distillation_params.on_policy
+        on.rows(micro)  # at least one on-policy and one data row per micro-batch
         if on.enabled:
             if self.distillation.teacher_model.loading == "cached":
                 raise config_error("distillation_params.on_policy.fraction", "> 0 needs a teacher that scores the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from jaxtyping import Array, PRNGKeyArray
 from models import CausalLM, ModelConfig
 from models.decode import KVCache, decode_step, prefill
 from models.sampling import sample_tokens
+from vishwam.errors import CheckpointError
 from vishwam.sharding import rows_sharding, spec_for
 
 #: Prompts up to this many tokens are padded to the next power of two, longer ones to a multiple of it.
@@ -104,8 +106,23 @@ def _eos_array(eos: list[int]) -> Array:
     return jnp.asarray(eos + [-1] * (max(8, -(-len(eos) // 8) * 8) - len(eos)), jnp.int32)
 
 
+def _scalar(name: str, value, kinds: str):
+    """`value` as a numpy scalar of one of the dtype `kinds` ('iu': integers, 'iuf': real numbers), finite."""
+    arr = np.asarray(value)
+    if arr.ndim or arr.dtype.kind not in kinds:
+        raise TypeError(f"{name} must be {'an integer' if kinds == 'iu' else 'a real number'}, got {value!r}")
+    if not np.isfinite(arr):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return arr[()]
+
+
 def _check(ids: np.ndarray, mask: np.ndarray, vocab: int, max_new_tokens: int, temperature: float, top_k: int,
            top_p: float, key) -> None:
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    temperature, top_p = _scalar("temperature", temperature, "iuf"), _scalar("top_p", top_p, "iuf")
+    if not 0 <= _scalar("top_k", top_k, "iu") < 2**31:
+        raise ValueError(f"top_k must be in [0, 2**31), got {top_k}")
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {ids.shape}")
     if mask.shape != ids.shape:
@@ -115,10 +132,10 @@ def _check(ids: np.ndarray, mask: np.ndarray, vocab: int, max_new_tokens: int, t
     real = ids[mask]
     if real.size and (real.min() < 0 or real.max() >= vocab):
         raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if not 1 <= max_new_tokens < 2**31:
+        raise ValueError(f"max_new_tokens must be in [1, 2**31), got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key: generate(..., key=jax.random.key(0))")
 
@@ -149,6 +166,10 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     """
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    try:  # a static argument of the decode program: a Python int (np.int64(8) and the like become one)
+        max_new_tokens = operator.index(max_new_tokens)
+    except TypeError:
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}") from None
     _check(ids, mask, model.config.vocab_size, max_new_tokens, temperature, top_k, top_p, key)
     eos = _ids(eos_token_id, "eos_token_id")
     pad = _ids(pad_token_id, "pad_token_id") or eos[:1] or [0]
@@ -191,13 +212,29 @@ def until_eos(tokens: Sequence[int], eos: Sequence[int]) -> tuple[list[int], boo
 
 def checkpoint_eos_ids(directory: Path, config: ModelConfig) -> list[int]:
     """The ids a checkpoint's generations end at: `generation_config.json`'s `eos_token_id` (which transformers'
-    `generate` uses), else `config.json`'s."""
+    `generate` uses), else `config.json`'s. A `generation_config.json` that is not a JSON object, or whose ids are
+    not token ids of `config`'s vocabulary, is a `CheckpointError` naming it."""
     generation = Path(directory) / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return list(config.eos_ids)
+    if not generation.is_file():
+        return list(config.eos_ids)
+    try:
+        settings = json.loads(generation.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{generation} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{generation} must hold a JSON object, got {type(settings).__name__}")
+    eos = settings.get("eos_token_id")
+    if eos is None:
+        return list(config.eos_ids)
+    ids = [eos] if not isinstance(eos, list) else eos
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise CheckpointError(f"{generation}: key 'eos_token_id' must be a token id or a list of them, got "
+                                  f"{eos!r}")
+        if not 0 <= token < config.vocab_size:
+            raise CheckpointError(f"{generation}: eos_token_id {token} is outside the vocabulary [0, "
+                                  f"vocab_size={config.vocab_size})")
+    return list(ids)
 
 
 def generation_programs(model: CausalLM, batch: int, prompt_len: int, max_new_tokens: int, mesh: Mesh,

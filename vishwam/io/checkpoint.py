@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import equinox as eqx
 import jax
@@ -38,6 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _STACKED = "model.layers."
 # Tensors some checkpoints carry that are not parameters (old transformers saved RoPE buffers).
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _is_abstract(x) -> bool:
@@ -103,8 +104,15 @@ def read_weight_map(directory: Path) -> dict[str, str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> shard file, got "
+                                  f"{type(weight_map).__name__}")
+        for name, f in weight_map.items():
+            if not isinstance(f, str) or not _inside(f):
+                raise CheckpointError(f"{index}: weight_map entry {name!r} must name a shard file inside the "
+                                      f"checkpoint directory, got {f!r}")
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing:
             raise CheckpointError(f"{index} names shard {missing[0]} which is not in {directory}")
@@ -119,6 +127,13 @@ def read_weight_map(directory: Path) -> dict[str, str]:
             "loaded): convert with transformers' save_pretrained(safe_serialization=True)"
         )
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint directory {directory}")
+
+
+def _inside(relative: str) -> bool:
+    """Whether an index's shard path stays inside the checkpoint directory: relative, no `..`. Judged on the
+    name, not on where links lead (a hub snapshot's files are links into its blob store)."""
+    path = PurePosixPath(relative)
+    return bool(relative) and "\0" not in relative and not path.is_absolute() and ".." not in path.parts
 
 
 class LazyCheckpoint:
@@ -155,6 +170,7 @@ class LazyCheckpoint:
     def _validate(self):
         """Every tensor the model needs is present with the shape the config implies; nothing unexpected."""
         n = self.config.num_hidden_layers
+        self._check_layer_count()
         expected: set[str] = set()
         for path, leaf in named_leaves(self.abstract):
             shape = tuple(leaf.shape[1:]) if path.startswith(_STACKED) else tuple(leaf.shape)
@@ -183,6 +199,18 @@ class LazyCheckpoint:
         for path in sorted(set(self.weight_map.values())):
             self.file(path)
 
+    def _check_layer_count(self):
+        """The config's layer count against the layers the checkpoint holds, before any per-layer name is listed:
+        a `num_hidden_layers` far beyond the checkpoint fails at once, in memory bounded by the index."""
+        held = {int(m.group(1)) for name in self.weight_map if (m := _LAYER.match(name))}
+        first_missing = next(i for i in range(len(held) + 1) if i not in held)
+        if first_missing < self.config.num_hidden_layers:
+            leaf = next(path for path, _ in named_leaves(self.abstract) if path.startswith(_STACKED))
+            name = f"{_STACKED}{first_missing}.{leaf[len(_STACKED):]}"
+            raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.directory} (its config.json has "
+                                  f"num_hidden_layers={self.config.num_hidden_layers}, its weights hold "
+                                  f"{len(held)} layers)")
+
     # ------------------------------------------------------------------------------------------- loading
 
     def _reader(self, names: list[str], stacked: bool, dtype) -> Callable:
@@ -208,6 +236,7 @@ class LazyCheckpoint:
 
     def _materialize(self, subtree, prefix: str, mesh: Mesh | None, dtype, rules, layer_range=None):
         """Build the arrays of `subtree` (a part of `abstract` found at `prefix`) from the checkpoint."""
+        _check_float_dtype(dtype)
         device = None if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         leaves, treedef = jax.tree_util.tree_flatten(subtree)
         out = []
@@ -276,6 +305,12 @@ class LazyCheckpoint:
         return sum(self.file(f).info(name).nbytes for name, f in self.weight_map.items())
 
 
+def _check_float_dtype(dtype) -> None:
+    """Weights are held in a floating dtype: casting them to an integer or boolean one would silently destroy them."""
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {jnp.dtype(dtype).name}")
+
+
 def open_pretrained(path_or_id: str | os.PathLike) -> LazyCheckpoint:
     """Open an HF checkpoint lazily: config parsed, index and shard headers validated, no tensor read."""
     return LazyCheckpoint(path_or_id)
@@ -294,6 +329,7 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype=None, mesh: Mesh | None
 
     **Returns:** the model, an `eqx.Module`.
     """
+    _check_float_dtype(dtype)  # before anything is opened
     ckpt = LazyCheckpoint(path_or_id)
     try:
         return ckpt.load(dtype=dtype, mesh=mesh, rules=rules)
@@ -320,16 +356,36 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
+def _export_target(out_dir: str | os.PathLike) -> Path:
+    """The absolute directory `save_pretrained` writes (`.` names the working directory), checked replaceable."""
+    out = Path(os.path.abspath(os.fspath(out_dir)))
+    cwd = Path.cwd()
+    if out == cwd or out in cwd.parents:
+        raise CheckpointError(f"save_pretrained: {out_dir} is the working directory or holds it; name a directory "
+                              "for the checkpoint (it is written beside the target and renamed into place)")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise CheckpointError(f"save_pretrained: {out} exists and is not a directory; name a new directory or "
+                                  "an earlier export to replace")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(f"save_pretrained: {out} is a directory that holds no checkpoint (no config.json); "
+                                  "only an earlier export or an empty directory is replaced")
+    return out
+
+
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
                     max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
     and the tokenizer files of `tokenizer_from` when given. `transformers.AutoModelForCausalLM` loads it.
 
     The directory is written beside the target and renamed into place, so an interrupted export never leaves a
-    half-written model where a good one was. In a multi-process run every process must call this (sharded
-    arrays are gathered); only process 0 writes.
+    half-written model where a good one was. What it replaces must be a checkpoint (a directory with a
+    `config.json`) or an empty directory: a file, another directory, or the working directory (or one that holds
+    it) is a `CheckpointError`, and nothing is touched. In a multi-process run every process must call this
+    (sharded arrays are gathered); only process 0 writes.
     """
-    out = Path(out_dir)
+    _check_float_dtype(dtype)
+    out = _export_target(out_dir)
     config = model.config
     n = config.num_hidden_layers
     limit = _parse_size(max_shard_size)

@@ -32,6 +32,7 @@ from vishwam.data import windows as data_lib
 from vishwam.data.splits import load_splits, tokenizer_path
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
+from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
 from vishwam.io.files import atomic_write
 from vishwam.plan.fit import check_fits
@@ -93,6 +94,20 @@ def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
                        process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
 
 
+def _check_eos_ids(teacher: LazyCheckpoint, student: ModelConfig) -> None:
+    """The teacher's EOS ids are token ids of the vocabulary both models share: `config.json`'s separate the data's
+    documents and rows, `generation_config.json`'s end sampled completions. (Each checkpoint's own reader holds
+    them to its own vocabulary; a student's may be smaller.)"""
+    vocab = min(student.vocab_size, teacher.config.vocab_size)
+    for name, ids in (("config.json", teacher.config.eos_ids),
+                      ("generation_config.json", checkpoint_eos_ids(teacher.directory, teacher.config))):
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise ConfigError(f"{teacher.directory / name}: eos_token_id {outside[0]} is outside the run's vocabulary "
+                              f"of {vocab} ids (the student's {student.vocab_size}, the teacher's "
+                              f"{teacher.config.vocab_size})")
+
+
 def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     """Everything about the run that needs no weights (see the module docstring); raises the one-line errors.
     `training=False` (the cache build alone) skips the resume check and the memory plan of the train step."""
@@ -103,6 +118,7 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     t_config = lazy.config
     s_config = specs.student_config(cfg, t_config)
     objective = specs.objective(cfg, s_config, t_config)
+    _check_eos_ids(lazy, s_config)
     if cfg.distillation.teacher_model.loading == "cached":
         check_cacheable(cfg)
     checkpoints = Checkpointer(Path(tr.output_dir) / "checkpoints", tr.keep_checkpoints)
