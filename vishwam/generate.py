@@ -23,6 +23,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 from tqdm import tqdm
 
@@ -95,7 +96,14 @@ def main(argv: list[str]) -> int:
         if template is None:
             raise ConfigError(f"--chat: {directory} has no chat template (chat_template.jinja, or chat_template in "
                               "tokenizer_config.json)")
-        rendered = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        rendered = []
+        for i, p in enumerate(prompts):
+            try:
+                rendered.append(template.render([{"role": "user", "content": p}], add_generation_prompt=True))
+            except jinja2.TemplateError as error:  # raise_exception, the sandbox's SecurityError, 1 // 0, ...
+                message = " ".join(str(error).split()) or type(error).__name__
+                raise DataError(f"--chat: the chat template {template.source} fails to render prompt {i}: "
+                                f"{message}") from None
         encoded = [e.ids for e in tokenizer.encode_batch(rendered, add_special_tokens=False)]
     else:
         encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
