@@ -33,7 +33,7 @@ from vishwam.data.text import load_tokenizer, read_prompts
 from vishwam.errors import ConfigError, DataError
 from vishwam.generation.sampler import checkpoint_eos_ids, generate, left_pad, until_eos
 from vishwam.io.checkpoint import load_pretrained, resolve_checkpoint_dir
-from vishwam.io.files import atomic_write
+from vishwam.io.files import atomic_write, require_directory
 from vishwam.sharding import make_mesh
 
 
@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
     prompts = _prompts(flags)
     if flags.out is not None and Path(flags.out).is_dir():
         raise ConfigError(f"--out {flags.out} is a directory; name a .jsonl file")
+    if flags.out is not None:  # before generating: a file where the folder of --out should be
+        require_directory(Path(flags.out).parent, f"the folder of --out {flags.out}")
 
     directory = resolve_checkpoint_dir(flags.model)
     tokenizer = load_tokenizer(str(directory))

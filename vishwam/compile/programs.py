@@ -50,7 +50,7 @@ from vishwam.data.chat_rows import is_chat
 from vishwam.errors import ConfigError, DataError
 from vishwam.generation.on_policy import initial_rollout, step_rows
 from vishwam.generation.sampler import generation_programs
-from vishwam.io.files import atomic_write
+from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.planner import GiB, MemoryPlan, Planner, Setup
 from vishwam.plan.program_plan import ProgramPlanner
 from vishwam.sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
@@ -313,6 +313,8 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False, plan: Mem
     `compile_target` says, writing nothing (a real run's `compile_check`), with `plan` the run's own memory plan
     for them (`vishwam.run.build.prepare` made it; planned here when not given). **Returns:** the report."""
     tr = cfg.training
+    if not local:
+        require_directory(tr.output_dir, "config key 'training.output_dir'")
     target = resolve_target(None if local else tr.compile_target, cfg.parallelism.num_devices)
     run = AbstractRun(cfg, target)
     if plan is None or plan.planner is None or not local:

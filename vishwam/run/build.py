@@ -32,7 +32,7 @@ from vishwam.data import text as data_lib
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
-from vishwam.io.files import atomic_write
+from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_and_summarize
 from vishwam.plan.planner import MemoryPlan
 from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, tree_shardings
@@ -150,6 +150,10 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     `training=False` (the cache build alone) skips the resume check and the memory plan of the train step."""
     setup_distributed(cfg)
     p, tr = cfg.parallelism, cfg.training
+    if training:  # a file where a directory is expected: said now, not after the teacher is loaded
+        require_directory(tr.output_dir, "config key 'training.output_dir'")
+    if cfg.distillation.teacher_model.cache_dir:
+        require_directory(cfg.distillation.teacher_model.cache_dir, "config key 'distillation.teacher_model.cache_dir'")
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
     t_config = lazy.config
