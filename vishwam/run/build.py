@@ -163,9 +163,8 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         check_cacheable(cfg)
     checkpoints = Checkpointer(Path(tr.output_dir) / "checkpoints", tr.keep_checkpoints)
     try:
-        resume_step = checkpoints.latest() if training else None
-        if resume_step is not None:
-            checkpoints.check_resumable(resume_step, cfg)  # before the data is read or anything written
+        # Before the data is read or anything written: the newest readable checkpoint, its config compared.
+        resume_step = checkpoints.resumable(cfg, log) if training else None
         memory = check_and_summarize(cfg, t_config) if training else None
         train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
         prompts = None
@@ -264,13 +263,14 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
             streamed.close()
 
 
-def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation, *,
+def build_state(run: Prepared, teacher: TeacherSource | None, optimizer: optax.GradientTransformation, *,
                 abstract: bool = False):
     """**Returns:** `(state, shardings)`: the initial `TrainState`, every array leaf placed by the rule table on
     the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target).
 
     With `abstract` (a resumed run, whose every array the checkpoint replaces) the state is only its shapes and
-    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, and pruning never runs again on resume."""
+    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, pruning never runs again on resume, and no teacher
+    is needed (None)."""
     cfg, objective = run.cfg, run.objective
     param_dtype = specs.DTYPES[cfg.training.param_dtype]
     k_student, k_proj, k_state = jax.random.split(jax.random.key(cfg.training.seed), 3)

@@ -58,8 +58,9 @@ class Run:
 
     def _start(self, stack: contextlib.ExitStack):
         """After `prepare` (config checks, the resume check, the memory plan, the data): samples and on-policy
-        sampling, the compile check, the teacher, the state and its restore; then `config.yaml`, written only once
-        every check has passed. **Returns:** `(teacher, state, shardings, optimizer, schedule, tracker, start)`."""
+        sampling, the compile check, the restored state (before the teacher), the teacher, a new state; then
+        `config.yaml`, written only once every check has passed. **Returns:** `(teacher, state, shardings,
+        optimizer, schedule, tracker, start)`."""
         cfg, tr, run = self.cfg, self.cfg.training, self.prepared
         stack.callback(run.checkpoints.close)
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
@@ -76,19 +77,21 @@ class Run:
         self.cache_use = stack.enter_context(compilation_cache(cache_dir(cfg, check)))
         if check:  # a misfit raises its one-line ConfigError
             dry_run_compile(cfg, local=True, log=log, plan=run.memory)
+        optimizer, schedule = optimizer_of(cfg)
+        start = 0
+        if run.resume_step is not None:  # before the teacher loads: a checkpoint whose arrays do not read is skipped
+            state, shardings = build.build_state(run, None, optimizer, abstract=True)
+            state = run.checkpoints.restore_newest(run.resume_step, state, shardings, cfg, log)
+            start = int(state.step)
+            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
+            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
         teacher = self.open_teacher()
         stack.callback(teacher.close)
         log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
             f"from {run.lazy_teacher.directory} ({teacher.kind})")
-        optimizer, schedule = optimizer_of(cfg)
-        latest = run.resume_step
-        state, shardings = build.build_state(run, teacher, optimizer, abstract=latest is not None)
-        start = 0
-        if latest is not None:
-            state, _ = run.checkpoints.restore(latest, state, shardings)
-            start = int(state.step)
-            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
-            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
+        if run.resume_step is None:
+            state, shardings = build.build_state(run, teacher, optimizer)
+        run.checkpoints.set_aside()  # the unreadable checkpoints skipped, now that the run goes on
         if jax.process_index() == 0:
             save_config(cfg, run.out / "config.yaml")
         self.samples.truncate(start)
