@@ -24,7 +24,7 @@ from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.generation.samples import Samples
-from vishwam.io.checkpoint import save_pretrained
+from vishwam.io.checkpoint import remove_stale_exports, save_pretrained
 from vishwam.run import build
 from vishwam.sharding import global_batch
 from vishwam.teacher.sources import TeacherSource, open_teacher
@@ -93,6 +93,9 @@ class Run:
             state, shardings = build.build_state(run, teacher, optimizer)
         run.checkpoints.set_aside()  # the unreadable checkpoints skipped, now that the run goes on
         if jax.process_index() == 0:
+            for name in ("init_student", "student"):  # what an export killed mid-way left behind
+                for path, done in remove_stale_exports(run.out / name):
+                    log(f"{path}, left by an export that was killed: {done}")
             save_config(cfg, run.out / "config.yaml")
         self.samples.truncate(start)
         tracker = Tracker(cfg, run.out, start)
