@@ -17,6 +17,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
 from distill.eplb import LossBalancer
@@ -31,6 +32,8 @@ from vishwam.data import chat_rows as chat_data
 from vishwam.data import text as data_lib
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
+from vishwam.generation.sampler import check_generation
+from vishwam.generation.samples import Samples
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
 from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_and_summarize
@@ -181,6 +184,26 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
                     checkpoints, resume_step, prompts)
 
 
+def check_samples(run: Prepared, samples: Samples) -> None:
+    """Raise a one-line `ConfigError` naming `training.sample_max_new_tokens` when the samples' generation cannot
+    run (`vishwam.generation.sampler.check_generation`): past a model's positions, or a KV cache that does not fit
+    beside the run's weights and optimizer state (the memory plan's) on a device. The student writes samples in the
+    compute dtype, a resident teacher in its own."""
+    if not samples.enabled:
+        return
+    cfg, memory = run.cfg, run.memory
+    itemsize = lambda name: jnp.dtype(specs.DTYPES[name]).itemsize  # noqa: E731
+    models = {"student": (run.student_config, itemsize(cfg.training.compute_dtype))}
+    if cfg.distillation.teacher_model.loading == "resident":
+        models["teacher"] = (run.teacher_config, itemsize(cfg.distillation.teacher_model.dtype))
+    held = 0 if memory is None else (memory.teacher_bytes + memory.student_bytes + memory.projection_bytes
+                                     + memory.optimizer_bytes + memory.gradient_bytes)
+    check_generation(models, rows=samples.ids.shape[0], prompt_len=samples.ids.shape[1],
+                     max_new_tokens=samples.max_new_tokens, mesh=cfg.parallelism,
+                     capacity=None if memory is None else memory.capacity, resident_bytes=held,
+                     what="config key 'training.sample_max_new_tokens'")
+
+
 def compile_check_due(cfg: RunConfig) -> bool:
     """Whether the run compiles its programs from abstract shapes before reading weights (`training.compile_check`:
     'on', or 'auto' on accelerators)."""
@@ -302,5 +325,5 @@ def build_state(run: Prepared, teacher: TeacherSource | None, optimizer: optax.G
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 
 
-__all__ = ["Prepared", "build_state", "compile_check_due", "detected_cluster", "init_student", "prepare",
-           "setup_distributed", "tokenizer_path"]
+__all__ = ["Prepared", "build_state", "check_samples", "compile_check_due", "detected_cluster", "init_student",
+           "prepare", "setup_distributed", "tokenizer_path"]

@@ -68,6 +68,7 @@ class Run:
         pad = pad if pad is not None else (eos[0] if eos else 0)
         self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
                                eos=eos, pad=pad)
+        build.check_samples(run, self.samples)  # their lengths, before the compile check compiles them
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
