@@ -16,13 +16,14 @@ import pytest
 from models import cast_floating
 from vishwam.config.cli import load_config, run_main
 from vishwam.run.loop import Run, train
+from vishwam.tracking import WALL_CLOCK_METRICS
 
 DEMO = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo" / "teacher"
 TEMPLATE = """{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\
 {% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}\
 {% if add_generation_prompt %}Assistant: {% endif %}"""
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
-TIMING = ("tokens_per_sec", "peak_rss_gb", "on_policy/gen_tokens_per_sec", "on_policy/gen_time_share")
+TIMING = WALL_CLOCK_METRICS
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,19 @@ def test_on_policy_run_logs_its_metrics(chat_data, tmp_path, loading):
             assert math.isfinite(r[key]) and r[key] >= 0, key
         assert r["on_policy/gen_tokens_per_sec"] > 0  # every: 1, so every step samples
         np.testing.assert_allclose(r["loss"], (r["on_policy/loss"] + r["off_policy/loss"]) / 2, rtol=1e-5)
+
+
+def test_two_clean_runs_write_equal_metrics_but_for_the_wall_clock(chat_data, tmp_path):
+    """`metrics.jsonl` of two runs of one on-policy config: equal once `WALL_CLOCK_METRICS` are dropped (speeds,
+    memory, generation's share of the time, all four logged): every other field is a function of the config and
+    the step."""
+    rows = []
+    for name in ("a", "b"):
+        train(load_config(str(write(chat_data, tmp_path / name, max_steps=2))))
+        rows.append([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert all(set(WALL_CLOCK_METRICS) <= set(row) for row in rows[0] + rows[1])
+    drop = lambda row: {k: v for k, v in row.items() if k not in WALL_CLOCK_METRICS}  # noqa: E731
+    assert [r["step"] for r in rows[0]] == [1, 2] and list(map(drop, rows[0])) == list(map(drop, rows[1]))
 
 
 def test_greedy_completions_are_the_students_own_argmax(chat_data, tmp_path):

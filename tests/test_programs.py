@@ -261,7 +261,8 @@ def test_a_run_compiles_its_programs_before_reading_a_weight(config, tmp_path, m
 def test_the_compile_checks_compiles_are_the_runs(config, tmp_path, monkeypatch, caplog):
     """Through XLA's compilation cache (`training.compilation_cache`) each program is compiled once: what the
     compile check compiled from abstract shapes is read back when the run calls it on its arrays (the train step,
-    evaluation), so the check costs no second compile. JAX's cache setting is put back when the run ends."""
+    evaluation), so the check costs no second compile, however short its compile (the run sets JAX's
+    `jax_persistent_cache_min_compile_time_secs` to 0). JAX's cache settings are put back when the run ends."""
     import logging
 
     from vishwam.config.cli import load_config
@@ -273,11 +274,9 @@ def test_the_compile_checks_compiles_are_the_runs(config, tmp_path, monkeypatch,
     monkeypatch.setenv("VISHWAM_DEVICE_MEMORY", "8GiB")
     caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
     min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny programs compile in under 1 s
-    try:
-        result = loop.Run(load_config(str(config), flags)).train()
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    assert min_seconds > 0  # JAX's default: the tiny programs, compiled in under 1 s, would not be cached
+    result = loop.Run(load_config(str(config), flags)).train()
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == min_seconds
     compiled = collections.Counter(r.args[0] for r in caplog.records if "seconds to compile" in str(r.msg))
     read_back = {r.args[0] for r in caplog.records if str(r.msg).startswith("Persistent compilation cache hit")}
     # The step is a new jitted function in the run (read back from the cache); evaluation's is the same function

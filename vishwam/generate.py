@@ -23,6 +23,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 from tqdm import tqdm
 
@@ -30,9 +31,10 @@ from vishwam.config.cli import parse_flags, run_main
 from vishwam.data.chat import find_template
 from vishwam.data.text import load_tokenizer, read_prompts
 from vishwam.errors import ConfigError, DataError
-from vishwam.generation.sampler import checkpoint_eos_ids, generate, left_pad, until_eos
-from vishwam.io.checkpoint import load_pretrained, read_config, resolve_checkpoint_dir
-from vishwam.io.files import atomic_write
+from vishwam.generation.sampler import check_generation, checkpoint_eos_ids, generate, left_pad, until_eos
+from vishwam.io.checkpoint import LazyCheckpoint, open_pretrained, resolve_checkpoint_dir
+from vishwam.io.files import atomic_write, require_directory
+from vishwam.plan.capacity import device_capacity
 from vishwam.sharding import make_mesh
 
 
@@ -73,6 +75,21 @@ def _prompts(flags: GenerateFlags) -> list[str]:
     return [flags.prompt] if flags.prompt is not None else read_prompts(flags.prompts)
 
 
+def _check_lengths(flags: GenerateFlags, lazy: LazyCheckpoint, encoded: list[list[int]], mesh) -> None:
+    """`--max-new-tokens` after the longest prompt within the model's positions, and its batches' KV cache beside
+    the weights within a device (`vishwam.generation.sampler.check_generation`), before any weight is read."""
+    c = lazy.config
+    if flags.dtype is not None:
+        itemsize = jnp.dtype(flags.dtype).itemsize
+    else:  # as stored
+        itemsize = max(1, round(lazy.nbytes() / c.num_parameters()))
+    devices = 1 if mesh is None else mesh.size
+    rows = flags.batch_size if len(encoded) > flags.batch_size else len(encoded)  # every batch filled to the size
+    check_generation({"model": (c, itemsize)}, rows=rows, prompt_len=max(map(len, encoded)),
+                     max_new_tokens=flags.max_new_tokens, mesh=mesh, capacity=device_capacity(devices)[0],
+                     resident_bytes=c.num_parameters() * itemsize // devices, what="--max-new-tokens")
+
+
 def main(argv: list[str]) -> int:
     flags = parse_flags(GenerateFlags, argv, __doc__.splitlines()[0])
     if flags.max_new_tokens < 1 or flags.batch_size < 1:
@@ -84,25 +101,39 @@ def main(argv: list[str]) -> int:
     prompts = _prompts(flags)
     if flags.out is not None and Path(flags.out).is_dir():
         raise ConfigError(f"--out {flags.out} is a directory; name a .jsonl file")
+    if flags.out is not None:  # before generating: a file where the folder of --out should be
+        require_directory(Path(flags.out).parent, f"the folder of --out {flags.out}")
 
     directory = resolve_checkpoint_dir(flags.model)
     tokenizer = load_tokenizer(str(directory))
-    eos = checkpoint_eos_ids(directory, read_config(directory))  # before any weight is read
     mesh = make_mesh(fsdp=flags.fsdp, tensor=flags.tensor) if flags.fsdp * flags.tensor > 1 else None
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[flags.dtype]
-    model = load_pretrained(directory, dtype=dtype, mesh=mesh)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
+    lazy = open_pretrained(directory)  # config, index and shard headers: no weight is read before the checks
+    eos = checkpoint_eos_ids(directory, lazy.config)
+    pad = lazy.config.pad_token_id if lazy.config.pad_token_id is not None else (eos[0] if eos else 0)
     if flags.chat:  # each prompt a user turn, rendered for the assistant's answer as apply_chat_template does
         template = find_template(None, directory)
         if template is None:
             raise ConfigError(f"--chat: {directory} has no chat template (chat_template.jinja, or chat_template in "
                               "tokenizer_config.json)")
-        rendered = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        rendered = []
+        for i, p in enumerate(prompts):
+            try:
+                rendered.append(template.render([{"role": "user", "content": p}], add_generation_prompt=True))
+            except jinja2.TemplateError as error:  # raise_exception, the sandbox's SecurityError, 1 // 0, ...
+                message = " ".join(str(error).split()) or type(error).__name__
+                raise DataError(f"--chat: the chat template {template.source} fails to render prompt {i}: "
+                                f"{message}") from None
         encoded = [e.ids for e in tokenizer.encode_batch(rendered, add_special_tokens=False)]
     else:
         encoded = [e.ids for e in tokenizer.encode_batch(prompts)]
     if not all(encoded):
         raise DataError(f"prompt {next(i for i, e in enumerate(encoded) if not e)} tokenizes to no tokens")
+    _check_lengths(flags, lazy, encoded, mesh)
+    try:
+        model = lazy.load(dtype=dtype, mesh=mesh)
+    finally:
+        lazy.close()
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # batches of similar length
     completions: dict[int, str] = {}
     key = jax.random.key(flags.seed)

@@ -2,6 +2,10 @@
 
 Process 0 alone writes; the other processes' trackers do nothing. Tracking never takes down a run: an Aim repo
 that cannot be opened is a warning, and the run goes on with `metrics.jsonl`.
+
+`metrics.jsonl` is strict JSON, one object a line: a non-finite number (a NaN loss, an infinite gradient norm) is
+written as `null`. Its fields are functions of the config and the step, so two runs of one config write equal
+lines, except `WALL_CLOCK_METRICS`, which measure the machine (speeds, memory, time shares).
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from tqdm import tqdm
 
 from vishwam.config.sections import RunConfig, config_to_dict
 from vishwam.io.files import atomic_write
+
+#: The `metrics.jsonl` fields that measure the machine the run ran on rather than the run: the only ones in which
+#: two runs of one config differ.
+WALL_CLOCK_METRICS = ("tokens_per_sec", "peak_rss_gb", "on_policy/gen_tokens_per_sec", "on_policy/gen_time_share")
+
+
+def json_line(row: dict) -> str:
+    """`row` as one line of strict JSON, a non-finite float as `null` (`json.dumps` would write bare `NaN`)."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(finite, allow_nan=False)
 
 
 def log(msg: str) -> None:
@@ -72,7 +86,7 @@ class Tracker:
             return
         if context == "train":
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json_line({"step": step, **metrics}) + "\n")
         if self.run is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -150,4 +164,4 @@ def rss_bytes() -> int:
     return _status_field("VmRSS")
 
 
-__all__ = ["Progress", "Tracker", "log", "peak_rss_bytes", "rss_bytes"]
+__all__ = ["WALL_CLOCK_METRICS", "Progress", "Tracker", "json_line", "log", "peak_rss_bytes", "rss_bytes"]

@@ -16,7 +16,10 @@ From `config.json` alone (`vishwam.config.specs`) the teacher, the train state a
   `loading: cached` (the run builds a missing cache, as `python -m vishwam.cache` does);
 - `prune_importance`, `prune_slice`: `init: from_teacher`'s ranking and slicing (`distill.student_init`);
 - `on_policy_prefill`, `on_policy_decode`: the student writing its on-policy completions
-  (`vishwam.generation.sampler.generation_programs`), with `on_policy.fraction` > 0.
+  (`vishwam.generation.sampler.generation_programs`), with `on_policy.fraction` > 0;
+- `sample_prefill`, `sample_decode` (and `teacher_sample_prefill`, `teacher_sample_decode` with a resident
+  teacher): the continuations of `training.sample_prompts` at each evaluation (`vishwam.generation.samples`), for
+  the prompts as the teacher's tokenizer splits them (without one here: a token per UTF-8 byte, and one more).
 
 `output_dir/memory_plan.json` gets, per program, XLA's argument/output/alias/temp bytes and their total
 (argument + output + temp − alias) per device, the planner's figure where it models the program (the train
@@ -47,10 +50,12 @@ from vishwam.compile.targets import Target, resolve_target
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig
 from vishwam.data.chat_rows import is_chat
+from vishwam.data.text import read_prompts
 from vishwam.errors import ConfigError, DataError
 from vishwam.generation.on_policy import initial_rollout, step_rows
-from vishwam.generation.sampler import generation_programs
-from vishwam.io.files import atomic_write
+from vishwam.generation.sampler import check_generation, generation_programs
+from vishwam.generation.samples import Samples
+from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.planner import GiB, MemoryPlan, Planner, Setup
 from vishwam.plan.program_plan import ProgramPlanner
 from vishwam.sharding import batch_sharding, make_mesh, rows_sharding, tree_shardings
@@ -208,7 +213,36 @@ class AbstractRun:
             programs = generation_programs(student, step_rows(self.objective, tr), tr.seq_len + 1 - op.max_new_tokens,
                                            op.max_new_tokens, self.mesh)
             out.update({f"on_policy_{name}": program for name, program in programs.items()})
+        if (prompts := self._sample_prompts()) is not None:  # the samples at each evaluation
+            rows, prompt_len = prompts
+            n = tr.sample_max_new_tokens
+            models = {"student": cast_floating(self.state.student, self.compute_dtype)}
+            if resident:  # the teacher writes its own once
+                models["teacher"] = self.teacher
+            check_generation({k: (m.config, 1) for k, m in models.items()}, rows=rows, prompt_len=prompt_len,
+                             max_new_tokens=n, mesh=self.mesh, capacity=None, resident_bytes=0,
+                             what="config key 'training.sample_max_new_tokens'")  # positions; bytes: compiled
+            for model, m in models.items():
+                prefix = "sample_" if model == "student" else "teacher_sample_"
+                out.update({prefix + name: program
+                            for name, program in generation_programs(m, rows, prompt_len, n, self.mesh).items()})
         return out
+
+    def _sample_prompts(self) -> tuple[int, int] | None:
+        """`(prompts, tokens of the longest)` of `training.sample_prompts` (and `sample_prompts_file`), tokenized
+        as the run tokenizes them, or None without any. Without a tokenizer here (a hub id's): a token per UTF-8
+        byte and one more, the most a byte-level tokenizer makes of them."""
+        tr, own = self.cfg.training, Path(self.cfg.distillation.teacher_model.path).expanduser() / "tokenizer.json"
+        if not (tr.sample_prompts or tr.sample_prompts_file):
+            return None
+        tokenizer = self.cfg.data.tokenizer or (str(own) if own.is_file() else None)
+        if tokenizer is None:
+            prompts = list(tr.sample_prompts) + (read_prompts(tr.sample_prompts_file) if tr.sample_prompts_file
+                                                 else [])
+            return len(prompts), 1 + max(len(p.encode("utf-8")) for p in prompts)
+        samples = Samples(self.cfg, tokenizer, Path(tr.output_dir), eos=[], pad=0,
+                          vocab_size=min(self.s_config.vocab_size, self.t_config.vocab_size))
+        return samples.ids.shape
 
     def abstract_outputs(self, name: str, fn, args, kwargs):
         """Program `name`'s outputs as `ShapeDtypeStruct`s placed as it places them: the pruned student in its
@@ -313,6 +347,8 @@ def dry_run_compile(cfg: RunConfig, *, log=print, local: bool = False, plan: Mem
     `compile_target` says, writing nothing (a real run's `compile_check`), with `plan` the run's own memory plan
     for them (`vishwam.run.build.prepare` made it; planned here when not given). **Returns:** the report."""
     tr = cfg.training
+    if not local:
+        require_directory(tr.output_dir, "config key 'training.output_dir'")
     target = resolve_target(None if local else tr.compile_target, cfg.parallelism.num_devices)
     run = AbstractRun(cfg, target)
     if plan is None or plan.planner is None or not local:
@@ -365,12 +401,13 @@ def _size(n: int) -> str:
 def render(report: dict) -> str:
     g = lambda n: f"{n / GiB:8.2f}" if n is not None else f"{'-':>8}"  # noqa: E731
     cap = report["capacity_bytes"]
+    w = max([16, *(len(name) + 1 for name in report["programs"])])
     lines = [f"compiled memory plan: {report['target']} ({report['compiler']}), mesh {report['mesh']}, capacity "
              f"{'unknown' if cap is None else f'{cap / GiB:.2f} GiB'} per device ({report['capacity_source']})",
-             f"  {'program':<16}{'planner':>8}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'total':>8}"
+             f"  {'program':<{w}}{'planner':>8}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'total':>8}"
              f"{'compile s':>11}  fits"]
     for name, p in report["programs"].items():
-        lines.append(f"  {name:<16}{g(p['planner_bytes'])}{g(p['argument_bytes'])}{g(p['output_bytes'])}"
+        lines.append(f"  {name:<{w}}{g(p['planner_bytes'])}{g(p['argument_bytes'])}{g(p['output_bytes'])}"
                      f"{g(p['alias_bytes'])}{g(p['temp_bytes'])}{g(p['total_bytes'])}{p['compile_seconds']:11.1f}"
                      f"  {p['fits']}")
     lines.append("  (GiB per device; total = args + out + temp - alias, from compiled.memory_analysis())")

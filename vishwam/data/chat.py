@@ -127,10 +127,16 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly as `apply_chat_template(messages, tokenize=False)` renders it;
-        raises `jinja2.TemplateError` (the template's own `raise_exception`, an undefined call, ...)."""
+        raises `jinja2.TemplateError` for any error the template meets (its own `raise_exception`, the sandbox's
+        `SecurityError`, an undefined call, a Python error such as a division by zero)."""
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers drops None
-        return self.template.render(messages=messages, tools=None, documents=None,
-                                    add_generation_prompt=add_generation_prompt, **dict(self.variables))
+        try:
+            return self.template.render(messages=messages, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **dict(self.variables))
+        except jinja2.TemplateError:
+            raise
+        except Exception as error:  # Python's own, raised inside the template: {{ 1 // 0 }}, {{ "a" + 1 }}
+            raise jinja2.TemplateError(f"{type(error).__name__}: {error}") from error
 
     def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """`(text, spans)`: the whole conversation rendered, and the `[start, end)` characters of each assistant
@@ -188,7 +194,11 @@ def find_template(chat_template: str | None, tokenizer_dir: Path) -> ChatTemplat
         return ChatTemplate(chat_template, text, variables)
     jinja = tokenizer_dir / "chat_template.jinja"
     if jinja.is_file():
-        return ChatTemplate(str(jinja), jinja.read_text(encoding="utf-8"), variables)
+        try:
+            text = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read the chat template {jinja}: {error}") from None
+        return ChatTemplate(str(jinja), text, variables)
     config = tokenizer_dir / "tokenizer_config.json"
     text = _from_tokenizer_config(config) if config.is_file() else None
     return None if text is None else ChatTemplate(f"{config} (chat_template)", text, variables)

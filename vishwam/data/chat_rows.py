@@ -47,9 +47,12 @@ def _keys(record) -> tuple:
     return tuple(record) if isinstance(record, dict) else ()
 
 
+_NO_ROWS = object()
+
+
 def _first_record(path: str):
-    """The first non-blank line of a `.jsonl` file, parsed (None when it has none or is not valid JSON: the
-    loader that reads the whole file names the bad line)."""
+    """The first non-blank line of a `.jsonl` file, parsed (None when it is not valid JSON: the loader that reads
+    the whole file names the bad line; `_NO_ROWS` when the file has no non-blank line)."""
     try:
         with open(path, "rb") as f:
             for line in f:
@@ -57,7 +60,7 @@ def _first_record(path: str):
                     return json.loads(line.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return None
+    return _NO_ROWS
 
 
 def _file_kind(path: str) -> str:
@@ -66,13 +69,17 @@ def _file_kind(path: str) -> str:
     if is_table(path):
         return _kind(table_columns(path))
     if path.lower().endswith(".jsonl"):
-        return _kind(_keys(_first_record(path)))
+        record = _first_record(path)
+        if record is _NO_ROWS:  # neither kind: say so here, before another file's rows are blamed for it
+            raise DataError(f"{path}: the file holds no rows")
+        return _kind(_keys(record))
     return "text"
 
 
 def is_chat(paths_or_globs: str | Sequence[str]) -> bool:
     """Whether the files hold chat rows (a `.jsonl` file is judged by its first row, a table by its columns;
-    `.txt`, `.npy` are text); a `DataError` names a chat file and a text file when they are mixed."""
+    `.txt`, `.npy` are text); a `DataError` names a chat file and a text file when they are mixed, or a `.jsonl`
+    file with no rows."""
     kinds: dict[str, str] = {}
     for path in expand_paths(paths_or_globs):
         kinds.setdefault(_file_kind(path), path)

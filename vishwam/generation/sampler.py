@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import equinox as eqx
@@ -31,7 +32,7 @@ from jaxtyping import Array, PRNGKeyArray
 from models import CausalLM, ModelConfig
 from models.decode import KVCache, decode_step, prefill
 from models.sampling import sample_tokens
-from vishwam.errors import CheckpointError
+from vishwam.errors import CheckpointError, ConfigError
 from vishwam.sharding import rows_sharding, spec_for
 
 #: Prompts up to this many tokens are padded to the next power of two, longer ones to a multiple of it.
@@ -252,9 +253,12 @@ def generation_programs(model: CausalLM, batch: int, prompt_len: int, max_new_to
     mask = jax.ShapeDtypeStruct((batch, bucket), bool, sharding=rows)
     prefill_kw = dict(slots=slots, cache_sharding=cache_sharding, attention_impl=attention_impl)
     logits, cache = jax.eval_shape(functools.partial(_prefill, **prefill_kw), model, ids, mask)
-    placed = KVCache(cache_sharding, cache_sharding, rows, rows_sharding(mesh, batch, 1),
-                     NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), cache, placed)
+    # k, v, key_valid, positions, length (a KVCache of shardings would fail its own field types)
+    placed = (cache_sharding, cache_sharding, rows, rows_sharding(mesh, batch, 1),
+              NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    leaves, treedef = jax.tree.flatten(cache)
+    cache = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+                                         for x, sh in zip(leaves, placed, strict=True)])
     logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=rows_sharding(mesh, batch, logits.ndim))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
     decode_args = (model, cache, logits, jax.random.key(0), scalar(jnp.float32), scalar(jnp.int32),
@@ -263,11 +267,48 @@ def generation_programs(model: CausalLM, batch: int, prompt_len: int, max_new_to
             "decode": (_decode, decode_args, dict(max_new_tokens=max_new_tokens, cache_sharding=cache_sharding))}
 
 
+def cache_bytes(config: ModelConfig, rows: int, slots: int, mesh, itemsize: int) -> int:
+    """Bytes on one device of `generate`'s KV cache, keys and values `[layers, rows, kv heads, slots, head_dim]`
+    each, sharded as `generate` shards it on `mesh` (a `Mesh` or anything with its `shape`, e.g. the
+    `parallelism` section; None: one device)."""
+    shape = (config.num_hidden_layers, rows, config.num_key_value_heads, slots, config.head_dim)
+    local = list(shape)
+    if mesh is not None:
+        for i, entry in enumerate(spec_for(CACHE_AXES, shape, mesh)):
+            for name in () if entry is None else ((entry,) if isinstance(entry, str) else entry):
+                local[i] //= mesh.shape[name]
+    return 2 * math.prod(local) * itemsize
+
+
+def check_generation(models: Mapping[str, tuple[ModelConfig, int]], *, rows: int, prompt_len: int,
+                     max_new_tokens: int, mesh, capacity: int | None, resident_bytes: int, what: str) -> None:
+    """Raise a one-line `ConfigError` naming `what` (the key or flag that asks for `max_new_tokens`) when
+    `generate` cannot continue `rows` prompts of up to `prompt_len` tokens by `max_new_tokens` tokens with a model
+    of `models` (its name -> `(config, bytes per cache element)`): when the sequence runs past the model's
+    `max_position_embeddings`, or when its KV cache, written by the prefill program and copied once as it is
+    placed (`vishwam.plan.program_plan` plans `on_policy_prefill` so), does not fit in `capacity` bytes per device
+    beside the `resident_bytes` held there already (on `mesh`; unchecked when the capacity is unknown)."""
+    slots = prompt_bucket(prompt_len) + max_new_tokens - 1
+    for name, (config, itemsize) in models.items():
+        if prompt_len + max_new_tokens > config.max_position_embeddings:
+            raise ConfigError(f"{what} is {max_new_tokens}: after a prompt of {prompt_len} tokens that runs to "
+                              f"position {prompt_len + max_new_tokens}, past the {name}'s max_position_embeddings "
+                              f"({config.max_position_embeddings})")
+        need = 2 * cache_bytes(config, rows, slots, mesh, itemsize)
+        if capacity is not None and resident_bytes + need > capacity:
+            raise ConfigError(f"{what} is {max_new_tokens}: the {name}'s KV cache for {rows} prompt(s) of up to "
+                              f"{prompt_len} tokens needs {_gib(need)}/device as it is written, beside "
+                              f"{_gib(resident_bytes)} already there, and a device holds {_gib(capacity)}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def compiled_programs() -> dict[str, int]:
     """How many prefill and decode programs have been compiled in this process (one per shape bucket)."""
     return {"prefill": _prefill._cache_size(), "decode": _decode._cache_size()}
 
 
-__all__ = ["PROMPT_BUCKET", "checkpoint_eos_ids", "compiled_programs", "generate", "generation_programs", "left_pad",
-           "model_mesh",
-           "prompt_bucket", "until_eos"]
+__all__ = ["PROMPT_BUCKET", "cache_bytes", "check_generation", "checkpoint_eos_ids", "compiled_programs", "generate",
+           "generation_programs", "left_pad", "model_mesh", "prompt_bucket", "until_eos"]

@@ -9,6 +9,7 @@ the receiving device owns. No full host copy of the model is ever made.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -373,6 +374,43 @@ def _export_target(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one of another user's counts: it may not be signalled)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_exports(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Clear what an export to `out_dir` (`save_pretrained`) killed mid-way left beside it: each
+    `NAME.tmp-<pid>` (a half-written export) of a process no longer running is removed; a `NAME.old-<pid>` (the
+    previous export, moved aside just before the new one took its place) is removed when `out_dir` exists, and put
+    back as `out_dir` when it does not. The leftovers of a running process are left alone. **Returns:** each path
+    cleared, with what was done ("removed", "put back")."""
+    out = Path(out_dir)
+    found = []
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")) if out.parent.is_dir() else []:
+        m = re.fullmatch(re.escape(out.name) + r"\.(tmp|old)-(\d+)", path.name)
+        if m is None or _running(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists() and not out.is_symlink():
+            path.rename(out)  # killed between moving the old export aside and moving the new one in
+            found.append((path, f"put back as {out}"))
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        found.append((path, "removed"))
+    return found
+
+
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
                     max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
@@ -446,4 +484,4 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
 
 
 __all__ = ["LazyCheckpoint", "load_pretrained", "open_pretrained", "save_pretrained", "resolve_checkpoint_dir",
-           "read_config", "read_weight_map", "hf_names"]
+           "read_config", "read_weight_map", "hf_names", "remove_stale_exports"]

@@ -1,5 +1,6 @@
 """Atomic file writes: the one way this project writes a file that a reader, or a crash, may catch half-done
-(and `sha256_file`, the one file checksum).
+(and `sha256_file`, the one file checksum; `blocking_file` and `require_directory`, a file where a directory
+is expected).
 
 The content goes to a temporary file with a unique name (`mkstemp`: unique across processes and threads) in the
 destination's directory and is renamed over the destination, so readers see the old file or the new one, never
@@ -14,7 +15,10 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
+
+from vishwam.errors import ConfigError
 
 
 def _umask() -> int:
@@ -52,4 +56,24 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["atomic_write", "sha256_file"]
+def blocking_file(path: str | os.PathLike[str]) -> Path | None:
+    """What stops `path` from being used, or created, as a directory: `path` itself or its nearest existing
+    ancestor when that is not a directory (a file where a directory is expected); None when nothing does."""
+    path = Path(path).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists() or existing.is_symlink():
+            return None if existing.is_dir() else existing
+    return None
+
+
+def require_directory(path: str | os.PathLike[str], what: str) -> None:
+    """Raise a one-line `ConfigError` when `blocking_file(path)` finds something; `what` names where `path` came
+    from (a config key, a flag)."""
+    found = blocking_file(path)
+    if found is not None:
+        kind = "a file" if found.is_file() else "not a directory"
+        raise ConfigError(f"{what} ({os.fspath(path)}) must be a directory, and {found} is {kind}"
+                          + ("" if kind == "not a directory" else ", not a directory"))
+
+
+__all__ = ["atomic_write", "blocking_file", "require_directory", "sha256_file"]

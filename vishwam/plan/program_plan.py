@@ -17,7 +17,8 @@ Each program is planned as XLA reports it: argument + output + temporary bytes â
     `cache_build`, with the top-k's sort);
   - living through: final hidden states, the student cast to the compute dtype (`eval`), every layer's hidden
     states and the Gram matrices of the probe's tokens (`eplb_probe`), the sliced student before it is placed
-    (`prune_slice`), the KV cache as it is written and what every decoding step reads alike (`on_policy_*`).
+    (`prune_slice`), the KV cache as it is written and what every decoding step reads alike (`on_policy_*`, and the
+    samples' `sample_*`, `teacher_sample_*`).
 
 How close this comes to XLA:TPU, program by program, is measured by `benchmarks/plan_vs_xla.py` and held by
 `tests/test_program_plan.py`; XLA:CPU keeps more temporaries (it computes bfloat16 work in float32 and schedules
@@ -226,26 +227,44 @@ class ProgramPlanner:
         return 0, 0, phases, [("final and cached hidden states", b * S * t.hidden_size * tb * (1 + layers))]
 
     def _on_policy_prefill(self, args, kwargs):
-        _, ids, _ = args
-        s, c = self.p.s_config, self.c
-        b, P = self.rows_per_device(ids.shape[0]), ids.shape[1]
-        cache = 2 * s.num_hidden_layers * b * self.local(s.num_key_value_heads) * kwargs["slots"] * s.head_dim * c
-        return 0, 0, {"embedding lookup": self.embedding("student", c),
-                      "one layer over the prompt": self.gathered("student", c) + self.forward(s, b, P, c)}, [
-            ("the cache as the layers' scan writes it, and its copy before it is placed", 2 * cache)]
+        return self._prefill(args, kwargs, "student", self.c)
 
     def _on_policy_decode(self, args, kwargs):
-        model, cache, logits = args[:3]
-        s, c = self.p.s_config, self.c
+        return self._decode(args, kwargs, "student", self.c)
+
+    # The samples at each evaluation: the student's in the compute dtype, a resident teacher's in its own.
+    _sample_prefill, _sample_decode = _on_policy_prefill, _on_policy_decode
+
+    def _teacher_sample_prefill(self, args, kwargs):
+        return self._prefill(args, kwargs, "teacher", self.tb)
+
+    def _teacher_sample_decode(self, args, kwargs):
+        return self._decode(args, kwargs, "teacher", self.tb)
+
+    def _prefill(self, args, kwargs, model: str, c: int):
+        """`generate`'s prefill over `model`'s prompts (`c` bytes an element)."""
+        _, ids, _ = args
+        _, s = self._model(model)
+        b, P = self.rows_per_device(ids.shape[0]), ids.shape[1]
+        cache = 2 * s.num_hidden_layers * b * self.local(s.num_key_value_heads) * kwargs["slots"] * s.head_dim * c
+        return 0, 0, {"embedding lookup": self.embedding(model, c),
+                      "one layer over the prompt": self.gathered(model, c) + self.forward(s, b, P, c)}, [
+            ("the cache as the layers' scan writes it, and its copy before it is placed", 2 * cache)]
+
+    def _decode(self, args, kwargs, model: str, c: int):
+        """`generate`'s token loop for `model` (`c` bytes an element)."""
+        weights, cache, logits = args[:3]
+        _, s = self._model(model)
         b = self.rows_per_device(logits.shape[0])
         cache_bytes = device_bytes(cache)
         slots = cache.k.shape[3]
-        step = self.gathered("student", c) + 2 * cache_bytes // s.num_hidden_layers \
+        step = self.gathered(model, c) + 2 * cache_bytes // s.num_hidden_layers \
             + b * self.local(s.num_attention_heads) * slots * 4 * 2
         # The token loop is one program: what every step reads alike is made once, before it, and lives through it.
         return 0, cache_bytes, {"one layer of one token": step}, [
-            ("the embedding table, gathered once for every step's lookup", self.embedding("student", c)),
-            ("this device's LM head, laid out once for every step's logits", device_bytes(model.unembedding_weight())),
+            ("the embedding table, gathered once for every step's lookup", self.embedding(model, c)),
+            ("this device's LM head, laid out once for every step's logits",
+             device_bytes(weights.unembedding_weight())),
             ("the cache as the layers' scan writes it", cache_bytes),
             ("the sampling over the vocabulary, float32", b * s.vocab_size * 4 * 4)]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 
@@ -32,9 +33,10 @@ from vishwam.data import windows as data_lib
 from vishwam.data.splits import load_splits, tokenizer_path
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
-from vishwam.generation.sampler import checkpoint_eos_ids
+from vishwam.generation.sampler import check_generation, checkpoint_eos_ids
+from vishwam.generation.samples import Samples
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
-from vishwam.io.files import atomic_write
+from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_fits
 from vishwam.plan.planner import MemoryPlan, plan
 from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, setup_distributed, tree_shardings
@@ -113,6 +115,10 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     `training=False` (the cache build alone) skips the resume check and the memory plan of the train step."""
     setup_distributed(cfg.distributed)
     p, tr = cfg.parallelism, cfg.training
+    if training:  # a file where a directory is expected: said now, not after the teacher is loaded
+        require_directory(tr.output_dir, "config key 'training.output_dir'")
+    if cfg.distillation.teacher_model.cache_dir:
+        require_directory(cfg.distillation.teacher_model.cache_dir, "config key 'distillation.teacher_model.cache_dir'")
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
     t_config = lazy.config
@@ -123,9 +129,8 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         check_cacheable(cfg)
     checkpoints = Checkpointer(Path(tr.output_dir) / "checkpoints", tr.keep_checkpoints)
     try:
-        resume_step = checkpoints.latest() if training else None
-        if resume_step is not None:
-            checkpoints.check_resumable(resume_step, cfg)  # before the data is read or anything written
+        # Before the data is read or anything written: the newest readable checkpoint, its config compared.
+        resume_step = checkpoints.resumable(cfg, log) if training else None
         memory = None
         if training:  # a misfit stops here; the plan's summary is printed once the data has loaded too
             memory = plan(cfg, t_config)
@@ -145,6 +150,26 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         print(memory.summary(), file=sys.stderr, flush=True)
     return Prepared(cfg, mesh, lazy, t_config, s_config, objective, train, evaluation, batch_sharding(mesh), memory,
                     checkpoints, resume_step, prompts)
+
+
+def check_samples(run: Prepared, samples: Samples) -> None:
+    """Raise a one-line `ConfigError` naming `training.sample_max_new_tokens` when the samples' generation cannot
+    run (`vishwam.generation.sampler.check_generation`): past a model's positions, or a KV cache that does not fit
+    beside the run's weights and optimizer state (the memory plan's) on a device. The student writes samples in the
+    compute dtype, a resident teacher in its own."""
+    if not samples.enabled:
+        return
+    cfg, memory = run.cfg, run.memory
+    itemsize = lambda name: jnp.dtype(specs.DTYPES[name]).itemsize  # noqa: E731
+    models = {"student": (run.student_config, itemsize(cfg.training.compute_dtype))}
+    if cfg.distillation.teacher_model.loading == "resident":
+        models["teacher"] = (run.teacher_config, itemsize(cfg.distillation.teacher_model.dtype))
+    held = 0 if memory is None else (memory.teacher_bytes + memory.student_bytes + memory.projection_bytes
+                                     + memory.optimizer_bytes + memory.gradient_bytes)
+    check_generation(models, rows=samples.ids.shape[0], prompt_len=samples.ids.shape[1],
+                     max_new_tokens=samples.max_new_tokens, mesh=cfg.parallelism,
+                     capacity=None if memory is None else memory.capacity, resident_bytes=held,
+                     what="config key 'training.sample_max_new_tokens'")
 
 
 def compile_check_due(cfg: RunConfig) -> bool:
@@ -229,13 +254,14 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
             streamed.close()
 
 
-def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.GradientTransformation, *,
+def build_state(run: Prepared, teacher: TeacherSource | None, optimizer: optax.GradientTransformation, *,
                 abstract: bool = False):
     """**Returns:** `(state, shardings)`: the initial `TrainState`, every array leaf placed by the rule table on
     the run's mesh, and those shardings (the step's output shardings and the checkpoint's restore target).
 
     With `abstract` (a resumed run, whose every array the checkpoint replaces) the state is only its shapes and
-    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, and pruning never runs again on resume."""
+    shardings (`jax.ShapeDtypeStruct`s): nothing is initialised, pruning never runs again on resume, and no teacher
+    is needed (None)."""
     cfg, objective = run.cfg, run.objective
     param_dtype = specs.DTYPES[cfg.training.param_dtype]
     k_student, k_proj, k_state = jax.random.split(jax.random.key(cfg.training.seed), 3)
@@ -267,4 +293,4 @@ def build_state(run: Prepared, teacher: TeacherSource, optimizer: optax.Gradient
     return eqx.combine(jax.device_put(arrays, shardings), static), shardings
 
 
-__all__ = ["Prepared", "build_state", "compile_check_due", "init_student", "prepare"]
+__all__ = ["Prepared", "build_state", "check_samples", "compile_check_due", "init_student", "prepare"]

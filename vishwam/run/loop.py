@@ -25,7 +25,7 @@ from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.generation.samples import Samples
-from vishwam.io.checkpoint import save_pretrained
+from vishwam.io.checkpoint import remove_stale_exports, save_pretrained
 from vishwam.run import build
 from vishwam.sharding import global_batch
 from vishwam.teacher.sources import TeacherSource, open_teacher
@@ -59,8 +59,9 @@ class Run:
 
     def _start(self, stack: contextlib.ExitStack):
         """After `prepare` (config checks, the resume check, the memory plan, the data): samples and on-policy
-        sampling, the compile check, the teacher, the state and its restore; then `config.yaml`, written only once
-        every check has passed. **Returns:** `(teacher, state, shardings, optimizer, schedule, tracker, start)`."""
+        sampling, the compile check, the restored state (before the teacher), the teacher, a new state; then
+        `config.yaml`, written only once every check has passed. **Returns:** `(teacher, state, shardings,
+        optimizer, schedule, tracker, start)`."""
         cfg, tr, run = self.cfg, self.cfg.training, self.prepared
         stack.callback(run.checkpoints.close)
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
@@ -68,6 +69,7 @@ class Run:
         pad = pad if pad is not None else (eos[0] if eos else 0)
         self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out, vocab_size=run.vocab_size,
                                eos=eos, pad=pad)
+        build.check_samples(run, self.samples)  # their lengths, before the compile check compiles them
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
@@ -77,20 +79,25 @@ class Run:
         self.cache_use = stack.enter_context(compilation_cache(cache_dir(cfg, check)))
         if check:  # a misfit raises its one-line ConfigError
             dry_run_compile(cfg, local=True, log=log, plan=run.memory)
+        optimizer, schedule = optimizer_of(cfg)
+        start = 0
+        if run.resume_step is not None:  # before the teacher loads: a checkpoint whose arrays do not read is skipped
+            state, shardings = build.build_state(run, None, optimizer, abstract=True)
+            state = run.checkpoints.restore_newest(run.resume_step, state, shardings, cfg, log)
+            start = int(state.step)
+            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
+            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
         teacher = self.open_teacher()
         stack.callback(teacher.close)
         log(f"teacher: {run.teacher_config.architecture} {run.teacher_config.num_parameters() / 1e6:.2f}M params "
             f"from {run.lazy_teacher.directory} ({teacher.kind})")
-        optimizer, schedule = optimizer_of(cfg)
-        latest = run.resume_step
-        state, shardings = build.build_state(run, teacher, optimizer, abstract=latest is not None)
-        start = 0
-        if latest is not None:
-            state, _ = run.checkpoints.restore(latest, state, shardings)
-            start = int(state.step)
-            self.objective = self.objective.with_feature_pairs(state.pairs)  # as re-mapped before the checkpoint
-            log(f"resumed from checkpoint step {start} in {run.out / 'checkpoints'}")
+        if run.resume_step is None:
+            state, shardings = build.build_state(run, teacher, optimizer)
+        run.checkpoints.set_aside()  # the unreadable checkpoints skipped, now that the run goes on
         if jax.process_index() == 0:
+            for name in ("init_student", "student"):  # what an export killed mid-way left behind
+                for path, done in remove_stale_exports(run.out / name):
+                    log(f"{path}, left by an export that was killed: {done}")
             save_config(cfg, run.out / "config.yaml")
         self.samples.truncate(start)
         tracker = Tracker(cfg, run.out, start)
