@@ -67,8 +67,8 @@ class Run:
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
         pad = run.teacher_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out, vocab_size=run.vocab_size,
-                               eos=eos, pad=pad)
+        self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out,
+                               vocab_size=run.vocab_size, eos=eos, pad=pad)
         build.check_samples(run, self.samples)  # their lengths, before the compile check compiles them
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
