@@ -137,7 +137,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("/tmp/vishwam_bench_data"))
     p.add_argument("--tokens", type=float, default=10e6, help="the corpus's size in tokens (about)")
-    p.add_argument("--large", type=int, default=50, help="the largest store is this many times the corpus")
+    p.add_argument("--large", type=int, default=60, help="the largest store is this many times the corpus")
+    p.add_argument("--starts-only", action="store_true",
+                   help="reuse the store built in --out by an earlier run: only the start-up and read measurements")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -147,15 +149,16 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     text = args.out / "corpus.jsonl"
-    size = corpus(text, args.tokens)
-    log(f"corpus {text}: {size / 2**20:.1f} MiB")
-    n, t = tokenizers_alone(text)
-    record(what="tokenizers alone, 1 process", tokens=n, seconds=t, tokens_per_s=n / t)
-    alone = n / t
-    for workers in (1, 2):
-        n, t = build(text, args.out / f"store{workers}", workers)
-        record(what=f"store build, {workers} worker{'s' * (workers > 1)}", tokens=n, seconds=t, tokens_per_s=n / t,
-               vs_tokenizers=n / t / alone)
+    if not args.starts_only:
+        size = corpus(text, args.tokens)
+        log(f"corpus {text}: {size / 2**20:.1f} MiB")
+        n, t = tokenizers_alone(text)
+        record(what="tokenizers alone, 1 process", tokens=n, seconds=t, tokens_per_s=n / t)
+        alone = n / t
+        for workers in (1, 2):
+            n, t = build(text, args.out / f"store{workers}", workers)
+            record(what=f"store build, {workers} worker{'s' * (workers > 1)}", tokens=n, seconds=t,
+                   tokens_per_s=n / t, vs_tokenizers=n / t / alone)
     store = args.out / "store1" / "train"
     stores = {1: store}
     for copies in (10, args.large):

@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_pretrained": "vishwam.io.checkpoint",
     "open_pretrained": "vishwam.io.checkpoint",
-    "save_pretrained": "vishwam.io.checkpoint",
+    "save_pretrained": "vishwam.io.export",
     "LazyCheckpoint": "vishwam.io.checkpoint",
     "summary": "models.pytree",
     "count_parameters": "models.pytree",

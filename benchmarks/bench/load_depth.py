@@ -19,7 +19,10 @@ from benchmarks.bench.report import Row
 from benchmarks.bench.sizes import BenchSize, random_batch
 from benchmarks.common import last_json, python_child
 from models import ModelConfig, init_model
-from vishwam.io.checkpoint import open_pretrained, save_pretrained
+from vishwam.io.checkpoint import open_pretrained
+
+# Each load runs in a fresh interpreter, so earlier phases' freed-but-kept allocator pages cannot absorb it; the
+from vishwam.io.export import save_pretrained
 
 # Each load runs in a fresh interpreter, so earlier phases' freed-but-kept allocator pages cannot absorb it; the
 # baseline is taken after imports and JAX start-up, as in tests/test_checkpoint_errors.py.

@@ -1,4 +1,4 @@
-"""HF checkpoints in and out: lazy, partitioned loading straight from safetensors, and HF-format export.
+"""HF checkpoints in: lazy, partitioned loading straight from safetensors (export: `vishwam.io.export`).
 
 Loading is a walk over the model skeleton's pytree paths (`eqx.filter_eval_shape`, nothing allocated): each
 leaf's path names its checkpoint tensor (`model.layers.self_attn.q_proj.weight` with the stacked layer axis
@@ -9,12 +9,9 @@ the receiving device owns. No full host copy of the model is ever made.
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -23,20 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from huggingface_hub import snapshot_download
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from models import CausalLM, DecoderLayer, ModelConfig
 from models.pytree import named_leaves
 from vishwam.errors import CheckpointError, ConfigError
-from vishwam.io.safetensors_io import SafetensorsFile, aligned_empty, write_file
+from vishwam.io.safetensors_io import SafetensorsFile, aligned_empty
 from vishwam.sharding import RULES, param_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json")
-_STACKED = "model.layers."
+STACKED = "model.layers."
 # Tensors some checkpoints carry that are not parameters (old transformers saved RoPE buffers).
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -48,9 +44,9 @@ def _is_abstract(x) -> bool:
 
 def hf_names(path: str, num_layers: int) -> list[str]:
     """The checkpoint tensor names behind one leaf: one per layer for stacked decoder-layer leaves."""
-    if path.startswith(_STACKED):
-        rest = path[len(_STACKED):]
-        return [f"{_STACKED}{i}.{rest}" for i in range(num_layers)]
+    if path.startswith(STACKED):
+        rest = path[len(STACKED):]
+        return [f"{STACKED}{i}.{rest}" for i in range(num_layers)]
     return [path]
 
 
@@ -174,7 +170,7 @@ class LazyCheckpoint:
         self._check_layer_count()
         expected: set[str] = set()
         for path, leaf in named_leaves(self.abstract):
-            shape = tuple(leaf.shape[1:]) if path.startswith(_STACKED) else tuple(leaf.shape)
+            shape = tuple(leaf.shape[1:]) if path.startswith(STACKED) else tuple(leaf.shape)
             for name in hf_names(path, n):
                 expected.add(name)
                 if name not in self.weight_map:
@@ -206,8 +202,8 @@ class LazyCheckpoint:
         held = {int(m.group(1)) for name in self.weight_map if (m := _LAYER.match(name))}
         first_missing = next(i for i in range(len(held) + 1) if i not in held)
         if first_missing < self.config.num_hidden_layers:
-            leaf = next(path for path, _ in named_leaves(self.abstract) if path.startswith(_STACKED))
-            name = f"{_STACKED}{first_missing}.{leaf[len(_STACKED):]}"
+            leaf = next(path for path, _ in named_leaves(self.abstract) if path.startswith(STACKED))
+            name = f"{STACKED}{first_missing}.{leaf[len(STACKED):]}"
             raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.directory} (its config.json has "
                                   f"num_hidden_layers={self.config.num_hidden_layers}, its weights hold "
                                   f"{len(held)} layers)")
@@ -237,14 +233,14 @@ class LazyCheckpoint:
 
     def _materialize(self, subtree, prefix: str, mesh: Mesh | None, dtype, rules, layer_range=None):
         """Build the arrays of `subtree` (a part of `abstract` found at `prefix`) from the checkpoint."""
-        _check_float_dtype(dtype)
+        check_float_dtype(dtype)
         device = None if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         leaves, treedef = jax.tree_util.tree_flatten(subtree)
         out = []
         for rel, leaf in named_leaves(subtree):
             path = f"{prefix}.{rel}" if prefix else rel
             names = hf_names(path, self.config.num_hidden_layers)
-            stacked = path.startswith(_STACKED)
+            stacked = path.startswith(STACKED)
             shape = tuple(leaf.shape)
             if stacked and layer_range is not None:
                 names = names[layer_range[0]:layer_range[1]]
@@ -306,7 +302,7 @@ class LazyCheckpoint:
         return sum(self.file(f).info(name).nbytes for name, f in self.weight_map.items())
 
 
-def _check_float_dtype(dtype) -> None:
+def check_float_dtype(dtype) -> None:
     """Weights are held in a floating dtype: casting them to an integer or boolean one would silently destroy them."""
     if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {jnp.dtype(dtype).name}")
@@ -330,7 +326,7 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype=None, mesh: Mesh | None
 
     **Returns:** the model, an `eqx.Module`.
     """
-    _check_float_dtype(dtype)  # before anything is opened
+    check_float_dtype(dtype)  # before anything is opened
     ckpt = LazyCheckpoint(path_or_id)
     try:
         return ckpt.load(dtype=dtype, mesh=mesh, rules=rules)
@@ -338,150 +334,5 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype=None, mesh: Mesh | None
         ckpt.close()
 
 
-# --------------------------------------------------------------------------------------------------- export
-
-
-def _host_array(x) -> np.ndarray:
-    """A numpy copy of a (possibly sharded, possibly multi-host) array."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]?B)\s*", size.upper())
-    if not m:
-        raise ConfigError(f"cannot parse size {size!r} (use e.g. '2GB')")
-    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
-
-
-def _export_target(out_dir: str | os.PathLike) -> Path:
-    """The absolute directory `save_pretrained` writes (`.` names the working directory), checked replaceable."""
-    out = Path(os.path.abspath(os.fspath(out_dir)))
-    cwd = Path.cwd()
-    if out == cwd or out in cwd.parents:
-        raise CheckpointError(f"save_pretrained: {out_dir} is the working directory or holds it; name a directory "
-                              "for the checkpoint (it is written beside the target and renamed into place)")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise CheckpointError(f"save_pretrained: {out} exists and is not a directory; name a new directory or "
-                                  "an earlier export to replace")
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise CheckpointError(f"save_pretrained: {out} is a directory that holds no checkpoint (no config.json); "
-                                  "only an earlier export or an empty directory is replaced")
-    return out
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs on this host (one of another user's counts: it may not be signalled)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_exports(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
-    """Clear what an export to `out_dir` (`save_pretrained`) killed mid-way left beside it: each
-    `NAME.tmp-<pid>` (a half-written export) of a process no longer running is removed; a `NAME.old-<pid>` (the
-    previous export, moved aside just before the new one took its place) is removed when `out_dir` exists, and put
-    back as `out_dir` when it does not. The leftovers of a running process are left alone. **Returns:** each path
-    cleared, with what was done ("removed", "put back")."""
-    out = Path(out_dir)
-    found = []
-    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")) if out.parent.is_dir() else []:
-        m = re.fullmatch(re.escape(out.name) + r"\.(tmp|old)-(\d+)", path.name)
-        if m is None or _running(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not out.exists() and not out.is_symlink():
-            path.rename(out)  # killed between moving the old export aside and moving the new one in
-            found.append((path, f"put back as {out}"))
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        found.append((path, "removed"))
-    return found
-
-
-def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
-                    max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
-    """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
-    and the tokenizer files of `tokenizer_from` when given. `transformers.AutoModelForCausalLM` loads it.
-
-    The directory is written beside the target and renamed into place, so an interrupted export never leaves a
-    half-written model where a good one was. What it replaces must be a checkpoint (a directory with a
-    `config.json`) or an empty directory: a file, another directory, or the working directory (or one that holds
-    it) is a `CheckpointError`, and nothing is touched. In a multi-process run every process must call this
-    (sharded arrays are gathered); only process 0 writes.
-    """
-    _check_float_dtype(dtype)
-    out = _export_target(out_dir)
-    config = model.config
-    n = config.num_hidden_layers
-    limit = _parse_size(max_shard_size)
-    params = eqx.filter(model, eqx.is_array)
-    entries = []  # (hf name, leaf path, layer index or None, nbytes)
-    for path, leaf in named_leaves(params):
-        item = np.dtype(dtype or leaf.dtype).itemsize
-        per = math.prod(leaf.shape[1:] if path.startswith(_STACKED) else leaf.shape) * item
-        for i, name in enumerate(hf_names(path, n)):
-            entries.append((name, path, i if path.startswith(_STACKED) else None, per))
-    shards: list[list[tuple]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e[3] > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e[3]
-
-    writer = jax.process_index() == 0
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    leaves = dict(named_leaves(params))
-    weight_map, total = {}, 0
-    stored_dtype = np.dtype(dtype or next(iter(leaves.values())).dtype)
-    for k, shard in enumerate(shards):
-        fname = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        host: dict[str, np.ndarray] = {}
-        cache: dict[str, np.ndarray] = {}
-        for name, path, layer, nbytes in shard:
-            if path not in cache:
-                cache = {path: _host_array(leaves[path])}
-            arr = cache[path] if layer is None else cache[path][layer]
-            host[name] = arr.astype(dtype) if dtype is not None else arr
-            weight_map[name] = fname
-            total += nbytes
-        if writer:
-            write_file(tmp / fname, host, {"format": "pt"})
-    if writer:
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        hf = config.to_hf(dtype=str(jnp.dtype(stored_dtype).name))
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if tokenizer_from is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_from) / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-__all__ = ["LazyCheckpoint", "load_pretrained", "open_pretrained", "save_pretrained", "resolve_checkpoint_dir",
-           "read_config", "read_weight_map", "hf_names", "remove_stale_exports"]
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "STACKED", "TOKENIZER_FILES", "LazyCheckpoint", "check_float_dtype",
+           "hf_names", "load_pretrained", "open_pretrained", "read_config", "read_weight_map", "resolve_checkpoint_dir"]

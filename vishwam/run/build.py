@@ -35,7 +35,8 @@ from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.generation.sampler import check_generation, checkpoint_eos_ids
 from vishwam.generation.samples import Samples
-from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
+from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained
+from vishwam.io.export import save_pretrained
 from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_fits
 from vishwam.plan.planner import MemoryPlan, plan

@@ -25,7 +25,7 @@ from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.generation.samples import Samples
-from vishwam.io.checkpoint import remove_stale_exports, save_pretrained
+from vishwam.io.export import remove_stale_exports, save_pretrained
 from vishwam.run import build
 from vishwam.sharding import global_batch
 from vishwam.teacher.sources import TeacherSource, open_teacher
