@@ -20,6 +20,7 @@ from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
 from vishwam.data.text import batch_for_step
+from vishwam.downstream.in_run import Downstream
 from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
@@ -44,6 +45,7 @@ class Run:
         self.objective = self.prepared.objective
         self.state = None
         self.samples: Samples | None = None
+        self.downstream: Downstream | None = None
         self.on_policy: OnPolicy | None = None
         self.cache_use: CacheUse | None = None
 
@@ -67,6 +69,8 @@ class Run:
         pad = pad if pad is not None else (eos[0] if eos else 0)
         self.samples = Samples(cfg, build.tokenizer_path(cfg, run.lazy_teacher), run.out, vocab_size=run.vocab_size,
                                eos=eos, pad=pad)
+        self.downstream = Downstream(cfg, run.out, tokenizer_path=build.tokenizer_path(cfg, run.lazy_teacher),
+                                     eos_ids=eos, mesh=run.mesh, log=log)
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
@@ -92,6 +96,7 @@ class Run:
         if jax.process_index() == 0:
             save_config(cfg, run.out / "config.yaml")
         self.samples.truncate(start)
+        self.downstream.truncate(start)
         tracker = Tracker(cfg, run.out, start)
         stack.callback(tracker.close)
         if self.objective.uses_features:
@@ -108,13 +113,19 @@ class Run:
                 StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
             train_step = make_step(self.objective)
             remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
-            evaluates = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns evaluation off
+            on_data = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns it off
+            evaluates = on_data or self.downstream.enabled
 
             def evaluate_at(step):
-                result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
-                                  micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
-                                  compute_dtype=compute_dtype, batch_sharding=run.batch_sharding, out_dir=run.out,
-                                  log=log, chunk_size=self.objective.params.logit_chunk_size)
+                result = {"step": step}
+                if on_data:  # eval.json is written here, or with the downstream metrics below
+                    result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+                                      micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
+                                      compute_dtype=compute_dtype, batch_sharding=run.batch_sharding,
+                                      out_dir=None if self.downstream.enabled else run.out, log=log,
+                                      chunk_size=self.objective.params.logit_chunk_size)
+                result = self.downstream.at_eval(step, result, state.student, teacher.model,
+                                                 lambda flat: tracker.log(step, flat, context="eval"))
                 tracker.log(step, result, context="eval")
                 tracker.log_samples(step, self.samples(step, state.student, teacher.model, compute_dtype))
                 return result
