@@ -15,7 +15,7 @@ token), all `[rows, seq_len]` int32; `Packed.where[i]` is request `i`'s `(batch,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -84,9 +84,4 @@ def pack(requests: Sequence[ScoredRequest], *, rows: int, seq_len: int) -> Packe
     return Packed(batches, [w[1:] for w in where], sum(len(r) for r in requests))
 
 
-def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-__all__ = ["Packed", "chunks", "first_fit", "pack"]
+__all__ = ["Packed", "first_fit", "pack"]

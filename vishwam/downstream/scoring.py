@@ -107,7 +107,7 @@ class Scorer:
     - `mesh`: the mesh the model lives on (rows spread over its batch axes); None on one device.
     - `chunk_size`: logit positions per chunk; None picks one for `vocab_size` (`auto_chunk`; all positions at
       once without it).
-    - `progress`: show a progress bar on stderr.
+    - `progress`: show a progress bar on stderr (when it is a terminal).
     """
 
     def __init__(self, *, rows: int, seq_len: int | None, compute_dtype, mesh: Mesh | None = None,
@@ -138,8 +138,8 @@ class Scorer:
         per_batch = [0] * len(packed.batches)
         for b, _, _ in packed.where:
             per_batch[b] += 1
-        bar = tqdm(total=len(requests), unit="req", desc=desc, file=sys.stderr, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(requests), unit="req", desc=desc, file=sys.stderr, dynamic_ncols=True,
+                   disable=None if self.progress else True)  # None: on a terminal only, as generate's
         results: list[dict | None] = [None] * len(packed.batches)
         pending = None
         for b, batch in enumerate([*packed.batches, None]):
