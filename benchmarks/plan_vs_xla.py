@@ -3,11 +3,12 @@
 The config: a 34M-parameter bfloat16 Qwen2 teacher (8 layers of 512, 8/4 heads, MLP 1536, vocabulary 8192; its
 config.json alone), a 4-layer half-width student pruned from it (float32 parameters, bfloat16 compute), 16 x 512
 tokens a step in 2 micro-batches, fsdp 4, logit chunks of 128, feature matching with EPLB re-mapping; with a
-resident, a cached and a streamed teacher, and on-policy distillation on the demo chat data. Each program is
+resident, a cached and a streamed teacher, on-policy distillation on the demo chat data, and lm-eval tasks scored at
+evaluations (`downstream`). Each program is
 planned (`vishwam.plan.program_plan`, the train step by `vishwam.plan.planner`) and compiled (`vishwam.compile.programs`) for the
 target; one line per program: planner and XLA bytes per device (MiB) and their ratio.
 
-    python -m benchmarks.plan_vs_xla [--target tpu:v5p-8] [--layouts resident cached streamed on_policy]
+    python -m benchmarks.plan_vs_xla [--target tpu:v5p-8] [--layouts resident cached streamed on_policy downstream]
                                      [--programs eval ...] [--json OUT]
 
 `tpu:v5p-8` needs the [tpu] extra (libtpu); `cpu:4` compiles on 4 simulated CPU devices (XLA:CPU's figures).
@@ -33,6 +34,8 @@ LAYOUTS = {
                   "--data.tokenizer", str(DEMO / "chat_teacher"), "--distillation-params.on-policy.fraction", "0.5",
                   "--distillation-params.on-policy.max-new-tokens", "64", "--distillation.student-model.init",
                   "random"],
+    # lm-eval requests scored at the micro-batch's shape (the tasks are not read to compile)
+    "downstream": ["--training.downstream.tasks", "demo_arithmetic"],
 }
 
 

@@ -9,7 +9,8 @@ temporaries than XLA:TPU (bfloat16 work in float32, a schedule for speed), so it
 
 Held within 15% of XLA's total (argument + output + temporary - aliased bytes): every program the dry run compiles
 at this size with each kind of teacher: the train step, evaluation, the EPLB probe, pruning's importance pass and
-slicing, the cache build, a streamed teacher's layer group and head, the on-policy prefill and decode.
+slicing, the cache build, a streamed teacher's layer group and head, the on-policy prefill and decode, and the
+scoring of lm-eval requests (the student's and the resident teacher's).
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ PROGRAMS = ("train", "eval", "eplb_probe", "prune_importance", "prune_slice", "c
 # Every layout's programs; the on-policy layout's others are the resident layout's on chat rows: its generation
 # programs alone.
 HELD = tuple(f"{layout}:{p}" for layout in ("resident", "cached", "streamed") for p in PROGRAMS) + (
-    "on_policy:on_policy_prefill", "on_policy:on_policy_decode")
+    "on_policy:on_policy_prefill", "on_policy:on_policy_decode", "downstream:downstream",
+    "downstream:downstream_teacher")
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan_vs_xla") / "rows.json"
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
-    layouts = ["resident", "cached", "streamed", "on_policy"]
+    layouts = ["resident", "cached", "streamed", "on_policy", "downstream"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_vs_xla", "--target", TARGET, "--layouts", *layouts,
                            "--programs", *HELD, "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -51,7 +53,7 @@ def rows(tmp_path_factory):
         ("cached", "prune_importance"), ("cached", "prune_slice"), ("streamed", "train"), ("streamed", "eval"),
         ("streamed", "eplb_probe"), ("streamed", "streamed_group"), ("streamed", "streamed_head"),
         ("streamed", "prune_importance"), ("streamed", "prune_slice"), ("on_policy", "on_policy_prefill"),
-        ("on_policy", "on_policy_decode")}
+        ("on_policy", "on_policy_decode"), ("downstream", "downstream"), ("downstream", "downstream_teacher")}
     for r in rows:
         assert r["xla"]["error"] is None, r
     return rows

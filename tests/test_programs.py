@@ -381,3 +381,21 @@ def test_on_policy_prefill_keeps_each_row_on_its_device(config):
     the cache's: the MLP's [rows, prompt, 48] activations hold 1 row a device (all 4 without the constraint)."""
     flags = ["--distillation-params.on-policy.fraction", "0.5", "--distillation-params.on-policy.max-new-tokens", "8"]
     assert _mlp_rows_per_device(config, "on_policy_prefill", flags) == "['1']"
+
+
+def test_downstream_scoring_is_compiled_and_keeps_each_row_on_its_device(config, tmp_path):
+    """`training.downstream.tasks` adds the scoring of lm-eval requests at the micro-batch's shape, the student's and
+    a resident teacher's (the tasks themselves are not read to compile); the student's keeps the rows on the batch
+    axes: its MLP's [rows, seq, 48] activations hold 1 of the micro-batch's 4 rows a device."""
+    out = tmp_path / "downstream"
+    flags = ["--training.downstream.tasks", "demo_arithmetic"]
+    proc = dry_run(config, out, "cpu:4", memory="8GiB", extra=flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = json.loads((out / "memory_plan.json").read_text())["programs"]
+    assert {"downstream", "downstream_teacher"} <= set(programs), set(programs)
+    for name in ("downstream", "downstream_teacher"):
+        p = programs[name]
+        assert p["fits"] is True and p["planner_bytes"] > 0
+        # out: each row's per-segment sums (float32) and greedy flags (bool), 4 rows of 32 over 4 devices
+        assert p["output_bytes"] >= 4 * 32 * (4 + 1) // 4
+    assert _mlp_rows_per_device(config, "downstream", flags) == "['1']"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "distill", "vishwam")
 LAYER = {"models": 0, "distill": 1, "vishwam": 2}
 #: Imports allowed inside functions: optional heavy dependencies, imported only when a feature is on.
-LAZY_OK = {"aim", "pyarrow", "datasets"}  # optional: aim at run time only, pyarrow and datasets the [data] extra
+LAZY_OK = {"aim", "pyarrow", "datasets", "lm_eval"}  # optional: aim at run time only; [data]: pyarrow, datasets; [eval]: lm_eval
 MAX_LINES = 450
 MAX_MODULES_A_FOLDER = 12
 

@@ -16,8 +16,10 @@ root sit what every subsystem shares and the command lines:
 
 - `errors` (every user error), `sharding` (the one rule table from logical axes to the mesh), `tracking`
   (`metrics.jsonl`, Aim, the progress line, the log, process memory);
-- `io` <- `config` <- `data` <- `teacher`; `plan`; `generation` <- `train` <- `compile` <- `run`;
-- `generate` (`python -m vishwam.generate`) and `cache` (`python -m vishwam.cache`).
+- `io` <- `config` <- `data` <- `teacher`; `plan`; `generation` <- `train` <- `compile` <- `run`; `generation` <-
+  `downstream` (lm-eval tasks) <- `compile`, `run`;
+- `generate` (`python -m vishwam.generate`), `evaluate` (`python -m vishwam.evaluate`) and `cache`
+  (`python -m vishwam.cache`).
 
 Imports `models` and `distill`, never `run.py` or `benchmarks`.
 """

@@ -20,6 +20,8 @@ From `config.json` alone (`vishwam.config.specs`) the teacher, the train state a
 - `sample_prefill`, `sample_decode` (and `teacher_sample_prefill`, `teacher_sample_decode` with a resident
   teacher): the continuations of `training.sample_prompts` at each evaluation (`vishwam.generation.samples`), for
   the prompts as the teacher's tokenizer splits them (without one here: a token per UTF-8 byte, and one more).
+- `downstream`, `downstream_teacher`: the student's (and a resident teacher's) lm-eval requests scored at the
+  training micro-batch's shape (`vishwam.downstream.scoring.score_rows`), with `training.downstream.tasks`.
 
 `output_dir/memory_plan.json` gets, per program, XLA's argument/output/alias/temp bytes and their total
 (argument + output + temp − alias) per device, the planner's figure where it models the program (the train
@@ -51,6 +53,7 @@ from vishwam.config import specs
 from vishwam.config.sections import RunConfig
 from vishwam.data.chat_rows import is_chat
 from vishwam.data.text import read_prompts
+from vishwam.downstream.scoring import score_rows
 from vishwam.errors import ConfigError, DataError
 from vishwam.generation.on_policy import initial_rollout, step_rows
 from vishwam.generation.sampler import check_generation, generation_programs
@@ -207,6 +210,8 @@ class AbstractRun:
                 "activation_sharding": rows_sharding(self.mesh, tr.micro_batch_size, 3)})
         if cfg.distillation.student_model.init == "from_teacher":
             out.update(self._pruning(resident))
+        if tr.downstream.tasks:  # lm-eval requests packed into the micro-batch's rows
+            out.update(self._downstream(resident))
         if self.objective.on_policy_rows:  # the student writing its completions (the longest prompts allowed)
             op = cfg.distillation_params.on_policy
             student = cast_floating(self.state.student, self.compute_dtype)
@@ -268,6 +273,20 @@ class AbstractRun:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         return jax.tree.map(place, shapes)
+
+    def _downstream(self, resident: bool) -> dict:
+        """`score_rows` over one micro-batch of packed requests: the student's in the compute dtype, and a resident
+        teacher's in its own."""
+        tr = self.cfg.training
+        batch = {k: jax.ShapeDtypeStruct((tr.micro_batch_size, tr.seq_len), jnp.int32, sharding=self.rows)
+                 for k in ("input_ids", "segment_ids", "targets", "scored")}
+        kw = {"chunk_size": self.objective.params.logit_chunk_size,
+              "activation_sharding": rows_sharding(self.mesh, tr.micro_batch_size, 3)}
+        out = {"downstream": (score_rows, (self.state.student, batch), {"compute_dtype": self.compute_dtype, **kw})}
+        if resident:
+            dtype = specs.DTYPES[self.cfg.distillation.teacher_model.dtype]
+            out["downstream_teacher"] = (score_rows, (self.teacher, batch), {"compute_dtype": dtype, **kw})
+        return out
 
     def _pruning(self, resident: bool) -> dict:
         """`init: from_teacher`'s two programs: the importance pass over the probe (the whole teacher when it

@@ -161,6 +161,40 @@ class DataConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class DownstreamConfig(Section):
+    """lm-evaluation-harness tasks scored at evaluations (`vishwam.downstream`; lm-eval is the [eval] extra): each
+    task's metrics go to eval.json (`downstream`; the teacher's, scored once, to `teacher_downstream`),
+    output_dir/downstream.jsonl, Aim and the log."""
+
+    _path = "training.downstream"
+
+    tasks: tuple[str, ...] = ()
+    """lm-eval task, group or tag names (registered ones whose data is reachable, or YAML files under include_path).
+    Empty: off."""
+    include_path: str | None = None
+    """A directory of lm-eval task YAML files (local data: dataset_path json, dataset_kwargs.data_files)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt. None: each task's own, else 0."""
+    limit: int | None = None
+    """Documents per task scored at each evaluation: a fixed subset drawn with seed. None: all."""
+    every: int | None = None
+    """Score the tasks every this many steps (a multiple of training.eval_every); the last step is always scored.
+    None: at every evaluation."""
+    seed: int = 1234
+    """Seed of the few-shot draws and of limit's subset (lm-eval's default few-shot seed). Apart from
+    training.seed, so that runs of different seeds are scored on the same documents."""
+
+    def _check(self) -> None:
+        self._positive("limit", "every")
+        self._non_negative("num_fewshot", "seed")
+        for i, task in enumerate(self.tasks):
+            if not task.strip():
+                raise config_error(f"{self._key('tasks')}[{i}]", "is an empty task name")
+        if self.include_path is not None and not self.include_path:
+            raise config_error(self._key("include_path"), "is an empty path")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig(Section):
     """The optimisation loop, logging, evaluation and checkpointing."""
 
@@ -205,6 +239,8 @@ class TrainingConfig(Section):
     """A .jsonl file of more such prompts (a string field `prompt` or `text` per line)."""
     sample_max_new_tokens: int = 48
     """Tokens generated per sample prompt."""
+    downstream: DownstreamConfig = dataclasses.field(default_factory=DownstreamConfig)
+    """lm-eval tasks scored at evaluations (tasks, include_path, num_fewshot, limit, every, seed)."""
     save_every: int = 50
     """Write a checkpoint every this many steps."""
     keep_checkpoints: int = 2
@@ -241,6 +277,10 @@ class TrainingConfig(Section):
         if self.batch_size % self.grad_accum_steps:
             raise config_error(self._key("grad_accum_steps"),
                         f"must divide training.batch_size ({self.batch_size}), got {self.grad_accum_steps}")
+        every = self.downstream.every
+        if every is not None and every % self.eval_every:
+            raise config_error("training.downstream.every", f"must be a multiple of training.eval_every "
+                                                            f"({self.eval_every}), got {every}")
 
 
 # ------------------------------------------------------------------------------------ parallelism and the rest
@@ -379,6 +419,6 @@ def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
     atomic_write(path, text)
 
 
-__all__ = ["DataConfig", "DistillationConfig", "DistillationParams", "DistributedConfig", "ParallelismConfig",
+__all__ = ["DataConfig", "DistillationConfig", "DownstreamConfig", "DistillationParams", "DistributedConfig", "ParallelismConfig",
            "RunConfig", "Section", "StudentConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig",
            "config_to_dict", "save_config", "unvalidated"]

@@ -14,7 +14,7 @@ Each program is planned as XLA reports it: argument + output + temporary bytes â
     the heads' output, the largest causal block's float32 scores) and the MLP half (its normed input and the gated
     product), as XLA:TPU fuses them;
   - one logit chunk: the logits and the float32 arrays of their softmaxes, `[b, chunk, vocab]` each (`eval`,
-    `cache_build`, with the top-k's sort);
+    `cache_build`, with the top-k's sort; `downstream`, `downstream_teacher`);
   - living through: final hidden states, the student cast to the compute dtype (`eval`), every layer's hidden
     states and the Gram matrices of the probe's tokens (`eplb_probe`), the sliced student before it is placed
     (`prune_slice`), the KV cache as it is written and what every decoding step reads alike (`on_policy_*`, and the
@@ -150,6 +150,28 @@ class ProgramPlanner:
         phases = {"embedding lookup": embed, "one layer of the larger model": layers,
                   f"one chunk's logits and float32 softmaxes ({chunk} positions)": logits}
         return unused, 0, phases, live
+
+    def _downstream(self, args, kwargs):
+        return self._scoring("student", self.c, args, kwargs)
+
+    def _downstream_teacher(self, args, kwargs):
+        return self._scoring("teacher", self.tb, args, kwargs)
+
+    def _scoring(self, model: str, w: int, args, kwargs):
+        """`score_rows` (`vishwam.downstream.scoring`): one model's forward over packed requests and, per logit chunk,
+        the target's log-probability and the argmax; per row the segments' sums (`[b, S]`, as small as the ids)."""
+        batch = args[1]
+        _, config = self._model(model)
+        b, S = self.rows_per_device(batch["input_ids"].shape[0]), batch["input_ids"].shape[1]
+        chunk = min(kwargs.get("chunk_size") or S, S)
+        phases = {"embedding lookup": self.embedding(model, w),
+                  f"one {model} layer": self.gathered(model, w) + self.forward(config, b, S, w),
+                  f"one chunk's logits and float32 softmax ({chunk} positions)":
+                      b * chunk * self.local(config.vocab_size) * (w + _SOFTMAX)}
+        live = [("final hidden states", b * S * config.hidden_size * w)]
+        if model == "student":
+            live.append(("student weights in the compute dtype", self.cast_student()))
+        return 0, 0, phases, live
 
     def cast_student(self) -> int:
         """The student's weights cast to the compute dtype, when it is not the parameters' dtype."""

@@ -21,6 +21,7 @@ from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
 from vishwam.data.splits import tokenizer_path
 from vishwam.data.windows import StepReader, batch_for_step
+from vishwam.downstream.in_run import Downstream
 from vishwam.errors import VishwamError
 from vishwam.generation.on_policy import OnPolicy, host_rollout, merge, place_rollout, rollout_batch, step_rows
 from vishwam.generation.sampler import checkpoint_eos_ids
@@ -45,6 +46,7 @@ class Run:
         self.objective = self.prepared.objective
         self.state = None
         self.samples: Samples | None = None
+        self.downstream: Downstream | None = None
         self.on_policy: OnPolicy | None = None
         self.cache_use: CacheUse | None = None
 
@@ -70,6 +72,8 @@ class Run:
         self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out,
                                vocab_size=run.vocab_size, eos=eos, pad=pad)
         build.check_samples(run, self.samples)  # their lengths, before the compile check compiles them
+        self.downstream = Downstream(cfg, run.out, eos_ids=eos, mesh=run.mesh, log=log,
+                                     tokenizer_path=tokenizer_path(cfg.data, run.lazy_teacher.directory))
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
@@ -100,6 +104,7 @@ class Run:
                     log(f"{path}, left by an export that was killed: {done}")
             save_config(cfg, run.out / "config.yaml")
         self.samples.truncate(start)
+        self.downstream.truncate(start)
         tracker = Tracker(cfg, run.out, start)
         stack.callback(tracker.close)
         if self.objective.uses_features:
@@ -116,13 +121,19 @@ class Run:
                 StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
             train_step = make_step(self.objective)
             remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
-            evaluates = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns evaluation off
+            on_data = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns it off
+            evaluates = on_data or self.downstream.enabled
 
             def evaluate_at(step):
-                result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
-                                  micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
-                                  compute_dtype=compute_dtype, batch_sharding=run.batch_sharding, out_dir=run.out,
-                                  log=log, chunk_size=self.objective.params.logit_chunk_size)
+                result = {"step": step}
+                if on_data:  # eval.json is written here, or with the downstream metrics below
+                    result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
+                                      micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
+                                      compute_dtype=compute_dtype, batch_sharding=run.batch_sharding,
+                                      out_dir=None if self.downstream.enabled else run.out, log=log,
+                                      chunk_size=self.objective.params.logit_chunk_size)
+                result = self.downstream.at_eval(step, result, state.student, teacher.model,
+                                                 lambda flat: tracker.log(step, flat, context="eval"))
                 tracker.log(step, result, context="eval")
                 tracker.log_samples(step, self.samples(step, state.student, teacher.model, compute_dtype))
                 return result

@@ -34,7 +34,7 @@ from vishwam.train.step import TrainState
 RESUME_MAY_CHANGE = ("training.output_dir", "training.max_steps", "training.log_every", "training.eval_every",
                      "training.eval_batches", "training.save_every", "training.keep_checkpoints",
                      "training.max_nonfinite_steps", "training.dry_run", "training.remat", "training.sample_prompts",
-                     "training.sample_prompts_file", "training.sample_max_new_tokens", "data.eval", "parallelism.",
+                     "training.sample_prompts_file", "training.sample_max_new_tokens", "training.downstream.", "data.eval", "parallelism.",
                      "distributed.", "tracking.")
 
 
