@@ -254,6 +254,17 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes | None]:
     return out
 
 
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int | None = None) -> np.ndarray:
+    """`[vocab_size]` int32: the UTF-8 bytes each id stands for (0 for special tokens and ids past the tokenizer),
+    so that a label's bytes are a table look-up (bits per byte without the text)."""
+    table = token_bytes(tokenizer)
+    n = len(table) if vocab_size is None else vocab_size
+    out = np.zeros(n, np.int32)
+    for i, b in enumerate(table[:n]):
+        out[i] = 0 if b is None else len(b)
+    return out
+
+
 def shared_vocab(student: Tokenizer, teacher: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """`(student_ids, teacher_ids)`, int32, the pairs of ids whose tokens are the same bytes (specials excluded),
     in the student's id order."""
