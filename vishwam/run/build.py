@@ -30,6 +30,7 @@ from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict
 from vishwam.data import windows as data_lib
 from vishwam.data.splits import load_splits, tokenizer_path
+from vishwam.run.cross_tokenizer import check_student_tokenizer
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.io.checkpoint import LazyCheckpoint, load_pretrained, open_pretrained, save_pretrained
@@ -100,6 +101,7 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
     p, tr = cfg.parallelism, cfg.training
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
+    check_student_tokenizer(cfg, lazy.directory)
     t_config = lazy.config
     s_config = specs.student_config(cfg, t_config)
     objective = specs.objective(cfg, s_config, t_config)
