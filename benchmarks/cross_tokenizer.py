@@ -70,14 +70,10 @@ def bits_per_byte(model, windows, byte_lengths, batch: int, *, teacher: bool = F
     nll = n_bytes = 0.0
     for start in range(0, len(windows) - batch + 1, batch):
         b = windows.batch(np.arange(start, start + batch))
-        if teacher:
-            ids, mask, labels, lmask = b["teacher_input_ids"], b["teacher_input_mask"], b["teacher_labels"], \
-                b["teacher_mask"]
-        else:
-            ids, mask, labels, lmask = b["input_ids"], b["mask"], b["labels"], b["mask"]
+        side = "teacher_" if teacher else ""
+        ids, labels, lmask = b[f"{side}input_ids"], b[f"{side}labels"], b[f"{side}mask"]
         nll += float(fn(model, jnp.asarray(ids), jnp.asarray(lmask), jnp.asarray(labels)))
         n_bytes += float(np.sum(byte_lengths[labels] * lmask))
-        del mask
     return nll / (math.log(2) * n_bytes)
 
 
