@@ -129,6 +129,14 @@ def test_offsets_that_do_not_tile_are_one_error():
         encode_bytes(tok, "a b", name="student tokenizer")
 
 
+def test_a_text_the_tokenizer_cannot_encode_is_one_error():
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "[UNK]": 2}, merges=[], unk_token="[UNK]"))
+    with pytest.raises(DataError, match=r"student tokenizer cannot encode the text: unknown token '\[UNK\]' at "
+                                        r"byte 2 \('é'\)"):
+        encode_bytes(tok, "abéa", name="student tokenizer")
+    assert encode_bytes(tok, "abba", name="student tokenizer").ids.tolist() == [0, 1, 1, 0]
+
+
 def test_shared_vocab_pairs_equal_strings(tokenizers_):
     s_ids, t_ids = shared_vocab(tokenizers_["bytelevel"], tokenizers_["teacher"])
     s_bytes, t_bytes = token_bytes(tokenizers_["bytelevel"]), token_bytes(tokenizers_["teacher"])

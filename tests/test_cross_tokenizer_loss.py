@@ -79,6 +79,11 @@ def test_teacher_equals_student_alm_and_gradient_zero():
     # and it is not 0 once the student differs
     other = logits + jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
     assert float(loss(other)) > 1e-4
+    # a cached teacher's per-token log-probabilities in place of its logits: the same loss
+    cached = token_logprobs(logits, labels, mask)
+    from_cache = alm_loss(other, labels, mask, chunk, None, labels, mask, chunk, num_chunks=n, chunk_size=5,
+                          teacher_token_logp=cached)[0]
+    np.testing.assert_allclose(float(from_cache), float(loss(other)), rtol=1e-5)
 
 
 def test_binarised_kl_matches_numpy_and_is_a_divergence():

@@ -98,9 +98,16 @@ def encode_bytes(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool = 
 
     Tiling: in token order, every token of nonzero width starts where the text so far ends (tokens sharing one
     character span count as one group), and the last ends at the text's end. A tokenizer that drops text (a
-    `Whitespace` pre-tokenizer drops spaces) or has no offsets fails it.
+    `Whitespace` pre-tokenizer drops spaces) or has no offsets fails it. A text the tokenizer cannot encode (its
+    unknown token appears: the likelihood would be of the unknown token, not of the text) is a `DataError` too.
     """
     enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    unk = json.loads(tokenizer.to_str())["model"].get("unk_token")
+    if unk is not None and unk in enc.tokens:
+        k = enc.tokens.index(unk)
+        start = len(text[: enc.offsets[k][0]].encode("utf-8"))
+        raise DataError(f"{name} cannot encode the text: unknown token {unk!r} at byte {start} "
+                        f"({text[enc.offsets[k][0]: enc.offsets[k][1]]!r})")
     char_to_byte = np.zeros(len(text) + 1, np.int64)
     np.cumsum([len(c.encode("utf-8")) for c in text], out=char_to_byte[1:])
     offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
