@@ -112,7 +112,7 @@ def alm_loss(
     student_labels: Int[Array, "batch s_seq"],
     student_mask: Shaped[Array, "batch s_seq"],
     student_chunk: Int[Array, "batch s_seq"],
-    teacher_logits: Float[Array, "batch t_seq t_vocab"],
+    teacher_logits: Float[Array, "batch t_seq t_vocab"] | None,
     teacher_labels: Int[Array, "batch t_seq"],
     teacher_mask: Shaped[Array, "batch t_seq"],
     teacher_chunk: Int[Array, "batch t_seq"],
