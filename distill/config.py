@@ -304,6 +304,13 @@ class DistillationParams(Section):
     """Staged progressive distillation."""
     on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
     """On-policy distillation on the student's own completions (chat data)."""
+    alm_weight: float = 1.0
+    """Cross-tokenizer runs only: weight of ALM chunk-likelihood matching (distill.cross_tokenizer.alm_loss)."""
+    alm_temperature: float = 100.0
+    """Cross-tokenizer runs only: ALM's binarisation temperature (tokenkit's default; > 0)."""
+    shared_kl_weight: float = 0.0
+    """Cross-tokenizer runs only: weight of the forward KL on the shared vocabulary at chunks that are one token
+    on each side with the same string (distill.cross_tokenizer.shared_vocab_kl)."""
 
     def _check(self) -> None:
         weights = ("kd_weight", "ce_weight", "feature_weight", "attention_weight")
@@ -314,7 +321,8 @@ class DistillationParams(Section):
             raise config_error(self._key("jsd_beta"), f"must be in [0, 1], got {self.jsd_beta}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise config_error(self._key("label_smoothing"), f"must be in [0, 1), got {self.label_smoothing}")
-        self._positive("logit_chunk_size", "relation_heads")
+        self._positive("logit_chunk_size", "relation_heads", "alm_temperature")
+        self._non_negative("alm_weight", "shared_kl_weight")
         for i, layer in enumerate(self.attention_layers):
             if layer < 0:
                 raise config_error(f"{self._key('attention_layers')}[{i}]", f"must be a layer index >= 0, got {layer}")

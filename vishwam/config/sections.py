@@ -76,6 +76,9 @@ class StudentConfig(Section):
     """Per-head dimension. None: the teacher's."""
     tie_word_embeddings: bool | None = None
     """Share the input embedding with the LM head. None: the teacher's setting."""
+    tokenizer: str | None = None
+    """The student's own tokenizer (a tokenizer.json, or a directory with one). None: the teacher's. Set and
+    different from the teacher's: cross-tokenizer distillation (distill.cross_tokenizer)."""
 
     def _check(self) -> None:
         arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

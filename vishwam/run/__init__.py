@@ -2,6 +2,7 @@
 
 - `build`: `prepare(cfg)` (everything that needs no weights: config checks, data, mesh, plan), the teacher and the
   initial state.
+- `cross_tokenizer`: the check of `distillation.student_model.tokenizer` (same as the teacher's, or one line).
 - `loop`: `Run`: compile check -> teacher -> state -> the loop (batch -> step -> log -> maybe evaluate, save,
   re-map) -> export.
 

@@ -40,6 +40,7 @@ from vishwam.io.export import save_pretrained
 from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_fits
 from vishwam.plan.planner import MemoryPlan, plan
+from vishwam.run.cross_tokenizer import check_student_tokenizer
 from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, setup_distributed, tree_shardings
 from vishwam.teacher.sources import TeacherSource, check_cacheable
 from vishwam.teacher.streamed import StreamedTeacher
@@ -122,6 +123,7 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         require_directory(cfg.distillation.teacher_model.cache_dir, "config key 'distillation.teacher_model.cache_dir'")
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
+    check_student_tokenizer(cfg, lazy.directory)
     t_config = lazy.config
     s_config = specs.student_config(cfg, t_config)
     objective = specs.objective(cfg, s_config, t_config)

@@ -19,7 +19,9 @@ from vishwam.compile.programs import dry_run_compile
 from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
+from vishwam.data.alignment import token_byte_lengths
 from vishwam.data.splits import tokenizer_path
+from vishwam.data.text import load_tokenizer
 from vishwam.data.windows import StepReader, batch_for_step
 from vishwam.downstream.in_run import Downstream
 from vishwam.errors import VishwamError
@@ -34,6 +36,12 @@ from vishwam.tracking import Progress, Tracker, log, peak_rss_bytes
 from vishwam.train.evaluation import evaluate
 from vishwam.train.remap import probe_batch, remap, remap_steps
 from vishwam.train.step import StepConfig, interleave_micro_batches, make_train_step, optimizer_of
+
+
+def eval_byte_lengths(cfg: RunConfig, teacher_dir, vocab_size: int):
+    """The per-id byte table of the run's tokenizer for `eval.json`'s bits per byte (None without a tokenizer)."""
+    path = tokenizer_path(cfg.data, teacher_dir)
+    return None if path is None else token_byte_lengths(load_tokenizer(path), vocab_size)
 
 
 class Run:
@@ -123,6 +131,7 @@ class Run:
             remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
             on_data = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns it off
             evaluates = on_data or self.downstream.enabled
+            byte_lengths = eval_byte_lengths(cfg, run.lazy_teacher.directory, run.vocab_size) if on_data else None
 
             def evaluate_at(step):
                 result = {"step": step}
@@ -131,7 +140,7 @@ class Run:
                                       micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
                                       compute_dtype=compute_dtype, batch_sharding=run.batch_sharding,
                                       out_dir=None if self.downstream.enabled else run.out, log=log,
-                                      chunk_size=self.objective.params.logit_chunk_size)
+                                      chunk_size=self.objective.params.logit_chunk_size, byte_lengths=byte_lengths)
                 result = self.downstream.at_eval(step, result, state.student, teacher.model,
                                                  lambda flat: tracker.log(step, flat, context="eval"))
                 tracker.log(step, result, context="eval")

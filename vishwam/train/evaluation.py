@@ -9,7 +9,11 @@ a training micro-batch does), adds the sums on the host and writes `eval.json`:
 - `kl`: mean KL(teacher ‖ student) at T = 1. Against a top-k cache it is the KL of the collapsed (top-k + tail)
   distributions, a lower bound of the full KL; the teacher's NLL is exact there (the cache holds the label's
   log-probability), and agreement is with the cached top-1;
-- `top1_agreement`: the fraction of tokens where both models' most likely next token is the same.
+- `top1_agreement`: the fraction of tokens where both models' most likely next token is the same;
+- `student_bpb`, `teacher_bpb`: bits per UTF-8 byte, the summed NLL over the counted tokens divided by `ln 2` times
+  the bytes their labels stand for (`byte_lengths`, a per-id table, `vishwam.data.alignment.token_byte_lengths`;
+  special tokens are 0 bytes, their NLL still counts). The only figures comparable across tokenizers; absent
+  when no table is given (`.npy` data without a tokenizer).
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ def eval_sums(teacher: CausalLM | None, student: CausalLM, batch: dict, teacher_
 
 def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, step: int, batch_size: int,
              micro_batch_size: int, num_batches: int, compute_dtype, batch_sharding, out_dir: Path | None,
-             log: Callable[[str], None], chunk_size: int | None = None) -> dict:
+             log: Callable[[str], None], chunk_size: int | None = None,
+             byte_lengths: np.ndarray | None = None) -> dict:
     """Evaluate `student` against `teacher` on the first `num_batches` batches of `data`; write `eval.json` to
     `out_dir` (process 0) and return the result (see the module docstring)."""
     sums: dict[str, float] = {}
@@ -100,6 +105,10 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
             micro = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
             t_out = teacher.outputs(micro, "eval")  # a cache reads the rows of micro["window"]
             micro.pop("window")
+            if byte_lengths is not None:  # the labels' bytes, on the host
+                counted = np.asarray(micro.get("loss_mask", micro["mask"])) != 0
+                labels = np.clip(np.asarray(micro["labels"]), 0, len(byte_lengths) - 1)
+                sums["bytes"] = sums.get("bytes", 0.0) + float(np.sum(byte_lengths[labels] * counted))
             out = jax.device_get(eval_sums(teacher.in_step, student, global_batch(micro, batch_sharding), t_out,
                                            compute_dtype=compute_dtype, chunk_size=chunk_size,
                                            activation_sharding=activations))
@@ -110,6 +119,10 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
               "top1_agreement": sums["agree"] / n, "step": step}
     result["student_ppl"] = math.exp(min(result["student_loss"], 50.0))
     result["teacher_ppl"] = math.exp(min(result["teacher_loss"], 50.0))
+    if byte_lengths is not None:
+        n_bytes = max(sums.get("bytes", 0.0), 1.0)
+        result["student_bpb"] = sums["student_nll"] / (math.log(2.0) * n_bytes)
+        result["teacher_bpb"] = sums["teacher_nll"] / (math.log(2.0) * n_bytes)
     if out_dir is not None and jax.process_index() == 0:
         atomic_write(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     log(f"eval @ {step}: student loss {result['student_loss']:.4f} (ppl {result['student_ppl']:.2f}), teacher "
