@@ -138,6 +138,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("/tmp/vishwam_bench_data"))
     p.add_argument("--tokens", type=float, default=10e6, help="the corpus's size in tokens (about)")
     p.add_argument("--large", type=int, default=60, help="the largest store is this many times the corpus")
+    p.add_argument("--copies", default=None, help="comma-separated store sizes, in copies of the corpus, whose start-up "
+                   "is measured (default: 1, 10 and --large)")
     p.add_argument("--starts-only", action="store_true",
                    help="reuse the store built in --out by an earlier run: only the start-up and read measurements")
     args = p.parse_args(argv)
@@ -160,8 +162,9 @@ def main(argv=None):
             record(what=f"store build, {workers} worker{'s' * (workers > 1)}", tokens=n, seconds=t,
                    tokens_per_s=n / t, vs_tokenizers=n / t / alone)
     store = args.out / "store1" / "train"
-    stores = {1: store}
-    for copies in (10, args.large):
+    sizes = [int(c) for c in args.copies.split(",")] if args.copies else [1, 10, args.large]
+    stores = {1: store} if 1 in sizes else {}
+    for copies in [c for c in sizes if c > 1]:
         tokens = replicate(store, copies, args.out / f"store_x{copies}")
         stores[copies] = args.out / f"store_x{copies}"
         log(f"store x{copies}: {tokens:,} tokens")
@@ -169,7 +172,7 @@ def main(argv=None):
         r = start_up(path, args.out / f"run_x{copies}")
         tokens = json.loads((path / "manifest.json").read_text())["tokens"]
         record(what=f"run.py start to step 1, store of {tokens / 1e6:.0f}M tokens", tokens=tokens, **r)
-    rate = read_rate(stores[args.large])
+    rate = read_rate(stores[max(stores)])
     record(what="random 4,097-token windows read from the largest store, one host", tokens_per_s=rate)
     print("\n| measurement | tokens | seconds | tokens/s | peak RSS MiB |\n|---|---:|---:|---:|---:|")
     for r in rows:
