@@ -348,7 +348,7 @@ def test_a_killed_export_leaves_nothing_once_the_run_is_repeated(tiny, tmp_path,
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.argv = ["run.py", "--config", {str(config)!r}]
-        import vishwam.io.checkpoint as c
+        import vishwam.io.export as c
         original = c.write_file
         def write_file(path, *args, **kwargs):
             original(path, *args, **kwargs)
