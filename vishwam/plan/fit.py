@@ -3,7 +3,8 @@
 `check_fits(plan, cfg)` raises a one-line `ConfigError` naming the least disruptive change that would fit (remat,
 a streamed teacher, another mesh over the same devices, more gradient accumulation, a cached teacher, more
 devices), each alternative planned by `vishwam.plan.planner`. `print_plan` is the dry run's table;
-`check_and_summarize` the check and the two lines before every run.
+`check_and_summarize` the check and the two summary lines together (a run's `prepare` checks before reading the
+data and prints the summary after it, so a data error stays one line).
 """
 
 from __future__ import annotations

@@ -62,9 +62,6 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         return self._manager
 
-    def latest(self) -> int | None:
-        return self.manager.latest_step() if self.directory.is_dir() else None
-
     def resumable(self, cfg: RunConfig, log: Callable[[str], None]) -> int | None:
         """The checkpoint to resume from: the newest whose `meta` and arrays' metadata read back, its saved config
         compared with `cfg` (`check_resumable`), or None when there is none. Newer unreadable ones are skipped with
