@@ -311,6 +311,9 @@ class DistillationParams(Section):
     shared_kl_weight: float = 0.0
     """Cross-tokenizer runs only: weight of the forward KL on the shared vocabulary at chunks that are one token
     on each side with the same string (distill.cross_tokenizer.shared_vocab_kl)."""
+    teacher_seq_len: int | None = None
+    """Cross-tokenizer runs only: the teacher's tokens per window (a window's chunks past them do not count).
+    None: training.seq_len + training.seq_len // 4."""
 
     def _check(self) -> None:
         weights = ("kd_weight", "ce_weight", "feature_weight", "attention_weight")
@@ -321,7 +324,7 @@ class DistillationParams(Section):
             raise config_error(self._key("jsd_beta"), f"must be in [0, 1], got {self.jsd_beta}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise config_error(self._key("label_smoothing"), f"must be in [0, 1), got {self.label_smoothing}")
-        self._positive("logit_chunk_size", "relation_heads", "alm_temperature")
+        self._positive("logit_chunk_size", "relation_heads", "alm_temperature", "teacher_seq_len")
         self._non_negative("alm_weight", "shared_kl_weight")
         for i, layer in enumerate(self.attention_layers):
             if layer < 0:

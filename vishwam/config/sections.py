@@ -77,17 +77,24 @@ class StudentConfig(Section):
     tie_word_embeddings: bool | None = None
     """Share the input embedding with the LM head. None: the teacher's setting."""
     tokenizer: str | None = None
-    """The student's own tokenizer (a tokenizer.json, or a directory with one). None: the teacher's. Set and
-    different from the teacher's: cross-tokenizer distillation (distill.cross_tokenizer)."""
+    """The student's own tokenizer (a tokenizer.json, or a directory with one, with its tokenizer_config.json).
+    None: the teacher's. Set and different from the teacher's: cross-tokenizer distillation (docs/cross_tokenizer.md);
+    the student's vocabulary and special ids come from it."""
+    vocab_size: int | None = None
+    """With tokenizer set: the student's vocabulary size (at least the tokenizer's; e.g. padded to a multiple of
+    128). None: the tokenizer's own size."""
 
     def _check(self) -> None:
         arch = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "head_dim")
-        self._positive(*arch)
+        self._positive(*arch, "vocab_size")
+        if self.vocab_size is not None and self.tokenizer is None:
+            raise config_error(self._key("vocab_size"), "is only used with distillation.student_model.tokenizer set "
+                                                        "(a same-tokenizer student has the teacher's vocabulary)")
         if self.init == "path":
             if not self.path:
                 raise config_error(self._key("path"), "is required when distillation.student_model.init is 'path'")
-            for name in (*arch, "tie_word_embeddings"):
+            for name in (*arch, "tie_word_embeddings", "vocab_size"):
                 if getattr(self, name) is not None:
                     raise config_error(self._key(name), "cannot be set with init 'path' (the checkpoint's config sets it)")
         elif self.path is not None:

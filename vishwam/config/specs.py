@@ -8,7 +8,9 @@ the run itself, so that each rule is stated once:
 - `student_config(cfg, teacher)`: the student's architecture (the teacher's with `student_model`'s fields
   changed; pruning's constraints for `init: from_teacher`; the checkpoint's own for `init: path`);
 - `objective(cfg, student, teacher)`: the `distill.objective.Objective` of `distillation_params`, as it is;
-- `init_layer_pairs(student, teacher)`: which teacher layer initialises each student layer when pruning.
+- `init_layer_pairs(student, teacher)`: which teacher layer initialises each student layer when pruning;
+- `cross_tokenizer(cfg)`, `teacher_seq_len(cfg)`, `student_tokenizer_ids(path)`: a cross-tokenizer run's mode, its
+  teacher window and the student tokenizer's vocabulary size and special ids.
 """
 
 from __future__ import annotations
@@ -58,17 +60,87 @@ def resolve_architecture(path: str) -> ModelConfig:
 def student_config(cfg: RunConfig, teacher: ModelConfig) -> ModelConfig:
     """The student's architecture: with `init: path` the checkpoint's own; otherwise the teacher's with the
     `distillation.student_model` fields that are set changed (with `init: from_teacher`, checked to be prunable
-    from the teacher: narrower, GQA groups kept whole)."""
+    from the teacher: narrower, GQA groups kept whole). A cross-tokenizer student (`cross_tokenizer(cfg)`) takes
+    its vocabulary size and special ids from its tokenizer (`student_tokenizer_ids`)."""
     s = cfg.distillation.student_model
     if s.init == "path":
         return resolve_architecture(s.path)
     changes = {k: getattr(s, k) for k in _ARCHITECTURE_FIELDS if getattr(s, k) is not None}
-    if s.init == "from_teacher":
-        return student_config_from_teacher(teacher, **changes)
+    vocab = {}
+    if cross_tokenizer(cfg):
+        ids = student_tokenizer_ids(s.tokenizer)
+        size = ids["vocab_size"] if s.vocab_size is None else s.vocab_size
+        if size < ids["vocab_size"]:
+            raise ConfigError(f"config key 'distillation.student_model.vocab_size' {size} is smaller than its "
+                              f"tokenizer's {ids['vocab_size']} ids ({s.tokenizer})")
+        vocab = dict(vocab_size=size, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     try:
-        return teacher.replace(**changes)
+        if s.init == "from_teacher":
+            return student_config_from_teacher(teacher, **changes).replace(**vocab)
+        return teacher.replace(**changes, **vocab)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section 'distillation.student_model' describes an impossible architecture: {e}")
+
+
+def cross_tokenizer(cfg: RunConfig) -> bool:
+    """Whether the run distils across tokenizers: `distillation.student_model.tokenizer` is set. (`prepare`
+    clears it when it names a tokenizer equal to the teacher's, so an equal one runs as a same-tokenizer run.)"""
+    return cfg.distillation.student_model.tokenizer is not None
+
+
+def teacher_seq_len(cfg: RunConfig) -> int:
+    """A cross-tokenizer window's teacher tokens (`distillation_params.teacher_seq_len`, else 5/4 of seq_len)."""
+    n = cfg.distillation_params.teacher_seq_len
+    return n if n is not None else cfg.training.seq_len + cfg.training.seq_len // 4
+
+
+_SPECIAL_FALLBACK = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+
+
+def student_tokenizer_ids(path: str) -> dict:
+    """The student tokenizer's `vocab_size` (its largest id + 1, added tokens included) and its `bos`, `eos` and
+    `pad` ids, from the `tokenizer_config.json` beside its `tokenizer.json` (`eos_token` and friends, strings or
+    `{"content": ...}`); without one, the first of a few common end-of-text tokens it has is its EOS. A file that
+    cannot be read, or a tokenizer with no EOS, is a one-line `ConfigError` naming the key."""
+    from tokenizers import Tokenizer  # the tokenizers library is the data layer's; only cross-tokenizer runs need it
+
+    key = "config key 'distillation.student_model.tokenizer'"
+    p = Path(path).expanduser()
+    file = p / "tokenizer.json" if p.is_dir() else p
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as error:  # a missing or malformed file (the Rust side raises a bare Exception)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{key} ({path}): cannot read {file}: {first}") from None
+    vocab = tok.get_vocab(with_added_tokens=True)
+    size = max(vocab.values()) + 1 if vocab else 0
+    settings = {}
+    config_file = file.parent / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            settings = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{key}: {config_file} is unreadable ({error})") from None
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{key}: {config_file} is not a JSON object")
+
+    def special(name: str) -> int | None:
+        value = settings.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is None:
+            return None
+        if not isinstance(value, str) or value not in vocab:
+            raise ConfigError(f"{key}: {config_file} names {name} {value!r}, which is not a token of {file}")
+        return vocab[value]
+
+    eos = special("eos_token")
+    if eos is None:
+        eos = next((vocab[t] for t in _SPECIAL_FALLBACK if t in vocab), None)
+    if eos is None:
+        raise ConfigError(f"{key}: {file} has no EOS token (give a tokenizer_config.json beside it with eos_token)")
+    pad = special("pad_token")
+    return {"vocab_size": size, "bos": special("bos_token"), "eos": eos, "pad": eos if pad is None else pad}
 
 
 def objective(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig) -> Objective:
@@ -87,4 +159,5 @@ def init_layer_pairs(student: ModelConfig, teacher: ModelConfig) -> tuple[tuple[
     return tuple((i, int(np.floor(i * (t - 1) / (s - 1) + 0.5))) for i in range(s))
 
 
-__all__ = ["DTYPES", "init_layer_pairs", "objective", "resolve_architecture", "student_config"]
+__all__ = ["DTYPES", "cross_tokenizer", "init_layer_pairs", "objective", "resolve_architecture", "student_config",
+           "student_tokenizer_ids", "teacher_seq_len"]
