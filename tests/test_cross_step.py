@@ -56,12 +56,12 @@ def test_alm_steps_bring_the_chunk_likelihoods_together(setup):
     optimizer, _ = make_optimizer(learning_rate=3e-3, warmup_steps=0, total_steps=40, weight_decay=0.0, grad_clip=1.0)
     state = init_state(student, None, None, optimizer, jax.random.key(1), [])
     step = make_cross_train_step(CrossStepConfig(num_chunks=windows.num_chunks, ce_weight=0.0, shared_kl_weight=1.0,
-                                                 chunk_size=16), optimizer)
+                                                 chunk_size=16), optimizer, shared=shared)
     rng = np.random.default_rng(0)
     history = []
     for _ in range(40):
         batch = windows.batch(rng.choice(len(windows), 4, replace=False))
-        state, metrics = step(teacher, state, {k: jnp.asarray(v) for k, v in batch.items()}, shared)
+        state, metrics = step(teacher, state, {k: jnp.asarray(v) for k, v in batch.items()}, None)
         history.append({k: float(v) for k, v in metrics.items()})
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert history[0]["distill/chunks"] > 0.3 and history[0]["distill/shared_positions"] > 0.05

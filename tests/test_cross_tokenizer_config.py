@@ -1,5 +1,6 @@
 """`distillation.student_model.tokenizer` and the cross-tokenizer knobs: unset or the teacher's own = today's run;
-unreadable, different (not yet driven by run.py), or different with a 'cached' teacher = one line, exit 2."""
+unreadable, or different with what a cross-tokenizer run does not do (a 'cached' teacher, feature losses,
+on-policy rows) = one line, exit 2."""
 
 from __future__ import annotations
 
@@ -55,20 +56,23 @@ def test_knobs_are_checked_where_they_enter():
     assert (params.alm_weight, params.alm_temperature, params.shared_kl_weight) == (1.0, 100.0, 0.0)
 
 
-@pytest.mark.parametrize("case", ["unreadable", "different", "cached"])
+@pytest.mark.parametrize("case", ["unreadable", "features", "cached"])
 def test_bad_student_tokenizer_is_one_line_exit_2(tmp_path, case):
     flags = ["--distillation.student-model.tokenizer", str(tmp_path / "nope.json") if case == "unreadable" else
              str(OTHER), "--training.output-dir", str(tmp_path / "out"), "--tracking.aim", "false"]
     if case == "cached":
         flags += ["--distillation.teacher-model.loading", "cached", "--distillation.teacher-model.cache-dir",
                   str(tmp_path / "cache")]
+    if case == "features":
+        flags += ["--distillation-params.feature-weight", "1"]
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", "configs/distill.yaml", *flags],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "distillation.student_model.tokenizer" in lines[0]
-    needle = {"unreadable": "nope.json", "different": "not yet driven by run.py", "cached": "'cached'"}[case]
+    key = "distillation_params.feature_weight" if case == "features" else "distillation.student_model.tokenizer"
+    assert key in lines[0]
+    needle = {"unreadable": "nope.json", "features": "different tokens", "cached": "'cached'"}[case]
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / "config.yaml").exists()

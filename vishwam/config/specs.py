@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from huggingface_hub import hf_hub_download
+from tokenizers import Tokenizer
 
 from distill.objective import Objective
 from distill.student_init import student_config_from_teacher
@@ -102,8 +103,6 @@ def student_tokenizer_ids(path: str) -> dict:
     `pad` ids, from the `tokenizer_config.json` beside its `tokenizer.json` (`eos_token` and friends, strings or
     `{"content": ...}`); without one, the first of a few common end-of-text tokens it has is its EOS. A file that
     cannot be read, or a tokenizer with no EOS, is a one-line `ConfigError` naming the key."""
-    from tokenizers import Tokenizer  # the tokenizers library is the data layer's; only cross-tokenizer runs need it
-
     key = "config key 'distillation.student_model.tokenizer'"
     p = Path(path).expanduser()
     file = p / "tokenizer.json" if p.is_dir() else p

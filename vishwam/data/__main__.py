@@ -1,7 +1,7 @@
 """Prepare a config's data as token stores: `python -m vishwam.data --config C [--workers N] [config flags]`.
 
 The same code `run.py` runs on first use (`vishwam.data.splits.load_splits`): the config's `data` section,
-tokenized with the teacher's tokenizer (or `data.tokenizer`), into `data.store_dir` (or the fingerprinted default
+tokenized with the teacher's tokenizer (or `data.tokenizer`; a cross-tokenizer run's with both, aligned), into `data.store_dir` (or the fingerprinted default
 under `~/.cache/vishwam/data`), `--workers` processes (default: `data.workers`, 0 = one per core). A finished
 store is opened and reported, not built again; an interrupted build resumes after its finished shards. With
 several processes (the config's `distributed` section, or a SLURM / Open MPI / TPU pod job), they split the
@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from vishwam.config import specs
 from vishwam.config.cli import parse_args, run_main
-from vishwam.data.splits import load_splits, tokenizer_path
+from vishwam.data.splits import load_splits, split_args
 from vishwam.errors import ConfigError
 from vishwam.io.checkpoint import resolve_checkpoint_dir
 from vishwam.sharding import setup_distributed
@@ -55,12 +55,8 @@ def main(argv: list[str]) -> int:
     t_config = specs.resolve_architecture(teacher)
     s_config = specs.student_config(cfg, t_config)
     directory = resolve_checkpoint_dir(teacher)
-    load_splits(cfg.data, seq_len=cfg.training.seq_len,
-                tokenizer_path=tokenizer_path(cfg.data, directory),
-                eos_id=t_config.eos_ids[0] if t_config.eos_ids else None,
-                vocab_size=min(s_config.vocab_size, t_config.vocab_size), log=log,
-                workers=workers or cfg.data.workers, process_index=index, process_count=count,
-                barrier=barrier)
+    load_splits(cfg.data, seq_len=cfg.training.seq_len, **split_args(cfg, directory, t_config, s_config), log=log,
+                workers=workers or cfg.data.workers, process_index=index, process_count=count, barrier=barrier)
     return 0
 
 

@@ -48,10 +48,29 @@ def byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
+_INFO: dict[int, tuple[Tokenizer, dict]] = {}
+
+
+def _info(tokenizer: Tokenizer) -> dict:
+    """What alignment reads from a tokenizer's serialised form (`byte_level`, `byte_fallback`, `unk`, `forms`),
+    parsed once per tokenizer object: the JSON of a 150k vocabulary is megabytes, too much to parse per text."""
+    hit = _INFO.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    text = tokenizer.to_str()
+    serial = json.loads(text)
+    info = {"byte_level": '"ByteLevel"' in text, "byte_fallback": '"byte_fallback":true' in text.replace(" ", ""),
+            "unk": serial["model"].get("unk_token"), "forms": _unicode_forms(serial.get("normalizer"))}
+    if len(_INFO) > 16:
+        _INFO.clear()
+    _INFO[id(tokenizer)] = (tokenizer, info)  # the tokenizer is kept alive, so its id is not reused
+    return info
+
+
 def _kinds(tokenizer: Tokenizer) -> tuple[bool, bool]:
     """`(byte_level, byte_fallback)` of a tokenizer, read from its serialised form."""
-    text = tokenizer.to_str()
-    return '"ByteLevel"' in text, '"byte_fallback":true' in text.replace(" ", "")
+    info = _info(tokenizer)
+    return info["byte_level"], info["byte_fallback"]
 
 
 def token_byte_length(token: str, *, byte_level: bool, byte_fallback: bool) -> int | None:
@@ -79,7 +98,7 @@ def common_text(text: str, *tokenizers: Tokenizer) -> str:
     normalizers apply (NFC composes `u` + a combining mark into one character, so the normalizing side's offsets
     would otherwise skip the mark's bytes). NFC is idempotent, so the normalizing side sees the same text."""
     for tokenizer in tokenizers:
-        for form in _unicode_forms(json.loads(tokenizer.to_str()).get("normalizer")):
+        for form in _info(tokenizer)["forms"]:
             text = unicodedata.normalize(form, text)
     return text
 
@@ -101,15 +120,25 @@ def encode_bytes(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool = 
     `Whitespace` pre-tokenizer drops spaces) or has no offsets fails it. A text the tokenizer cannot encode (its
     unknown token appears: the likelihood would be of the unknown token, not of the text) is a `DataError` too.
     """
-    enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    unk = json.loads(tokenizer.to_str())["model"].get("unk_token")
+    return _with_bytes(tokenizer, text, tokenizer.encode(text, add_special_tokens=add_special_tokens), name)
+
+
+def encode_bytes_batch(tokenizer: Tokenizer, texts: list[str], *, names: list[str]) -> list[Encoding]:
+    """`encode_bytes` of each of `texts` through one `encode_batch` call (the tokenizer's threads)."""
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [_with_bytes(tokenizer, t, e, n) for t, e, n in zip(texts, encodings, names)]
+
+
+def _with_bytes(tokenizer: Tokenizer, text: str, enc, name: str) -> Encoding:
+    unk = _info(tokenizer)["unk"]
     if unk is not None and unk in enc.tokens:
         k = enc.tokens.index(unk)
         start = len(text[: enc.offsets[k][0]].encode("utf-8"))
         raise DataError(f"{name} cannot encode the text: unknown token {unk!r} at byte {start} "
                         f"({text[enc.offsets[k][0]: enc.offsets[k][1]]!r})")
     char_to_byte = np.zeros(len(text) + 1, np.int64)
-    np.cumsum([len(c.encode("utf-8")) for c in text], out=char_to_byte[1:])
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
+    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=char_to_byte[1:])
     offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
     spans = char_to_byte[offsets] if len(offsets) else offsets
     byte_level, byte_fallback = _kinds(tokenizer)

@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vishwam.data.alignment import token_bytes
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_records
-from vishwam.data.store import MANIFEST, TokenStore, crc_blocks, fingerprint_key
+from vishwam.data.cross_windows import align_documents
+from vishwam.data.store import CRC_FILES, MANIFEST, TokenStore, crc_blocks, fingerprint_key
 from vishwam.data.tables import hf_records, is_hf, is_table
 from vishwam.data.text import BLANK_LINES, check_vocab, load_tokenizer, npy_tokens, parse_jsonl, record_text, records
 from vishwam.errors import DataError
@@ -45,12 +47,15 @@ _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 class Recipe:
     """How a split's sources become tokens: everything a worker needs, picklable."""
 
-    kind: str  # "text" | "chat"
+    kind: str  # "text" | "chat" | "cross"
     tokenizer_path: str | None
     eos_id: int | None
     vocab_size: int | None
     template: tuple | None = None  # (source, text, variables) of the chat template
     loss_on: str = "assistant"
+    student_tokenizer_path: str | None = None  # cross: the student's side (the fields above are the teacher's)
+    student_eos_id: int | None = None
+    student_vocab_size: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -170,12 +175,45 @@ def _batches(items: Iterator, n: int) -> Iterator[list]:
 _TOKENIZERS: dict[str, object] = {}
 
 
-def _tokenizer(recipe: Recipe, path: str):
-    if recipe.tokenizer_path is None:
+def _tokenizer(recipe: Recipe, path: str, which: str | None = None):
+    which = which or recipe.tokenizer_path
+    if which is None:
         raise DataError(f"{path} holds text but no tokenizer is given (set data.tokenizer)")
-    if recipe.tokenizer_path not in _TOKENIZERS:
-        _TOKENIZERS[recipe.tokenizer_path] = load_tokenizer(recipe.tokenizer_path)
-    return _TOKENIZERS[recipe.tokenizer_path]
+    if which not in _TOKENIZERS:
+        _TOKENIZERS[which] = load_tokenizer(which)
+    return _TOKENIZERS[which]
+
+
+def _cross_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
+    """A unit's documents tokenized by both sides and aligned (`cross_windows.align_documents`): the shard's
+    arrays, chunk ids from 0."""
+    path = unit["path"]
+    if unit["format"] == "npy":
+        raise DataError(f"{path}: token ids of one tokenizer; a cross-tokenizer run (distillation.student_model."
+                        "tokenizer) needs text, which both tokenizers read")
+    student = _tokenizer(recipe, path, recipe.student_tokenizer_path)
+    teacher = _tokenizer(recipe, path)
+    key = (recipe.student_tokenizer_path, recipe.tokenizer_path)
+    if key not in _TABLES:
+        _TABLES[key] = (token_bytes(student), token_bytes(teacher))
+    parts, first, base = [], 0, 0
+    for docs in _batches((d for d in _documents(unit) if d), ENCODE_BATCH):
+        s, sc, t, tc, one = align_documents(docs, student, teacher, student_eos=recipe.student_eos_id,
+                                            teacher_eos=recipe.eos_id, tables=_TABLES[key], name=path, first=first)
+        parts.append((s, sc + base, t, tc + base, one))
+        first, base = first + len(docs), base + len(one)
+    if not parts:
+        return {name: np.zeros((0,), "u1" if name == "one" else "<u4")
+                for name in ("ids", "tids", "schunk", "tchunk", "one")}
+    s, sc, t, tc, one = (np.concatenate(x) for x in zip(*parts))
+    if recipe.student_vocab_size is not None:
+        check_vocab(s, recipe.student_vocab_size, f"{path} (tokenized with {recipe.student_tokenizer_path})")
+    _check_vocab(t, recipe, f"{path} (tokenized with {recipe.tokenizer_path})")
+    return {"ids": s.astype("<u4"), "tids": t.astype("<u4"), "schunk": sc.astype("<u4"), "tchunk": tc.astype("<u4"),
+            "one": one.astype("u1"), "docs": first}
+
+
+_TABLES: dict[tuple, tuple] = {}
 
 
 def _check_vocab(ids: np.ndarray, recipe: Recipe, what: str) -> None:
@@ -232,6 +270,14 @@ def build_unit(job: tuple[int, dict, Recipe, str, str]) -> dict:
         ids = np.concatenate(pieces).astype("<u4") if pieces else np.zeros((0,), "<u4")
         meta.update(docs=len(pieces) // 2 if eos else len(pieces), rows=0)
         files = {"ids": ids}
+    elif recipe.kind == "cross":
+        files = _cross_streams(unit, recipe)
+        ids = files["ids"]
+        meta.update(docs=files.pop("docs", 0), rows=0, teacher_tokens=int(len(files["tids"])),
+                    chunks=int(len(files["one"])),
+                    teacher_max_id=int(files["tids"].max()) if len(files["tids"]) else -1)
+        for suffix in ("tids", "schunk", "tchunk"):
+            files[CRC_FILES[suffix]] = crc_blocks(files[suffix])
     else:
         rows = list(_chat_rows(unit, recipe))
         ids = np.concatenate([r for r, _ in rows]).astype("<u4") if rows else np.zeros((0,), "<u4")
@@ -351,11 +397,17 @@ def _build(files, recipe, fingerprint, directory: Path, *, workers, log, process
 
 
 def _write_manifest(directory: Path, fingerprint: dict, metas: list[dict]) -> None:
+    cross = fingerprint["kind"] == "cross"
     shards = [{"name": m["name"], "source": m["unit"]["path"], "range": [m["unit"]["start"], m["unit"]["stop"]],
-               "tokens": m["tokens"], "rows": m["rows"], "sha256": m["sha256"]} for m in metas]
+               "tokens": m["tokens"], "rows": m["rows"], "sha256": m["sha256"],
+               **({"teacher_tokens": m["teacher_tokens"], "chunks": m["chunks"]} if cross else {})} for m in metas]
     manifest = {"format": fingerprint["format"], "version": fingerprint["version"], "kind": fingerprint["kind"],
                 "fingerprint": fingerprint, "max_id": max([m["max_id"] for m in metas], default=-1),
                 "tokens": sum(m["tokens"] for m in metas), "rows": sum(m["rows"] for m in metas), "shards": shards}
+    if cross:
+        manifest.update(teacher_max_id=max([m["teacher_max_id"] for m in metas], default=-1),
+                        teacher_tokens=sum(m["teacher_tokens"] for m in metas),
+                        chunks=sum(m["chunks"] for m in metas))
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

@@ -14,6 +14,7 @@ store's `plans/`: a new `seq_len` re-plans from the stored row lengths, without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -21,13 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from vishwam.config.sections import DataConfig
+from models import ModelConfig
+from vishwam.config import specs
+from vishwam.config.sections import DataConfig, RunConfig
 from vishwam.data import windows
 from vishwam.data.chat import find_template
 from vishwam.data.chat_rows import is_chat
+from vishwam.data.cross_windows import CrossDataset
 from vishwam.data.prepare import Recipe, build_store
 from vishwam.data.store import (
     MANIFEST,
+    CrossStreams,
     TokenStore,
     describe_change,
     fingerprint_key,
@@ -40,12 +45,29 @@ from vishwam.errors import DataError
 from vishwam.io.files import atomic_write
 
 DEFAULT_ROOT = Path("~/.cache/vishwam/data")
+ALIGNMENT_VERSION = 1
+"""Bumped when `vishwam.data.alignment` cuts chunks differently: a cross store of another version is re-made."""
 
 
 def tokenizer_path(d: DataConfig, teacher_dir: Path) -> str | None:
     """The run's tokenizer: `data.tokenizer`, else the teacher's `tokenizer.json` (None when it has none)."""
     own = Path(teacher_dir) / "tokenizer.json"
     return d.tokenizer or (str(own) if own.is_file() else None)
+
+
+def split_args(cfg: RunConfig, teacher_dir: Path, teacher: ModelConfig, student: ModelConfig) -> dict:
+    """`load_splits`'s tokenizer arguments for a run: the teacher's side (`data.tokenizer` or the teacher's own, its
+    first EOS id) and, for a cross-tokenizer run (`specs.cross_tokenizer`), the student's (`cross`)."""
+    eos = teacher.eos_ids[0] if teacher.eos_ids else None
+    path = tokenizer_path(cfg.data, teacher_dir)
+    if not specs.cross_tokenizer(cfg):
+        return dict(tokenizer_path=path, eos_id=eos, vocab_size=min(student.vocab_size, teacher.vocab_size))
+    if eos is None:
+        raise DataError(f"{Path(teacher_dir) / 'config.json'} has no eos_token_id: a cross-tokenizer run ends each "
+                        "document with both sides' EOS")
+    cross = CrossSides(cfg.distillation.student_model.tokenizer, student.eos_ids[0], student.vocab_size,
+                       specs.teacher_seq_len(cfg))
+    return dict(tokenizer_path=path, eos_id=eos, vocab_size=teacher.vocab_size, cross=cross)
 
 
 def _tokenizer_files(tokenizer_path: str | None) -> list[str]:
@@ -57,9 +79,36 @@ def _tokenizer_files(tokenizer_path: str | None) -> list[str]:
     return [f for f in (main, extra) if os.path.isfile(f)]
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossSides:
+    """A cross-tokenizer run's student side of the data (the teacher's is `tokenizer_path`/`eos_id`/`vocab_size`),
+    and its windows' teacher tokens (`vishwam.data.cross_windows`)."""
+
+    tokenizer_path: str
+    eos_id: int
+    vocab_size: int
+    teacher_seq_len: int
+
+
 def recipe_of(d: DataConfig, files: list[str], *, tokenizer_path: str | None, eos_id: int | None,
-              vocab_size: int | None) -> tuple[Recipe, dict]:
+              vocab_size: int | None, cross: CrossSides | None = None) -> tuple[Recipe, dict]:
     """How `files` become tokens, and their fingerprint (`vishwam.data.store.source_fingerprint`)."""
+    if cross is not None:
+        if is_chat(files):
+            raise DataError(f"{files[0]} holds chat rows; cross-tokenizer runs (distillation.student_model.tokenizer)"
+                            " take text for now (rendering each side's chat template is not built yet)")
+        if tokenizer_path is None:
+            raise DataError("a cross-tokenizer run needs the teacher's tokenizer: set data.tokenizer or give the "
+                            "teacher a tokenizer.json")
+        recipe = Recipe("cross", tokenizer_path, eos_id, vocab_size, student_tokenizer_path=cross.tokenizer_path,
+                        student_eos_id=cross.eos_id, student_vocab_size=cross.vocab_size)
+        fingerprint = source_fingerprint(files, kind="cross", tokenizer_files=_tokenizer_files(tokenizer_path),
+                                         eos_id=eos_id)
+        student = source_fingerprint([], kind="cross", tokenizer_files=_tokenizer_files(cross.tokenizer_path),
+                                     eos_id=cross.eos_id)
+        fingerprint.update(student_tokenizer=student["tokenizer"], student_eos_id=cross.eos_id,
+                           teacher_eos_id=eos_id, alignment=ALIGNMENT_VERSION)
+        return recipe, fingerprint
     kind = "chat" if is_chat(files) else "text"
     template = None
     if kind == "chat":
@@ -78,24 +127,26 @@ def recipe_of(d: DataConfig, files: list[str], *, tokenizer_path: str | None, eo
 
 def store_for(paths: tuple[str, ...], d: DataConfig, split: str, *, tokenizer_path: str | None, eos_id: int | None,
               vocab_size: int | None, log: Callable[[str], None], workers: int = 0, process_index: int = 0,
-              process_count: int = 1, barrier: Callable[[str], None] | None = None) -> TokenStore:
+              process_count: int = 1, barrier: Callable[[str], None] | None = None,
+              cross: CrossSides | None = None) -> TokenStore:
     """The token store of one split's `paths`: opened when prepared and current, else built (see the module
     docstring)."""
     if len(paths) == 1 and is_store(paths[0]):
         store = TokenStore(paths[0])
-        _check_prepared(store, paths[0], eos_id=eos_id, vocab_size=vocab_size)
+        _check_prepared(store, paths[0], eos_id=eos_id, vocab_size=vocab_size, cross=cross)
         return store
     files = expand_paths(paths)
     if not files:
         raise DataError("no data files given")
-    recipe, fingerprint = recipe_of(d, files, tokenizer_path=tokenizer_path, eos_id=eos_id, vocab_size=vocab_size)
+    recipe, fingerprint = recipe_of(d, files, tokenizer_path=tokenizer_path, eos_id=eos_id, vocab_size=vocab_size,
+                                    cross=cross)
     key = fingerprint_key(fingerprint)
     explicit = d.store_dir is not None
     directory = (Path(d.store_dir) / split) if explicit else DEFAULT_ROOT.expanduser() / f"{recipe.kind}-{key[:20]}"
     if (directory / MANIFEST).is_file():
         store = TokenStore(directory)
         if store.fingerprint == fingerprint:
-            _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size)
+            _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size, cross=cross)
             if process_count == 1:
                 return store
             # Several processes go through build_store's barriers together (each finds every unit finished), so
@@ -112,7 +163,7 @@ def store_for(paths: tuple[str, ...], d: DataConfig, split: str, *, tokenizer_pa
         raise DataError(f"data.store_dir: {directory} exists and is not a token store; name an empty or new directory")
     store = build_store(files, recipe, fingerprint, directory, workers=workers or (os.cpu_count() or 1), log=log,
                         process_index=process_index, process_count=process_count, barrier=barrier)
-    _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size)
+    _check_prepared(store, str(directory), eos_id=eos_id, vocab_size=vocab_size, cross=cross)
     return store
 
 
@@ -122,7 +173,24 @@ def _kind(paths: tuple[str, ...]) -> str:
     return "chat" if is_chat(paths) else "text"
 
 
-def _check_prepared(store: TokenStore, where: str, *, eos_id: int | None, vocab_size: int | None) -> None:
+def _check_prepared(store: TokenStore, where: str, *, eos_id: int | None, vocab_size: int | None,
+                    cross: CrossSides | None = None) -> None:
+    if (store.kind == "cross") != (cross is not None):
+        raise DataError(f"token store {where} holds {store.kind} data, and this run "
+                        f"{'distils across tokenizers' if cross else 'has one tokenizer'}: prepare the store with "
+                        "this run's config")
+    if cross is not None:
+        f = store.fingerprint
+        if f.get("student_eos_id") != cross.eos_id or f.get("teacher_eos_id") != eos_id:
+            raise DataError(f"token store {where} ends documents with EOS ids {f.get('student_eos_id')} (student) "
+                            f"and {f.get('teacher_eos_id')} (teacher), the run's are {cross.eos_id} and {eos_id}: "
+                            "prepare the store with this run's config")
+        for what, top, size in (("student", store.max_id, cross.vocab_size), ("teacher", store.teacher_max_id,
+                                                                             vocab_size)):
+            if size is not None and top >= size:
+                raise DataError(f"token store {where} holds {what} token id {top}, outside the {what}'s vocabulary "
+                                f"of {size} ids (was it tokenized with another tokenizer?)")
+        return
     if store.kind == "text" and store.eos_id != eos_id:
         raise DataError(f"token store {where} joins documents with EOS id {store.eos_id}, the run's teacher uses "
                         f"{eos_id}: prepare the store with this run's config")
@@ -164,8 +232,16 @@ def plan(store: TokenStore, rows: tuple[int, int], seq_len: int, *, name: str, l
 
 
 def datasets(store: TokenStore, seq_len: int, *, name: str, part: tuple[float, float] | None = None,
-             log: Callable[[str], None]) -> PackedDataset:
+             log: Callable[[str], None], cross: CrossSides | None = None) -> PackedDataset | CrossDataset:
     """`store`'s windows (all of it, or the `(from, to)` items of `part` given as item counts) as a dataset."""
+    if store.kind == "cross":
+        lo, hi = part if part is not None else (0, store.num_tokens)
+        data = CrossDataset(CrossStreams(store), int(lo), int(hi), seq_len, cross.teacher_seq_len, name=name,
+                            identity={"store": store.key, "tokens": [int(lo), int(hi)], "seq_len": seq_len,
+                                      "teacher_seq_len": cross.teacher_seq_len})
+        log(f"{name}: {hi - lo:,} student tokens, {data.num_windows:,} windows ({cross.teacher_seq_len} teacher "
+            f"tokens each), cross-tokenizer token store {store.directory}")
+        return data
     if store.kind == "text":
         lo, hi = part if part is not None else (0, store.num_tokens)
         data = PackedDataset.from_store(store, int(lo), int(hi), seq_len, name=name)
@@ -184,21 +260,24 @@ def load_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None, eos_
                                                                                      PackedDataset | None]:
     """The run's train and eval datasets (see the module docstring); `build`: `store_for`'s build arguments."""
     common = dict(tokenizer_path=tokenizer_path, eos_id=eos_id, vocab_size=vocab_size, log=log, **build)
+    cross = build.get("cross")
     if d.eval and _kind(d.train) != _kind(d.eval):  # before anything is tokenized
-        holds = {"chat": "chat rows", "text": "text"}
+        holds = {"chat": "chat rows", "text": "text", "cross": "a cross-tokenizer token store"}
         raise DataError(f"data.train holds {holds[_kind(d.train)]} but data.eval ({d.eval[0]}) holds "
                         f"{holds[_kind(d.eval)]}; give one kind")
     train_store = store_for(d.train, d, "train", **common)
     if d.eval:
         eval_store = store_for(d.eval, d, "eval", **common)
-        return (datasets(train_store, seq_len, name="data.train", log=log),
-                datasets(eval_store, seq_len, name="data.eval", log=log))
+        return (datasets(train_store, seq_len, name="data.train", log=log, cross=cross),
+                datasets(eval_store, seq_len, name="data.eval", log=log, cross=cross))
     if d.eval_fraction > 0:
-        total = train_store.num_tokens if train_store.kind == "text" else train_store.num_rows
-        cut = _split_range(total, d.eval_fraction, "tokens" if train_store.kind == "text" else "rows")
-        return (datasets(train_store, seq_len, name="data.train", part=(0, cut), log=log),
-                datasets(train_store, seq_len, name="data.eval", part=(cut, total), log=log))
-    return datasets(train_store, seq_len, name="data.train", log=log), None
+        rows = train_store.kind == "chat"
+        total = train_store.num_rows if rows else train_store.num_tokens
+        cut = _split_range(total, d.eval_fraction, "rows" if rows else "tokens")
+        return (datasets(train_store, seq_len, name="data.train", part=(0, cut), log=log, cross=cross),
+                datasets(train_store, seq_len, name="data.eval", part=(cut, total), log=log, cross=cross))
+    return datasets(train_store, seq_len, name="data.train", log=log, cross=cross), None
 
 
-__all__ = ["DEFAULT_ROOT", "datasets", "load_splits", "plan", "recipe_of", "store_for", "tokenizer_path"]
+__all__ = ["ALIGNMENT_VERSION", "CrossSides", "DEFAULT_ROOT", "datasets", "load_splits", "plan", "recipe_of", "split_args", "store_for",
+           "tokenizer_path"]

@@ -12,6 +12,10 @@ A store is a directory (`vishwam.data.prepare` builds it, in parallel and resuma
 - Chat only: `shards/NNNNN.targets` (one byte a token: 1 where the loss counts it), `shards/NNNNN.rows` (int64
   row starts, rows + 1 of them) and `shards/NNNNN.first` (int32: the first target after each row's first token,
   or the row's length when it has none; a row is kept in windows of `w` tokens when its first target is < w).
+- Cross-tokenizer text only (kind `cross`, `vishwam.data.cross_windows`): `ids` holds the student's ids (each
+  document's, then the student's EOS), `tids` the teacher's; `schunk` and `tchunk` each token's chunk id (uint32,
+  from 0 in each shard), `one` a byte per chunk (one token each side, the same string); `tids`, `schunk` and
+  `tchunk` have CRC files of their own (`NNNNN.tids.crc`, ...). `CrossStreams` reads them as one stream per side.
 
 The logical streams are those of the in-memory readers (`vishwam.data.text.load_token_stream`,
 `vishwam.data.chat_rows.encode_rows`): text is the concatenation of the shards less its final EOS (documents joined
@@ -22,6 +26,7 @@ but the shard list.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,6 +43,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 BLOCK_TOKENS = 8192
 SAMPLE_BYTES = 4096
+CRC_FILES = {"ids": "crc", "tids": "tids.crc", "schunk": "schunk.crc", "tchunk": "tchunk.crc"}
+"""Each checksummed uint32 array's CRC file (suffixes of `shards/NNNNN`)."""
 
 
 def crc_blocks(ids: np.ndarray) -> np.ndarray:
@@ -102,8 +109,11 @@ def describe_change(old: dict, new: dict) -> str:
     for key in ("kind", "eos_id", "chat_template", "loss_on"):
         if old.get(key) != new.get(key):
             return f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-    if old.get("tokenizer") != new.get("tokenizer"):
+    if old.get("tokenizer") != new.get("tokenizer") or old.get("student_tokenizer") != new.get("student_tokenizer"):
         return "the tokenizer files changed"
+    for key in ("student_eos_id", "alignment"):
+        if old.get(key) != new.get(key):
+            return f"{key} {old.get(key)!r} -> {new.get(key)!r}"
     a, b = old.get("sources", []), new.get("sources", [])
     if [s["name"] for s in a] != [s["name"] for s in b]:
         return f"the source files are {[s['name'] for s in b]}, the store was made from {[s['name'] for s in a]}"
@@ -124,36 +134,44 @@ class Shard:
     name: str
     tokens: int
     rows: int
-    crcs: np.ndarray | None = None
-    _ids: np.ndarray | None = None
-    _verified: np.ndarray | None = None
 
     def path(self, suffix: str) -> Path:
         return self.directory / "shards" / f"{self.name}.{suffix}"
 
-    def ids(self) -> np.ndarray:
-        if self._ids is None:
-            self._ids = np.memmap(self.path("ids"), dtype="<u4", mode="r", shape=(self.tokens,)) if self.tokens \
-                else np.zeros((0,), "<u4")
-            self.crcs = np.fromfile(self.path("crc"), dtype="<u4")
-            self._verified = np.zeros(len(self.crcs), bool)
-        return self._ids
+    teacher_tokens: int = 0
+    chunks: int = 0
+    _mapped: dict = dataclasses.field(default_factory=dict)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Ids `[start, stop)` of this shard, every block they touch verified against its CRC once."""
-        ids = self.ids()
+    def length(self, suffix: str) -> int:
+        return self.teacher_tokens if suffix in ("tids", "tchunk") else self.tokens
+
+    def ids(self, suffix: str = "ids") -> np.ndarray:
+        """The uint32 array `suffix` (`ids`; a cross store's `tids`, `schunk`, `tchunk`), memory-mapped."""
+        if suffix not in self._mapped:
+            n = self.length(suffix)
+            array = np.memmap(self.path(suffix), dtype="<u4", mode="r", shape=(n,)) if n else np.zeros((0,), "<u4")
+            crcs = np.fromfile(self.path(CRC_FILES[suffix]), dtype="<u4")
+            self._mapped[suffix] = (array, crcs, np.zeros(len(crcs), bool))
+        return self._mapped[suffix][0]
+
+    def read(self, start: int, stop: int, suffix: str = "ids") -> np.ndarray:
+        """Items `[start, stop)` of the uint32 array `suffix` as int64 (`ids`: int32), every block they touch
+        verified against its CRC once."""
+        array = self.ids(suffix)
+        _, crcs, verified = self._mapped[suffix]
+        dtype = np.int32 if suffix in ("ids", "tids") else np.int64
         if stop <= start:
-            return np.zeros((0,), np.int32)
+            return np.zeros((0,), dtype)
         first, last = start // BLOCK_TOKENS, (stop - 1) // BLOCK_TOKENS
         for b in range(first, last + 1):
-            if not self._verified[b]:
-                block = np.ascontiguousarray(ids[b * BLOCK_TOKENS:(b + 1) * BLOCK_TOKENS])
-                if zlib.crc32(memoryview(block).cast("B")) != int(self.crcs[b]):
-                    raise DataError(f"token store shard {self.path('ids')} is corrupt: block {b} (ids "
-                                    f"{b * BLOCK_TOKENS}..{min(self.tokens, (b + 1) * BLOCK_TOKENS)}) fails its "
-                                    f"checksum; rebuild the store (python -m vishwam.data)")
-                self._verified[b] = True
-        return np.asarray(ids[start:stop], dtype=np.int32)
+            if not verified[b]:
+                block = np.ascontiguousarray(array[b * BLOCK_TOKENS:(b + 1) * BLOCK_TOKENS])
+                if zlib.crc32(memoryview(block).cast("B")) != int(crcs[b]):
+                    raise DataError(f"token store shard {self.path(suffix)} is corrupt: block {b} (items "
+                                    f"{b * BLOCK_TOKENS}..{min(self.length(suffix), (b + 1) * BLOCK_TOKENS)}) fails "
+                                    f"its checksum; rebuild the store (python -m vishwam.data)")
+                verified[b] = True
+        return np.asarray(array[start:stop], dtype=dtype)
 
     def array(self, suffix: str, dtype, count: int) -> np.ndarray:
         return np.memmap(self.path(suffix), dtype=dtype, mode="r", shape=(count,)) if count \
@@ -184,11 +202,17 @@ class TokenStore:
         self.fingerprint: dict = manifest["fingerprint"]
         self.eos_id: int | None = manifest["fingerprint"].get("eos_id")
         self.max_id: int = manifest["max_id"]
-        self.shards = [Shard(self.directory, s["name"], s["tokens"], s.get("rows", 0)) for s in manifest["shards"]]
+        self.shards = [Shard(self.directory, s["name"], s["tokens"], s.get("rows", 0), s.get("teacher_tokens", 0),
+                             s.get("chunks", 0)) for s in manifest["shards"]]
         for shard in self.shards:
-            expect = {"ids": 4 * shard.tokens, "crc": 4 * (-(-shard.tokens // BLOCK_TOKENS))}
+            crc = lambda n: 4 * (-(-n // BLOCK_TOKENS))  # noqa: E731
+            expect = {"ids": 4 * shard.tokens, "crc": crc(shard.tokens)}
             if self.kind == "chat":
                 expect.update(targets=shard.tokens, rows=8 * (shard.rows + 1), first=4 * shard.rows)
+            if self.kind == "cross":
+                t, c = shard.teacher_tokens, shard.chunks
+                expect.update({"tids": 4 * t, "tids.crc": crc(t), "schunk": 4 * shard.tokens,
+                               "schunk.crc": crc(shard.tokens), "tchunk": 4 * t, "tchunk.crc": crc(t), "one": c})
             for suffix, size in expect.items():
                 file = shard.path(suffix)
                 try:
@@ -200,6 +224,10 @@ class TokenStore:
                     raise DataError(f"token store shard {file} is truncated or corrupt: {actual} bytes, the manifest "
                                     f"says {size}; rebuild the store (python -m vishwam.data)")
         self.starts = np.cumsum([0] + [s.tokens for s in self.shards])
+        self.teacher_starts = np.cumsum([0] + [s.teacher_tokens for s in self.shards])
+        self.chunk_starts = np.cumsum([0] + [s.chunks for s in self.shards])
+        self.teacher_eos_id: int | None = manifest["fingerprint"].get("teacher_eos_id")
+        self.teacher_max_id: int = manifest.get("teacher_max_id", -1)
         self.row_starts = np.cumsum([0] + [s.rows for s in self.shards])
         self._row_arrays: dict[int, tuple] = {}
 
@@ -214,7 +242,8 @@ class TokenStore:
 
     @property
     def num_tokens(self) -> int:
-        """Text: the length of the logical stream (the shards less the final EOS). Chat: all rows' tokens."""
+        """Text: the length of the logical stream (the shards less the final EOS). Chat: all rows' tokens. Cross:
+        the student's tokens, EOS included."""
         total = int(self.starts[-1])
         return total - 1 if self.kind == "text" and self.eos_id is not None and total else total
 
@@ -224,16 +253,25 @@ class TokenStore:
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Ids `[start, stop)` of the concatenated shards, as int32."""
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        return self.read("ids", start, stop)
+
+    def read(self, suffix: str, start: int, stop: int) -> np.ndarray:
+        """Items `[start, stop)` of the uint32 array `suffix` of the concatenated shards (`ids`, `tids`: int32;
+        `schunk`, `tchunk`: int64 chunk ids made global by each shard's first chunk)."""
+        starts = self.teacher_starts if suffix in ("tids", "tchunk") else self.starts
+        start, stop = max(start, 0), min(stop, int(starts[-1]))
+        i = int(np.searchsorted(starts, start, side="right")) - 1
         pieces = []
-        i = first
         while start < stop and i < len(self.shards):
-            lo = int(self.starts[i])
-            take_stop = min(stop, int(self.starts[i + 1]))
-            pieces.append(self.shards[i].read(start - lo, take_stop - lo))
+            lo = int(starts[i])
+            take_stop = min(stop, int(starts[i + 1]))
+            piece = self.shards[i].read(start - lo, take_stop - lo, suffix)
+            pieces.append(piece + int(self.chunk_starts[i]) if suffix in ("schunk", "tchunk") else piece)
             start = take_stop
             i += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+        if not pieces:
+            return np.zeros((0,), np.int32 if suffix in ("ids", "tids") else np.int64)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _rows_of(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if i not in self._row_arrays:
@@ -266,9 +304,49 @@ class TokenStore:
         return np.concatenate(lengths), np.concatenate(firsts)
 
 
+class CrossStreams:
+    """A `cross` store's two streams, read as `vishwam.data.cross_windows.cut_window` reads them: slices of
+    each side's ids and chunk ids, a chunk's first teacher token by binary search, the chunks' `one` flags."""
+
+    def __init__(self, store: TokenStore):
+        if store.kind != "cross":
+            raise DataError(f"token store {store.directory} holds {store.kind} data, not a cross-tokenizer alignment")
+        self.store = store
+        self.n_student, self.n_teacher = int(store.starts[-1]), int(store.teacher_starts[-1])
+        self.n_chunks = int(store.chunk_starts[-1])
+        self._one: dict[int, np.ndarray] = {}
+
+    def student(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.read("ids", lo, hi), self.store.read("schunk", lo, hi)
+
+    def teacher(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.read("tids", lo, hi), self.store.read("tchunk", lo, hi)
+
+    def teacher_first(self, chunk: int) -> int:
+        """The index of chunk `chunk`'s first teacher token (`n_teacher` past the last chunk)."""
+        store = self.store
+        i = int(np.searchsorted(store.chunk_starts, chunk, side="right")) - 1
+        if i >= len(store.shards):
+            return self.n_teacher
+        local = np.searchsorted(store.shards[i].ids("tchunk"), chunk - int(store.chunk_starts[i]))
+        return int(store.teacher_starts[i]) + int(local)
+
+    def one(self, lo: int, hi: int) -> np.ndarray:
+        out, starts = [], self.store.chunk_starts
+        i = int(np.searchsorted(starts, lo, side="right")) - 1
+        while lo < hi and i < len(self.store.shards):
+            shard = self.store.shards[i]
+            if i not in self._one:
+                self._one[i] = shard.array("one", "u1", shard.chunks)
+            take = min(hi, int(starts[i + 1]))
+            out.append(np.asarray(self._one[i][lo - int(starts[i]): take - int(starts[i])], bool))
+            lo, i = take, i + 1
+        return np.concatenate(out) if out else np.zeros((0,), bool)
+
+
 def is_store(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-__all__ = ["BLOCK_TOKENS", "FORMAT", "MANIFEST", "VERSION", "TokenStore", "crc_blocks", "describe_change",
+__all__ = ["BLOCK_TOKENS", "CRC_FILES", "CrossStreams", "FORMAT", "MANIFEST", "VERSION", "TokenStore", "crc_blocks", "describe_change",
            "fingerprint_key", "is_store", "source_entry", "source_fingerprint"]

@@ -282,7 +282,9 @@ class StepBatch(Mapping):
 
     def __init__(self, dataset: PackedDataset, windows: np.ndarray):
         self.dataset, self.windows = dataset, np.asarray(windows, np.int64)
-        keys = ["input_ids", "labels", "mask", "window"] + (["segment_ids", "loss_mask"] if dataset.packed else [])
+        spec = getattr(dataset, "batch_spec", None)  # a cross-tokenizer dataset's keys, widths and dtypes
+        keys = list(spec) if spec else ["input_ids", "labels", "mask", "window"] + (
+            ["segment_ids", "loss_mask"] if dataset.packed else [])
         self._keys = keys
         self._read: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -319,8 +321,11 @@ class Rows:
     def __init__(self, batch: StepBatch, key: str):
         self.batch, self.key = batch, key
         n, seq = len(batch.windows), batch.dataset.seq_len
-        self.shape = (n,) if key == "window" else (n, seq)
-        self.dtype = np.dtype(np.int64 if key == "window" else np.int32)
+        spec = getattr(batch.dataset, "batch_spec", None)
+        width, dtype = spec[key] if spec else (None if key == "window" else seq, np.int64 if key == "window"
+                                               else np.int32)
+        self.shape = (n,) if width is None else (n, width)
+        self.dtype = np.dtype(dtype)
 
     def __getitem__(self, index) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)

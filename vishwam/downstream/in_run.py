@@ -65,7 +65,7 @@ class Downstream:
     `tokenizer_config.json` beside it), `eos_ids` (the teacher checkpoint's), `mesh`, `log`."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, tokenizer_path: str | None, eos_ids: list[int], mesh,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], teacher: tuple[str, list[int]] | None = None):
         tr, d = cfg.training, cfg.training.downstream
         self.cfg, self.log = d, log
         self.enabled = bool(d.tasks)
@@ -85,6 +85,11 @@ class Downstream:
         self.loaded, self.top, _ = load_tasks(d.tasks, include_path=d.include_path)
         self.tokenizer = HarnessTokenizer(tokenizer_path, fallback_eos=eos_ids[0] if eos_ids else None)
         self.eos_ids = eos_ids
+        # A cross-tokenizer run's teacher is scored with its own tokenizer and EOS ids.
+        self.teacher_tokenizer, self.teacher_eos_ids = self.tokenizer, eos_ids
+        if teacher is not None:
+            self.teacher_tokenizer = HarnessTokenizer(teacher[0], fallback_eos=teacher[1][0] if teacher[1] else None)
+            self.teacher_eos_ids = teacher[1]
         self.mesh, self.rows, self.seq_len = mesh, tr.micro_batch_size, tr.seq_len
         self.compute_dtype = DTYPES[tr.compute_dtype]
         self.teacher_dtype = DTYPES[cfg.distillation.teacher_model.dtype]
@@ -140,13 +145,16 @@ class Downstream:
         every = self.cfg.every
         return self.enabled and (every is None or step % every == 0 or step == self.max_steps)
 
-    def score(self, model: CausalLM, compute_dtype) -> dict[str, dict[str, float]]:
-        """`{task: {metric: value}}` of `model` on the run's documents."""
+    def score(self, model: CausalLM, compute_dtype, *, teacher: bool = False) -> dict[str, dict[str, float]]:
+        """`{task: {metric: value}}` of `model` (the student, or with `teacher` the teacher) on the run's
+        documents."""
         self._prepared()
         scorer = Scorer(rows=self.rows, seq_len=self.seq_len, compute_dtype=compute_dtype, mesh=self.mesh,
                         chunk_size=self.chunk_size)
-        lm = harness_lm(model, self.tokenizer, scorer, max_length=self.seq_len, compute_dtype=compute_dtype,
-                        eos_ids=self.eos_ids, generate_batch=self.rows)  # truncations: logged at the start
+        tokenizer, eos_ids = (self.teacher_tokenizer, self.teacher_eos_ids) if teacher else (self.tokenizer,
+                                                                                             self.eos_ids)
+        lm = harness_lm(model, tokenizer, scorer, max_length=self.seq_len, compute_dtype=compute_dtype,
+                        eos_ids=eos_ids, generate_batch=self.rows)  # truncations: logged at the start
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars, once per task and evaluation
             results = self.lm_eval.evaluator.evaluate(lm=lm, task_dict=self.loaded, samples=self.samples,
                                                       bootstrap_iters=0, log_samples=False)
@@ -162,7 +170,7 @@ class Downstream:
         if self.due(step) and step != self.resume_step:
             student_metrics = self.score(student, self.compute_dtype)
             if self.teacher_metrics is None and isinstance(teacher, CausalLM):
-                self.teacher_metrics = self.score(teacher, self.teacher_dtype)
+                self.teacher_metrics = self.score(teacher, self.teacher_dtype, teacher=True)
                 track(_flat("downstream_teacher", self.teacher_metrics))
             elif self.teacher_metrics is None and not self.teacher_noted:
                 self.teacher_noted = True

@@ -28,8 +28,11 @@ class Samples:
     """The sample prompts of a run, tokenized and left-padded, and where their continuations go."""
 
     def __init__(self, cfg: RunConfig, tokenizer_path: str | None, out: Path, *, vocab_size: int,
-                 eos: list[int], pad: int):
+                 eos: list[int], pad: int, teacher: dict | None = None):
+        """`teacher`: the teacher's own `tokenizer_path`, `vocab_size`, `eos` and `pad` when they are not the
+        student's (a cross-tokenizer run): its prompts are tokenized and its continuations decoded with them."""
         tr = cfg.training
+        self.teacher_side = None if teacher is None else Samples(cfg, out=out, **teacher)
         self.prompts = list(tr.sample_prompts) + (read_prompts(tr.sample_prompts_file) if tr.sample_prompts_file
                                                   else [])
         self.path = out / "samples.jsonl"
@@ -67,7 +70,7 @@ class Samples:
         if not self.enabled:
             return []
         if self.teacher_text is None:
-            self.teacher_text = (self._complete(teacher) if isinstance(teacher, CausalLM)
+            self.teacher_text = ((self.teacher_side or self)._complete(teacher) if isinstance(teacher, CausalLM)
                                  else [None] * len(self.prompts))
         student_text = self._complete(cast_floating(student, compute_dtype))
         rows = [{"step": step, "prompt": p, "student": s, "teacher": t}

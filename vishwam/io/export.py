@@ -99,7 +99,8 @@ def remove_stale_exports(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
                     max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
-    and the tokenizer files of `tokenizer_from` when given. `transformers.AutoModelForCausalLM` loads it.
+    and the tokenizer files of `tokenizer_from` when given (a directory's, or a tokenizer file, saved as
+    `tokenizer.json`, with the others beside it). `transformers.AutoModelForCausalLM` loads it.
 
     The directory is written beside the target and renamed into place, so an interrupted export never leaves a
     half-written model where a good one was. What it replaces must be a checkpoint (a directory with a
@@ -156,9 +157,13 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
         hf = config.to_hf(dtype=str(jnp.dtype(stored_dtype).name))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         if tokenizer_from is not None:
+            source = Path(tokenizer_from)
+            if source.is_file():  # a tokenizer file, whatever its name: it goes in as tokenizer.json
+                shutil.copy2(source, tmp / "tokenizer.json")
+                source = source.parent
             for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_from) / fname
-                if src.is_file():
+                src = source / fname
+                if src.is_file() and not (tmp / fname).exists():
                     shutil.copy2(src, tmp / fname)
         old = out.with_name(out.name + f".old-{os.getpid()}")
         if out.exists():

@@ -2,7 +2,8 @@
 
 - `build`: `prepare(cfg)` (everything that needs no weights: config checks, data, mesh, plan), the teacher and the
   initial state.
-- `cross_tokenizer`: the check of `distillation.student_model.tokenizer` (same as the teacher's, or one line).
+- `cross_tokenizer`: a cross-tokenizer run's checks, FVT embeddings for the pruned student, the shared vocabulary
+  and the step's settings.
 - `loop`: `Run`: compile check -> teacher -> state -> the loop (batch -> step -> log -> maybe evaluate, save,
   re-map) -> export.
 

@@ -30,7 +30,7 @@ from models.pytree import count_parameters
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict
 from vishwam.data import windows as data_lib
-from vishwam.data.splits import load_splits, tokenizer_path
+from vishwam.data.splits import load_splits, split_args
 from vishwam.errors import ConfigError
 from vishwam.generation.on_policy import initial_rollout, usable_prompts
 from vishwam.generation.sampler import check_generation, checkpoint_eos_ids
@@ -40,7 +40,7 @@ from vishwam.io.export import save_pretrained
 from vishwam.io.files import atomic_write, require_directory
 from vishwam.plan.fit import check_fits
 from vishwam.plan.planner import MemoryPlan, plan
-from vishwam.run.cross_tokenizer import check_student_tokenizer
+from vishwam.run.cross_tokenizer import check_cross_run, fvt_student, resolve_student_tokenizer, with_teacher_vocab
 from vishwam.sharding import batch_sharding, global_batch, make_mesh, rows_sharding, setup_distributed, tree_shardings
 from vishwam.teacher.sources import TeacherSource, check_cacheable
 from vishwam.teacher.streamed import StreamedTeacher
@@ -85,17 +85,17 @@ class Prepared:
         return {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
 
 
-def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, vocab: int):
+def _load_data(cfg: RunConfig, teacher: LazyCheckpoint, student: ModelConfig):
     """The train and eval datasets, from token stores (`vishwam.data.splits`; prepared on first use), tokenized
-    with the teacher's tokenizer unless `data.tokenizer` names another."""
-    eos = teacher.config.eos_ids[0] if teacher.config.eos_ids else None
+    with the teacher's tokenizer unless `data.tokenizer` names another (a cross-tokenizer run's: with both sides',
+    aligned)."""
     barrier = None
     if jax.process_count() > 1:
         barrier = multihost_utils.sync_global_devices
     return load_splits(cfg.data, seq_len=cfg.training.seq_len,
-                       tokenizer_path=tokenizer_path(cfg.data, teacher.directory),
-                       eos_id=eos, vocab_size=vocab, log=log, workers=cfg.data.workers,
-                       process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
+                       **split_args(cfg, teacher.directory, teacher.config, student), log=log,
+                       workers=cfg.data.workers, process_index=jax.process_index(),
+                       process_count=jax.process_count(), barrier=barrier)
 
 
 def _check_eos_ids(teacher: LazyCheckpoint, student: ModelConfig) -> None:
@@ -123,11 +123,14 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         require_directory(cfg.distillation.teacher_model.cache_dir, "config key 'distillation.teacher_model.cache_dir'")
     mesh = make_mesh(p.data, p.fsdp, p.tensor)
     lazy = open_pretrained(cfg.distillation.teacher_model.path)
-    check_student_tokenizer(cfg, lazy.directory)
+    cfg = resolve_student_tokenizer(cfg, lazy.directory, log)  # the teacher's own tokenizer: a same-tokenizer run
     t_config = lazy.config
     s_config = specs.student_config(cfg, t_config)
     objective = specs.objective(cfg, s_config, t_config)
-    _check_eos_ids(lazy, s_config)
+    if specs.cross_tokenizer(cfg):
+        check_cross_run(cfg, objective)
+    else:  # a cross-tokenizer student's special ids are its tokenizer's
+        _check_eos_ids(lazy, s_config)
     if cfg.distillation.teacher_model.loading == "cached":
         check_cacheable(cfg)
     checkpoints = Checkpointer(Path(tr.output_dir) / "checkpoints", tr.keep_checkpoints)
@@ -138,7 +141,7 @@ def prepare(cfg: RunConfig, *, training: bool = True) -> Prepared:
         if training:  # a misfit stops here; the plan's summary is printed once the data has loaded too
             memory = plan(cfg, t_config)
             check_fits(memory, cfg)
-        train, evaluation = _load_data(cfg, lazy, min(s_config.vocab_size, t_config.vocab_size))
+        train, evaluation = _load_data(cfg, lazy, s_config)
         prompts = None
         if objective.on_policy_rows:
             if not train.packed:
@@ -169,7 +172,10 @@ def check_samples(run: Prepared, samples: Samples) -> None:
         models["teacher"] = (run.teacher_config, itemsize(cfg.distillation.teacher_model.dtype))
     held = 0 if memory is None else (memory.teacher_bytes + memory.student_bytes + memory.projection_bytes
                                      + memory.optimizer_bytes + memory.gradient_bytes)
-    check_generation(models, rows=samples.ids.shape[0], prompt_len=samples.ids.shape[1],
+    prompt_len = samples.ids.shape[1]
+    if samples.teacher_side is not None:  # a cross-tokenizer teacher's prompts are its own tokens
+        prompt_len = max(prompt_len, samples.teacher_side.ids.shape[1])
+    check_generation(models, rows=samples.ids.shape[0], prompt_len=prompt_len,
                      max_new_tokens=samples.max_new_tokens, mesh=cfg.parallelism,
                      capacity=None if memory is None else memory.capacity, resident_bytes=held,
                      what="config key 'training.sample_max_new_tokens'")
@@ -229,29 +235,41 @@ def _prune(run: Prepared, teacher: TeacherSource, key, param_dtype) -> CausalLM:
     """`init: from_teacher`: the student pruned from the teacher (see `init_student`)."""
     cfg = run.cfg
     t = cfg.distillation.teacher_model
+    cross = specs.cross_tokenizer(cfg)
     probe = data_lib.batch_for_step(run.train_data, seed=cfg.training.seed, step=0,
                                     batch_size=min(8, cfg.training.batch_size))
+    if cross:  # the teacher ranks its channels on its own tokens
+        probe = {"input_ids": probe["teacher_input_ids"], "mask": probe["teacher_input_mask"]}
     keys = ("input_ids", "mask") + (("segment_ids",) if "segment_ids" in probe else ())  # packed chat rows
     probe = global_batch({k: probe[k] for k in keys}, rows_sharding(run.mesh, len(probe["mask"])))
     pairs = full_pairs(specs.init_layer_pairs(run.student_config, run.teacher_config),
                        run.student_config.num_hidden_layers, run.teacher_config.num_hidden_layers)
-    skeleton = eqx.filter_eval_shape(init_model, run.student_config, key=key, dtype=param_dtype)
+    # Across tokenizers the body is pruned with the teacher's vocabulary and the embeddings then given by FVT.
+    pruned_config = with_teacher_vocab(run.student_config, run.teacher_config) if cross else run.student_config
+    skeleton = eqx.filter_eval_shape(init_model, pruned_config, key=key, dtype=param_dtype)
     # Ranked in the teacher's own dtype on the mesh, one layer at a time; sliced one student layer at a time,
     # cast to the parameter dtype as it is taken and placed as the training state is (never whole on a device).
     common = dict(pairs=pairs, probe_ids=None, probe_mask=None, key=key, dtype=param_dtype,
                   shardings=tree_shardings(skeleton, run.mesh))
+    if cross:
+        student_shardings = tree_shardings(eqx.filter_eval_shape(init_model, run.student_config, key=key,
+                                                                 dtype=param_dtype), run.mesh)
+        finish = lambda pruned: fvt_student(pruned, run.student_config, cfg, run.lazy_teacher.directory,  # noqa: E731
+                                            shardings=student_shardings, log=log)
+    else:
+        finish = lambda pruned: pruned  # noqa: E731
     if teacher.kind == "resident":
         scores = importance_scores(teacher.model, probe["input_ids"], probe["mask"], probe.get("segment_ids"),
                                    activation_sharding=rows_sharding(run.mesh, len(probe["mask"]), 3))
-        return init_student_from_teacher(teacher.model, run.student_config, scores=scores, **common)
+        return finish(init_student_from_teacher(teacher.model, pruned_config, scores=scores, **common))
     # Streamed or cached: the teacher streams group by group for the ranking, then only its mapped layers load.
     streamed = teacher.model if teacher.kind == "streamed" else StreamedTeacher(
         run.lazy_teacher, dtype=specs.DTYPES[t.dtype], max_resident_shards=t.max_resident_shards, mesh=run.mesh)
     try:
         scores = streamed.importance(probe["input_ids"], probe["mask"], probe.get("segment_ids"))
         numbers = sorted({n for _, n in pairs})
-        return init_student_from_teacher(streamed.with_layers(numbers), run.student_config, scores=scores,
-                                         teacher_layers=numbers, **common)
+        return finish(init_student_from_teacher(streamed.with_layers(numbers), pruned_config, scores=scores,
+                                                teacher_layers=numbers, **common))
     finally:
         if streamed is not teacher.model:
             streamed.close()

@@ -14,9 +14,11 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 
 from vishwam.compile.programs import dry_run_compile
 from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
+from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
 from vishwam.data.alignment import token_byte_lengths
@@ -30,10 +32,12 @@ from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.generation.samples import Samples
 from vishwam.io.export import remove_stale_exports, save_pretrained
 from vishwam.run import build
+from vishwam.run.cross_tokenizer import shared_ids, step_config, student_tokenizer_file
 from vishwam.sharding import global_batch
 from vishwam.teacher.sources import TeacherSource, open_teacher
 from vishwam.tracking import Progress, Tracker, log, peak_rss_bytes
-from vishwam.train.evaluation import evaluate
+from vishwam.train.cross_step import cross_eval_sums, make_cross_train_step
+from vishwam.train.evaluation import cross_evaluate, evaluate
 from vishwam.train.remap import probe_batch, remap, remap_steps
 from vishwam.train.step import StepConfig, interleave_micro_batches, make_train_step, optimizer_of
 
@@ -48,9 +52,10 @@ class Run:
     """A configured distillation run. `Run(cfg).train()` does the whole job."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
         self.on_step = None
         self.prepared = build.prepare(cfg)
+        self.cfg = self.prepared.cfg  # as prepared: a student tokenizer equal to the teacher's is cleared
+        self.cross = specs.cross_tokenizer(self.cfg)
         self.objective = self.prepared.objective
         self.state = None
         self.samples: Samples | None = None
@@ -77,11 +82,19 @@ class Run:
         eos = checkpoint_eos_ids(run.lazy_teacher.directory, run.teacher_config)
         pad = run.teacher_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        self.samples = Samples(cfg, tokenizer_path(cfg.data, run.lazy_teacher.directory), run.out,
-                               vocab_size=run.vocab_size, eos=eos, pad=pad)
+        teacher_tokenizer = tokenizer_path(cfg.data, run.lazy_teacher.directory)
+        teacher_side = None
+        if self.cross:  # the student writes and is scored with its own tokenizer, the teacher with its
+            teacher_side = {"tokenizer_path": teacher_tokenizer, "vocab_size": run.teacher_config.vocab_size,
+                            "eos": eos, "pad": pad}
+            s = run.student_config
+            tokenizer, vocab, eos, pad = student_tokenizer_file(cfg), s.vocab_size, list(s.eos_ids), s.pad_token_id
+        else:
+            tokenizer, vocab = teacher_tokenizer, run.vocab_size
+        self.samples = Samples(cfg, tokenizer, run.out, vocab_size=vocab, eos=eos, pad=pad, teacher=teacher_side)
         build.check_samples(run, self.samples)  # their lengths, before the compile check compiles them
-        self.downstream = Downstream(cfg, run.out, eos_ids=eos, mesh=run.mesh, log=log,
-                                     tokenizer_path=tokenizer_path(cfg.data, run.lazy_teacher.directory))
+        self.downstream = Downstream(cfg, run.out, eos_ids=eos, mesh=run.mesh, log=log, tokenizer_path=tokenizer,
+                                     teacher=None if teacher_side is None else (teacher_tokenizer, teacher_side["eos"]))
         if self.objective.on_policy_rows:
             self.on_policy = OnPolicy(cfg.distillation_params.on_policy, run.prompts,
                                       rows=step_rows(self.objective, tr), seq_len=tr.seq_len,
@@ -125,17 +138,31 @@ class Run:
         with contextlib.ExitStack() as stack:
             teacher, state, shardings, optimizer, schedule, tracker, start = self._start(stack)
             ckpt = run.checkpoints
-            make_step = lambda objective: make_train_step(  # noqa: E731
-                StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule, shardings)
+            if self.cross:
+                shared = shared_ids(cfg, run.lazy_teacher.directory, run.student_config.vocab_size,
+                                    run.teacher_config.vocab_size)
+                make_step = lambda objective: make_cross_train_step(  # noqa: E731
+                    step_config(cfg), optimizer, schedule, shardings, shared=shared)
+            else:
+                make_step = lambda objective: make_train_step(  # noqa: E731
+                    StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule,
+                    shardings)
             train_step = make_step(self.objective)
             remaps = remap_steps(cfg, self.objective, teacher_runs=teacher.model is not None, log=log)
             on_data = run.eval_data is not None and tr.eval_batches > 0  # eval_batches: 0 turns it off
             evaluates = on_data or self.downstream.enabled
-            byte_lengths = eval_byte_lengths(cfg, run.lazy_teacher.directory, run.vocab_size) if on_data else None
+            byte_lengths = eval_byte_lengths(cfg, run.lazy_teacher.directory, run.vocab_size) \
+                if on_data and not self.cross else None
+            cross_sums = self._cross_sums(teacher) if on_data and self.cross else None
 
             def evaluate_at(step):
                 result = {"step": step}
-                if on_data:  # eval.json is written here, or with the downstream metrics below
+                if cross_sums is not None:
+                    result = cross_evaluate(lambda micro: cross_sums(state.student, micro), run.eval_data, step=step,
+                                            batch_size=tr.batch_size, micro_batch_size=tr.micro_batch_size,
+                                            num_batches=tr.eval_batches, batch_sharding=run.batch_sharding,
+                                            out_dir=None if self.downstream.enabled else run.out, log=log)
+                elif on_data:  # eval.json is written here, or with the downstream metrics below
                     result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
                                       micro_batch_size=tr.micro_batch_size, num_batches=tr.eval_batches,
                                       compute_dtype=compute_dtype, batch_sharding=run.batch_sharding,
@@ -179,7 +206,7 @@ class Run:
                     if sampler is not None:
                         batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
                     batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
-                    t_out = teacher.outputs(batch)
+                    t_out = teacher.cross_outputs(batch) if self.cross else teacher.outputs(batch)
                 batch = {k: v for k, v in batch.items() if k != "window"}
                 state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
                 if reader is not None and step + 1 < tr.max_steps:
@@ -212,10 +239,26 @@ class Run:
             if self.cache_use is not None:
                 log(self.cache_use.summary())
         student_dir = run.out / "student"
-        save_pretrained(state.student, student_dir, tokenizer_from=run.lazy_teacher.directory)
+        tokenizer_from = student_tokenizer_file(cfg) if self.cross else run.lazy_teacher.directory
+        save_pretrained(state.student, student_dir, tokenizer_from=tokenizer_from)
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
         self.state = state
         return {"eval": last_eval, "state": state, "compilation_cache": self.cache_use}
+
+
+    def _cross_sums(self, teacher: TeacherSource):
+        """`(student, micro) -> sums` of a cross-tokenizer evaluation (`cross_eval_sums`, the resident teacher's
+        or a streamed teacher's token log-probabilities), with both sides' byte tables."""
+        cfg, run = self.cfg, self.prepared
+        s_bytes = jnp.asarray(token_byte_lengths(load_tokenizer(student_tokenizer_file(cfg)),
+                                                 run.student_config.vocab_size))
+        t_bytes = jnp.asarray(token_byte_lengths(load_tokenizer(tokenizer_path(cfg.data, run.lazy_teacher.directory)),
+                                                 run.teacher_config.vocab_size))
+        step = step_config(cfg)
+        return lambda student, micro: cross_eval_sums(
+            student, teacher.in_step, micro, teacher.cross_outputs(micro) if teacher.in_step is None else None,
+            num_chunks=step.num_chunks, alm_temperature=step.alm_temperature, chunk_size=step.chunk_size,
+            compute_dtype=step.compute_dtype, student_bytes=s_bytes, teacher_bytes=t_bytes)
 
 
 def _host_metrics(metrics: dict, state, *, tokens_per_sec: float) -> dict:

@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distill.cross_tokenizer import alm_loss, shared_vocab_kl
+from distill.cross_tokenizer import (
+    alm_loss,
+    binarised_kl,
+    chunk_logprobs,
+    complete_chunks,
+    shared_vocab_kl,
+    token_logprobs,
+)
 from distill.logits import cross_entropy_loss
 from models import cast_floating
 from vishwam.train.step import TrainState, _tree_select
@@ -65,13 +72,14 @@ def cross_loss(student, teacher, batch: dict, shared: tuple[jax.Array, jax.Array
     return loss, {**metrics, "loss": loss}
 
 
-def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransformation):
+def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransformation, schedule=None,
+                          state_shardings=None, *, shared=None):
     """The jitted step `(teacher, state, batch, shared) -> (state, metrics)`; `shared` is the shared vocabulary's
     `(student_ids, teacher_ids)` (`vishwam.data.alignment.shared_vocab`) or None. A non-finite loss or gradient
     leaves the parameters untouched and counts the skip, as the same-tokenizer step does."""
 
     @functools.partial(jax.jit, donate_argnums=(1,))
-    def step_fn(teacher, state: TrainState, batch, shared):
+    def step_fn(teacher, state: TrainState, batch, teacher_out):
         params, static = eqx.partition(state.student, eqx.is_inexact_array)
 
         def loss_fn(p):
@@ -88,9 +96,33 @@ def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransfo
         new_state = dataclasses.replace(state, step=state.step + 1, student=eqx.combine(params, static),
                                         opt_state=opt_state, nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
                                         skipped=state.skipped + (~ok).astype(jnp.int32))
-        return new_state, dict(metrics, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
+        lr = schedule(state.step) if schedule is not None else jnp.zeros(())
+        return new_state, dict(metrics, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32), lr=lr,
+                               nonfinite_run=new_state.nonfinite.astype(jnp.float32))
 
     return step_fn
 
 
-__all__ = ["CrossStepConfig", "cross_loss", "make_cross_train_step"]
+@functools.partial(jax.jit, static_argnames=("num_chunks", "alm_temperature", "chunk_size", "compute_dtype"))
+def cross_eval_sums(student, teacher, batch, teacher_out, *, num_chunks, alm_temperature, chunk_size, compute_dtype,
+                    student_bytes, teacher_bytes):
+    """Sums over one micro-batch (unfused, temporary)."""
+    s_logits = cast_floating(student, compute_dtype)(batch["input_ids"], attention_mask=batch["mask"]).logits
+    t_logits = teacher(batch["teacher_input_ids"], attention_mask=batch["teacher_input_mask"]).logits
+    s_lp = token_logprobs(s_logits, batch["labels"], batch["mask"], chunk_size=chunk_size)
+    t_lp = token_logprobs(t_logits, batch["teacher_labels"], batch["teacher_mask"], chunk_size=chunk_size)
+    sm, tm = batch["mask"] > 0, batch["teacher_mask"] > 0
+    ok = complete_chunks(batch["student_chunk"], batch["mask"], batch["teacher_chunk"], batch["teacher_mask"],
+                         num_chunks, batch["chunk_mask"])
+    q, p = chunk_logprobs(s_lp, batch["student_chunk"], num_chunks), chunk_logprobs(t_lp, batch["teacher_chunk"],
+                                                                                   num_chunks)
+    kl = binarised_kl(jnp.where(ok, p, -1.0), jnp.where(ok, q, -1.0), alm_temperature)
+    f = lambda x, m: jnp.sum(jnp.where(m, x, 0.0))  # noqa: E731
+    return {"student_nll": -f(s_lp, sm), "student_tokens": f(1.0, sm),
+            "student_bytes": f(student_bytes[batch["labels"]].astype(jnp.float32), sm),
+            "teacher_nll": -f(t_lp, tm), "teacher_tokens": f(1.0, tm),
+            "teacher_bytes": f(teacher_bytes[batch["teacher_labels"]].astype(jnp.float32), tm),
+            "chunk_kl": f(kl, ok), "chunk_gap": f(jnp.abs(p - q), ok), "chunks": f(1.0, ok)}
+
+
+__all__ = ["CrossStepConfig", "cross_eval_sums", "cross_loss", "make_cross_train_step"]

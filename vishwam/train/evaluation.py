@@ -130,4 +130,33 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
     return result
 
 
-__all__ = ["eval_sums", "evaluate"]
+def cross_evaluate(sums_of: Callable[[dict], dict], data, *, step: int, batch_size: int, micro_batch_size: int,
+                   num_batches: int, batch_sharding, out_dir: Path | None, log: Callable[[str], None]) -> dict:
+    """A cross-tokenizer run's evaluation on `data` (a `vishwam.data.cross_windows.CrossDataset`): `sums_of(micro)`
+    (`vishwam.train.cross_step.cross_eval_sums` on a placed micro-batch) added over `num_batches` batches.
+
+    `eval.json`: `student_bpb` and `teacher_bpb` (each side's summed NLL over its own label tokens, divided by
+    `ln 2` times the bytes those tokens stand for: the figures comparable across tokenizers), `student_loss` and
+    `teacher_loss` (per token of each side's own tokenizer: not comparable with each other), `chunk_kl` (ALM's
+    binarised KL per counted chunk, the loss's divergence) and `chunk_logp_gap` (mean |log p_c − log q_c| in nats
+    over the chunks both windows hold whole), `chunks` (how many were counted)."""
+    sums: dict[str, float] = {}
+    for batch in eval_batches(data, batch_size, num_batches):
+        for start in range(0, batch_size, micro_batch_size):
+            micro = {k: v[start:start + micro_batch_size] for k, v in batch.items() if k != "window"}
+            for k, v in jax.device_get(sums_of(global_batch(micro, batch_sharding))).items():
+                sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
+    per = lambda k, n: sums[k] / max(sums[n], 1.0)  # noqa: E731
+    result = {"student_loss": per("student_nll", "student_tokens"), "teacher_loss": per("teacher_nll", "teacher_tokens"),
+              "student_bpb": per("student_nll", "student_bytes") / math.log(2.0),
+              "teacher_bpb": per("teacher_nll", "teacher_bytes") / math.log(2.0),
+              "chunk_kl": per("chunk_kl", "chunks"), "chunk_logp_gap": per("chunk_gap", "chunks"),
+              "chunks": int(sums["chunks"]), "step": step}
+    if out_dir is not None and jax.process_index() == 0:
+        atomic_write(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    log(f"eval @ {step}: student {result['student_bpb']:.4f} bits/byte, teacher {result['teacher_bpb']:.4f}, "
+        f"chunk kl {result['chunk_kl']:.4g} over {result['chunks']} chunks")
+    return result
+
+
+__all__ = ["cross_evaluate", "eval_sums", "evaluate"]

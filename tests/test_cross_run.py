@@ -1,0 +1,148 @@
+"""A cross-tokenizer run through run.py's code path: the demo teacher (its own 512-id tokenizer) into a student with
+the pysrc tokenizer (2,048-id byte-level BPE). Its data is a `cross` token store, its student starts from the
+pruned teacher with FVT embeddings, it evaluates in bits per byte, resumes bitwise, writes samples with each model's
+own tokenizer, and exports the student with the student's tokenizer, which `vishwam.generate` then reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from models import init_model
+from vishwam.config.cli import load_config
+from vishwam.data.text import load_tokenizer
+from vishwam.data.vocab_transfer import fvt_embeddings, fvt_sources
+from vishwam.run.cross_tokenizer import fvt_student
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TEACHER = ROOT / "vishwam" / "assets" / "demo" / "teacher"
+STUDENT_TOK = ROOT / "benchmarks" / "assets" / "pysrc" / "teacher"
+
+
+def _flags(out: Path, *extra: str) -> list[str]:
+    return ["--distillation.student-model.tokenizer", str(STUDENT_TOK), "--training.max-steps", "4",
+            "--training.eval-every", "2", "--training.eval-batches", "1", "--training.save-every", "2",
+            "--training.batch-size", "4", "--training.seq-len", "32", "--tracking.aim", "false",
+            "--distillation-params.ce-weight", "1", "--distillation-params.shared-kl-weight", "1",
+            "--data.store-dir", str(out.parent / "store"), "--training.output-dir", str(out), *extra]
+
+
+def _run(out: Path, *extra: str, on_step=None) -> dict:
+    from vishwam.run.loop import Run
+
+    run = Run(load_config(str(ROOT / "configs" / "distill.yaml"), _flags(out, *extra)))
+    run.on_step = on_step
+    return run.train()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xrun")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        result = _run(root / "full", "--training.sample-prompts", "12 + 7 =")
+    finally:
+        os.chdir(cwd)
+    return root, result
+
+
+def test_the_run_evaluates_in_bits_per_byte_and_exports_the_students_tokenizer(finished):
+    root, result = finished
+    out = root / "full"
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev == result["eval"] and ev["step"] == 4
+    assert 0 < ev["teacher_bpb"] < ev["student_bpb"] < 64 and ev["chunks"] > 0 and ev["chunk_kl"] >= 0
+    student = out / "student"
+    assert (student / "tokenizer.json").read_bytes() == (STUDENT_TOK / "tokenizer.json").read_bytes()
+    config = json.loads((student / "config.json").read_text())
+    tok = Tokenizer.from_file(str(STUDENT_TOK / "tokenizer.json"))
+    assert config["vocab_size"] == tok.get_vocab_size() == 2048
+    assert config["eos_token_id"] == tok.token_to_id("<|endoftext|>") and config["pad_token_id"] == tok.token_to_id(
+        "<|pad|>")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    assert {"distill/alm", "distill/shared_kl", "distill/ce"} <= set().union(*map(set, metrics))
+
+
+def test_samples_use_each_models_own_tokenizer(finished):
+    root, _ = finished
+    rows = [json.loads(line) for line in (root / "full" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    # The teacher's continuation is transformers' greedy one with the teacher's own tokenizer (not its ids read
+    # through the student's tokenizer); the student's is text of the student's tokenizer.
+    from hf_fixtures import hf_greedy_completions
+
+    config = json.loads((DEMO_TEACHER / "config.json").read_text())
+    expect = hf_greedy_completions(DEMO_TEACHER, DEMO_TEACHER, ["12 + 7 ="], 48, eos_token_id=config["eos_token_id"])
+    assert rows[0]["teacher"] == expect[0] and rows[1]["teacher"] == expect[0]
+    student = load_tokenizer(str(STUDENT_TOK))
+    assert rows[1]["student"] and student.decode(student.encode(rows[1]["student"]).ids) == rows[1]["student"]
+
+
+def test_the_exported_student_generates_with_its_own_tokenizer(finished):
+    root, _ = finished
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vishwam.generate", "--model", str(root / "full" / "student"),
+                           "--prompt", "def f(x):", "--max-new-tokens", "4"], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "def f(x):" in proc.stdout
+
+
+def test_an_interrupted_cross_run_resumes_bitwise(finished, monkeypatch):
+    root, full = finished
+    monkeypatch.chdir(ROOT)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, state):
+        if step == 3:
+            raise Stop
+
+    cut = root / "cut"
+    with pytest.raises(Stop):
+        _run(cut, "--training.sample-prompts", "12 + 7 =", on_step=stop_at_3)
+    resumed = _run(cut, "--training.sample-prompts", "12 + 7 =")
+    for a, b in zip(jax.tree.leaves(eqx.filter(full["state"], eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(resumed["state"], eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert json.loads((cut / "eval.json").read_text()) == json.loads((root / "full" / "eval.json").read_text())
+
+
+def test_fvt_student_gives_the_students_vocabulary_the_teachers_mean_rows(tmp_path):
+    from vishwam.io.checkpoint import load_pretrained
+
+    teacher = load_pretrained(str(DEMO_TEACHER), dtype=jnp.float32)
+    cfg = load_config(str(ROOT / "configs" / "distill.yaml"), ["--distillation.student-model.tokenizer",
+                                                              str(STUDENT_TOK)])
+    student_config = teacher.config.replace(vocab_size=2048, tie_word_embeddings=teacher.config.tie_word_embeddings)
+    out = fvt_student(teacher, student_config, cfg, DEMO_TEACHER)
+    sources = fvt_sources(load_tokenizer(str(STUDENT_TOK)), load_tokenizer(str(DEMO_TEACHER)), 2048,
+                          teacher.config.vocab_size)
+    rows = np.asarray(teacher.model.embed_tokens.weight)
+    np.testing.assert_array_equal(np.asarray(out.model.embed_tokens.weight), fvt_embeddings(rows, sources))
+    some = next(i for i, s in enumerate(sources) if len(s) > 1)
+    np.testing.assert_allclose(np.asarray(out.model.embed_tokens.weight[some]), rows[sources[some]].mean(0),
+                               rtol=1e-6)
+    if teacher.lm_head is not None:
+        np.testing.assert_array_equal(np.asarray(out.lm_head.weight),
+                                      fvt_embeddings(np.asarray(teacher.lm_head.weight), sources))
+    assert out.config.vocab_size == 2048
+    np.testing.assert_array_equal(np.asarray(out.model.layers.mlp.down_proj.weight),
+                                  np.asarray(teacher.model.layers.mlp.down_proj.weight))
+    logits = out(jnp.asarray([[5, 6, 7]])).logits
+    assert logits.shape == (1, 3, 2048) and bool(jnp.all(jnp.isfinite(logits)))
+    assert eqx.tree_equal(jax.tree.structure(out), jax.tree.structure(
+        eqx.filter_eval_shape(init_model, student_config, key=jax.random.key(0))))
