@@ -76,3 +76,31 @@ def test_bad_student_tokenizer_is_one_line_exit_2(tmp_path, case):
     needle = {"unreadable": "nope.json", "features": "different tokens", "cached": "'cached'"}[case]
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown", "untiled"])
+def test_a_text_the_student_tokenizer_cannot_align_is_one_line_exit_2(tmp_path, case):
+    """A student tokenizer that cannot encode the data (its unknown token appears), or whose byte offsets do not
+    tile the text (a Whitespace pre-tokenizer drops the spaces), stops the data preparation with one line."""
+    import json as json_
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = ["1 + 1 = 2"] if case == "unknown" else [json_.loads(line)["text"] for line in
+                                                      (ROOT / "vishwam/assets/demo/train.jsonl").open()]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    flags = ["--distillation.student-model.tokenizer", str(tmp_path), "--training.output-dir", str(tmp_path / "out"),
+             "--tracking.aim", "false", "--data.store-dir", str(tmp_path / "store")]
+    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", "configs/distill.yaml", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    needle = {"unknown": "cannot encode the text: unknown token '[UNK]'",
+              "untiled": "byte offsets do not tile the text"}[case]
+    assert "student tokenizer (vishwam/assets/demo/train.jsonl, document 0)" in lines[0] and needle in lines[0]
+    assert not (tmp_path / "out" / "config.yaml").exists()
