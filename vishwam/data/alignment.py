@@ -141,10 +141,31 @@ def _with_bytes(tokenizer: Tokenizer, text: str, enc, name: str) -> Encoding:
     np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=char_to_byte[1:])
     offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
     spans = char_to_byte[offsets] if len(offsets) else offsets
-    byte_level, byte_fallback = _kinds(tokenizer)
-    spans = _split_shared_spans(spans, enc.tokens, byte_level=byte_level, byte_fallback=byte_fallback)
-    _check_tiling(spans, int(char_to_byte[-1]), name)
+    if not _tiles_plainly(spans, int(char_to_byte[-1])):  # shared or overlapping spans: the token-by-token path
+        byte_level, byte_fallback = _kinds(tokenizer)
+        spans = _split_shared_spans(spans, enc.tokens, byte_level=byte_level, byte_fallback=byte_fallback)
+        _check_tiling(spans, int(char_to_byte[-1]), name)
     return Encoding(np.asarray(enc.ids, np.int32), spans)
+
+
+def _tiles_plainly(spans: np.ndarray, n_bytes: int) -> bool:
+    """Whether the spans tile the text with no two tokens sharing or overlapping a span (the common case, checked
+    with array operations): each nonzero-width span starts where the one before ends, the first at 0 and the
+    last ending at `n_bytes`, and each zero-width token sits inside the last nonzero span before it or at its
+    end. `_split_shared_spans` then changes nothing and `_check_tiling` passes."""
+    width = spans[:, 1] > spans[:, 0]
+    nz = spans[width]
+    if len(nz) == 0:
+        return n_bytes == 0 and not len(spans)
+    if nz[0, 0] != 0 or nz[-1, 1] != n_bytes or np.any(nz[1:, 0] != nz[:-1, 1]):
+        return False
+    zero = np.flatnonzero(~width)
+    if len(zero) == 0:
+        return True
+    before = np.cumsum(width)[zero] - 1  # the last nonzero span before each zero-width token (-1: none)
+    lo = np.where(before >= 0, nz[np.maximum(before, 0), 0], 0)
+    hi = np.where(before >= 0, nz[np.maximum(before, 0), 1], 0)
+    return bool(np.all((lo <= spans[zero, 0]) & (spans[zero, 0] <= hi)))
 
 
 def _split_shared_spans(spans: np.ndarray, tokens: list[str], *, byte_level: bool, byte_fallback: bool) -> np.ndarray:
@@ -201,12 +222,18 @@ def boundaries(spans: np.ndarray) -> list[tuple[int, int]]:
     n = len(spans)
     if n == 0:
         return []
+    ends, keep = _boundary_arrays(spans)
+    return [(int(i), int(ends[i])) for i in np.flatnonzero(keep)]
+
+
+def _boundary_arrays(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(ends, keep)`: the text covered after each token, and whether the text can be cut after it."""
     ends = np.maximum.accumulate(spans[:, 1])
     width = spans[:, 1] > spans[:, 0]
     starts = np.where(width, spans[:, 0], np.iinfo(np.int64).max)
     after = np.minimum.accumulate(starts[::-1])[::-1]  # after[i]: the least start of tokens i..n-1
     next_start = np.append(after[1:], np.iinfo(np.int64).max)
-    return [(i, int(ends[i])) for i in range(n) if ends[i] <= next_start[i]]
+    return ends, ends <= next_start
 
 
 @dataclass(frozen=True)
@@ -225,47 +252,56 @@ class Alignment:
 
 
 def align(student: Encoding, teacher: Encoding, *, student_strings: list[str] | None = None,
-          teacher_strings: list[str] | None = None) -> Alignment:
+          teacher_strings: list[str] | None = None, student_keys: np.ndarray | None = None,
+          teacher_keys: np.ndarray | None = None) -> Alignment:
     """Chunk the text at every byte where both tokenizations have a boundary (see the module docstring).
 
-    `student_strings`/`teacher_strings` (each token's string in a common form, e.g. its bytes) decide the
-    `one_to_one` flag; without them it compares spans only (one token each side over the same bytes).
+    `one_to_one` says a chunk is one token each side and both are the same string: `student_strings` and
+    `teacher_strings` (each token's string in a common form, e.g. its bytes), or `student_keys`/`teacher_keys`
+    (int arrays, equal keys for equal strings) decide it; without either it compares spans (the same bytes).
+
+    TRL's walk over the two sides' boundaries, pairing the k-th boundary at a byte on one side with the k-th at
+    the same byte on the other, is a join on `(byte, rank among the boundaries at that byte)`.
     """
-    s_cuts, t_cuts = boundaries(student.spans), boundaries(teacher.spans)
-    # TRL's walk, over boundaries instead of tokens: the side whose next boundary is earlier advances.
-    s_chunk = np.zeros(len(student.spans), np.int32)
-    t_chunk = np.zeros(len(teacher.spans), np.int32)
-    s_last = t_last = -1  # the last token index of the previous chunk
-    chunk, a, b = 0, 0, 0
-    while a < len(s_cuts) and b < len(t_cuts):
-        (si, sb), (ti, tb) = s_cuts[a], t_cuts[b]
-        if sb < tb:
-            a += 1
-        elif sb > tb:
-            b += 1
-        else:
-            s_chunk[s_last + 1: si + 1] = chunk
-            t_chunk[t_last + 1: ti + 1] = chunk
-            s_last, t_last, chunk = si, ti, chunk + 1
-            a += 1
-            b += 1
-    if s_last + 1 < len(s_chunk) or t_last + 1 < len(t_chunk):
-        s_chunk[s_last + 1:] = chunk
-        t_chunk[t_last + 1:] = chunk
-        chunk += 1
+    sides = []
+    for enc in (student, teacher):
+        ends, keep = _boundary_arrays(enc.spans) if len(enc.spans) else (np.zeros(0, np.int64), np.zeros(0, bool))
+        index = np.flatnonzero(keep)
+        byte = ends[index]
+        rank = np.arange(len(byte)) - np.searchsorted(byte, byte)  # boundaries come in byte order
+        sides.append((index, byte, rank))
+    scale = max(len(sides[0][0]), len(sides[1][0])) + 1
+    (s_index, s_byte, s_rank), (t_index, t_byte, t_rank) = sides
+    _, si, ti = np.intersect1d(s_byte * scale + s_rank, t_byte * scale + t_rank, assume_unique=True,
+                               return_indices=True)
+    s_cut, t_cut = np.sort(s_index[si]), np.sort(t_index[ti])  # the last token of each matched chunk
+    n_s, n_t = len(student.spans), len(teacher.spans)
+    s_chunk = np.searchsorted(s_cut, np.arange(n_s), side="left").astype(np.int32)
+    t_chunk = np.searchsorted(t_cut, np.arange(n_t), side="left").astype(np.int32)
+    last = lambda cut: int(cut[-1]) if len(cut) else -1  # noqa: E731
+    tail = last(s_cut) + 1 < n_s or last(t_cut) + 1 < n_t  # tokens after the last common boundary: one more chunk
+    chunk = len(s_cut) + bool(tail)
     s_count = np.bincount(s_chunk, minlength=chunk)
     t_count = np.bincount(t_chunk, minlength=chunk)
     one = (s_count == 1) & (t_count == 1)
     if one.any():
-        s_first = np.searchsorted(s_chunk, np.arange(chunk))
-        t_first = np.searchsorted(t_chunk, np.arange(chunk))
-        for c in np.flatnonzero(one):
-            i, j = s_first[c], t_first[c]
-            if student_strings is not None and teacher_strings is not None:
-                one[c] = student_strings[i] == teacher_strings[j]
-            else:
-                one[c] = bool(np.all(student.spans[i] == teacher.spans[j]))
+        cs = np.flatnonzero(one)
+        i, j = np.searchsorted(s_chunk, cs), np.searchsorted(t_chunk, cs)
+        if student_keys is not None and teacher_keys is not None:
+            one[cs] = student_keys[i] == teacher_keys[j]
+        elif student_strings is not None and teacher_strings is not None:
+            one[cs] = [student_strings[a] == teacher_strings[b] for a, b in zip(i.tolist(), j.tolist())]
+        else:
+            one[cs] = np.all(student.spans[i] == teacher.spans[j], axis=1)
     return Alignment(s_chunk, t_chunk, one)
+
+
+def string_keys(student: list[bytes | None], teacher: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-id keys of two tokenizers' token strings (`token_bytes`), equal where the strings are equal: `align`'s
+    `student_keys`/`teacher_keys` as `keys[ids]`, with no Python per token."""
+    index: dict = {}
+    keys = [np.asarray([index.setdefault(b, len(index)) for b in table], np.int64) for table in (student, teacher)]
+    return keys[0], keys[1]
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes | None]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from vishwam.data.alignment import align, common_text, encode_bytes_batch, token_bytes
+from vishwam.data.alignment import align, common_text, encode_bytes_batch, string_keys, token_bytes
 from vishwam.errors import DataError
 
 KEYS = ("input_ids", "labels", "mask", "student_chunk", "teacher_input_ids", "teacher_labels", "teacher_mask",
@@ -38,13 +38,13 @@ KEYS = ("input_ids", "labels", "mask", "student_chunk", "teacher_input_ids", "te
 
 
 def align_documents(texts: Sequence[str], student: Tokenizer, teacher: Tokenizer, *, student_eos: int,
-                    teacher_eos: int, tables: tuple[list, list] | None = None, name: str = "data",
+                    teacher_eos: int, keys: tuple[np.ndarray, np.ndarray] | None = None, name: str = "data",
                     first: int = 0) -> tuple[np.ndarray, ...]:
     """Both sides' streams of `texts`: `(student ids, student chunk ids, teacher ids, teacher chunk ids,
-    one_to_one per chunk)`, chunk ids from 0 (int64). `tables`: both tokenizers' `token_bytes` (computed when
-    None). A text a tokenizer cannot encode, or whose byte offsets do not tile it, is a `DataError` naming
-    document `first + k` of `name`."""
-    s_tab, t_tab = tables if tables is not None else (token_bytes(student), token_bytes(teacher))
+    one_to_one per chunk)`, chunk ids from 0 (int64). `keys`: both tokenizers' per-id string keys
+    (`alignment.string_keys` of their `token_bytes`; computed when None). A text a tokenizer cannot encode, or
+    whose byte offsets do not tile it, is a `DataError` naming document `first + k` of `name`."""
+    s_keys, t_keys = keys if keys is not None else string_keys(token_bytes(student), token_bytes(teacher))
     common = [common_text(t, student, teacher) for t in texts]
     names = [f"{name}, document {first + k}" for k in range(len(texts))]
     s_enc = encode_bytes_batch(student, common, names=[f"student tokenizer ({n})" for n in names])
@@ -52,7 +52,7 @@ def align_documents(texts: Sequence[str], student: Tokenizer, teacher: Tokenizer
     s_ids, s_chunk, t_ids, t_chunk, one = [], [], [], [], []
     base = 0
     for s, t in zip(s_enc, t_enc):
-        a = align(s, t, student_strings=[s_tab[i] for i in s.ids], teacher_strings=[t_tab[i] for i in t.ids])
+        a = align(s, t, student_keys=s_keys[s.ids], teacher_keys=t_keys[t.ids])
         s_ids += [s.ids, np.asarray([student_eos], np.int32)]
         t_ids += [t.ids, np.asarray([teacher_eos], np.int32)]
         s_chunk += [a.student_chunk.astype(np.int64) + base, np.asarray([base + a.n_chunks], np.int64)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vishwam.data.alignment import token_bytes
+from vishwam.data.alignment import string_keys, token_bytes
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_records
 from vishwam.data.cross_windows import align_documents
@@ -195,11 +195,11 @@ def _cross_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
     teacher = _tokenizer(recipe, path)
     key = (recipe.student_tokenizer_path, recipe.tokenizer_path)
     if key not in _TABLES:
-        _TABLES[key] = (token_bytes(student), token_bytes(teacher))
+        _TABLES[key] = string_keys(token_bytes(student), token_bytes(teacher))
     parts, first, base = [], 0, 0
     for docs in _batches((d for d in _documents(unit) if d), ENCODE_BATCH):
         s, sc, t, tc, one = align_documents(docs, student, teacher, student_eos=recipe.student_eos_id,
-                                            teacher_eos=recipe.eos_id, tables=_TABLES[key], name=path, first=first)
+                                            teacher_eos=recipe.eos_id, keys=_TABLES[key], name=path, first=first)
         parts.append((s, sc + base, t, tc + base, one))
         first, base = first + len(docs), base + len(one)
     if not parts:

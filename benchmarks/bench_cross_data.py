@@ -1,0 +1,118 @@
+"""The cross-tokenizer token store at two corpus sizes ten times apart: build time against a same-tokenizer store
+of the same text, and the start of a run's data path (open the store, cut windows) against the corpus size.
+
+    python -m benchmarks.bench_cross_data [--out DIR] [--tokens 1e6] [--factor 10]
+
+1. Corpora of real text (this Python's standard library, as `benchmarks.bench_data` writes it) of about `--tokens`
+   and `--factor` times as many teacher tokens.
+2. The student's tokenizer: a 1,024-id byte-level BPE with single-digit pre-tokenisation, trained here on the
+   standard library (another vocabulary and pre-tokenizer than the pysrc teacher's 2,048-id BPE).
+3. For each corpus, one worker each (`vishwam.data.prepare.build_store`, in a fresh process): the teacher-only
+   text store and the cross store (both sides tokenized with byte offsets, aligned, written): seconds, tokens/s,
+   their ratio, and the building process's peak RSS.
+4. For each cross store, in a fresh process: opening it as a run does (`load_splits`) and cutting 256 random
+   windows of 1,024 student tokens (teacher side 1,280): seconds to open, windows/s, peak RSS.
+
+Prints the raw figures as JSON lines and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from benchmarks.bench_data import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "benchmarks/assets/pysrc/teacher/tokenizer.json"
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from vishwam.config.sections import DataConfig
+from vishwam.data.splits import CrossSides, load_splits
+what, files, store, student = sys.argv[1], sys.argv[2:-2], sys.argv[-2], sys.argv[-1]
+cross = CrossSides(student, 0, 1024, 1280) if what != "text" else None
+d = DataConfig(train=tuple(files), store_dir=store)
+t0 = time.perf_counter()
+train, _ = load_splits(d, seq_len=1024, tokenizer_path="TEACHER", eos_id=0,
+                       vocab_size=2048, log=lambda m: None, workers=1, cross=cross)
+opened = time.perf_counter() - t0
+row = {"what": what, "seconds": opened}
+if what == "read":
+    rng = np.random.default_rng(0)
+    t1 = time.perf_counter()
+    for _ in range(16):
+        train.batch(rng.integers(0, len(train), 16))
+    row.update(windows_per_s=256 / (time.perf_counter() - t1), windows=len(train),
+               student_tokens=train.streams.n_student, teacher_tokens=train.streams.n_teacher)
+else:
+    from vishwam.data.store import TokenStore
+    row.update(tokens=int(TokenStore(store + "/train").starts[-1]))
+row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(row))
+""".replace("TEACHER", str(TEACHER))
+
+
+def student_tokenizer(path: Path) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), key=lambda p: p.name)
+    texts = [m.read_text(encoding="utf-8", errors="replace") for m in modules]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return str(path / "tokenizer.json")
+
+
+def child(what: str, files: list[str], store: Path, student: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, what, *files, str(store), student], capture_output=True,
+                         text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("/tmp/vishwam_bench_cross_data"))
+    p.add_argument("--tokens", type=float, default=1e6)
+    p.add_argument("--factor", type=int, default=10)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    student = student_tokenizer(args.out / "student")
+    rows = []
+    for size in (args.tokens, args.tokens * args.factor):
+        name = f"{size:.0e}".replace("+", "")
+        path = args.out / f"corpus-{name}.jsonl"
+        if not path.exists():
+            corpus(path, size)
+        mib = path.stat().st_size / 2**20
+        for what in ("text", "cross"):
+            row = child(what, [str(path)], args.out / f"{what}-{name}", student)
+            rows.append({"corpus_mib": mib, **row})
+            print(json.dumps(rows[-1]), flush=True)
+        row = child("read", [str(path)], args.out / f"cross-{name}", student)
+        rows.append({"corpus_mib": mib, **row})
+        print(json.dumps(rows[-1]), flush=True)
+    print("| corpus MiB | text store build s | cross store build s | cross / text | build peak RSS MiB (text, cross) "
+          "| open s | windows/s | open+read peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i in range(0, len(rows), 3):
+        text, cross, read = rows[i:i + 3]
+        print(f"| {text['corpus_mib']:.1f} | {text['seconds']:.1f} | {cross['seconds']:.1f} | "
+              f"{cross['seconds'] / text['seconds']:.2f} | {text['peak_rss_mib']:.0f}, {cross['peak_rss_mib']:.0f} | "
+              f"{read['seconds']:.3f} | {read['windows_per_s']:.0f} | {read['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
