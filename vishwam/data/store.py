@@ -328,7 +328,8 @@ class CrossStreams:
         i = int(np.searchsorted(store.chunk_starts, chunk, side="right")) - 1
         if i >= len(store.shards):
             return self.n_teacher
-        local = np.searchsorted(store.shards[i].ids("tchunk"), chunk - int(store.chunk_starts[i]))
+        # The query in the array's own dtype: an int64 one would make NumPy convert the whole shard first.
+        local = np.searchsorted(store.shards[i].ids("tchunk"), np.uint32(chunk - int(store.chunk_starts[i])))
         return int(store.teacher_starts[i]) + int(local)
 
     def one(self, lo: int, hi: int) -> np.ndarray:
