@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -399,3 +400,25 @@ def test_downstream_scoring_is_compiled_and_keeps_each_row_on_its_device(config,
         # out: each row's per-segment sums (float32) and greedy flags (bool), 4 rows of 32 over 4 devices
         assert p["output_bytes"] >= 4 * 32 * (4 + 1) // 4
     assert _mlp_rows_per_device(config, "downstream", flags) == "['1']"
+
+
+def test_a_diverged_students_eval_json_is_strict_json(tmp_path):
+    """A student whose weights went NaN evaluates to NaN losses; `eval.json` holds them as null (strict JSON, which
+    `json.loads(..., parse_constant=...)` refusing NaN reads), not as a bare NaN."""
+    from models import ModelConfig
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    teacher = init_model(cfg, key=jax.random.key(1))
+    student = jax.tree.map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, init_model(cfg, key=jax.random.key(2)))
+    data = PackedDataset(np.arange(2 * 13, dtype=np.int32) % 48, 12, name="data.eval")
+    result = evaluate(student, TeacherSource(teacher), data, step=1, batch_size=2, micro_batch_size=2, num_batches=1,
+                      compute_dtype=jnp.float32, batch_sharding=batch_sharding(make_mesh(1, 1, 1)), out_dir=tmp_path,
+                      log=print)
+    assert math.isnan(result["student_loss"])
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in eval.json")
+
+    written = json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse)
+    assert written["student_loss"] is None and written["teacher_loss"] == pytest.approx(result["teacher_loss"])

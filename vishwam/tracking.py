@@ -29,6 +29,22 @@ from vishwam.io.files import atomic_write
 WALL_CLOCK_METRICS = ("tokens_per_sec", "peak_rss_gb", "on_policy/gen_tokens_per_sec", "on_policy/gen_time_share")
 
 
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(obj, **dumps) -> str:
+    """`obj` as strict JSON, every non-finite float (nested too) as `null` (`eval.json`: a diverged student's
+    loss is `null`, not the bare `NaN` that JSON readers refuse)."""
+    return json.dumps(_finite(obj), allow_nan=False, **dumps)
+
+
 def json_line(row: dict) -> str:
     """`row` as one line of strict JSON, a non-finite float as `null` (`json.dumps` would write bare `NaN`)."""
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}

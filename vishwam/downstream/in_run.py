@@ -40,7 +40,7 @@ from vishwam.downstream.tasks import load_tasks, prepare, require_lm_eval, subse
 from vishwam.downstream.tokens import HarnessTokenizer
 from vishwam.errors import ConfigError
 from vishwam.io.files import atomic_write
-from vishwam.tracking import truncate_jsonl
+from vishwam.tracking import strict_json, truncate_jsonl
 
 
 def flatten(results: dict) -> dict[str, dict[str, float]]:
@@ -179,7 +179,7 @@ class Downstream:
             self.last = {"step": step, "student": student_metrics, "teacher": self.teacher_metrics}
             if jax.process_index() == 0:
                 with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(self.last) + "\n")
+                    f.write(strict_json(self.last) + "\n")
             self.log(f"downstream @ {step}: " + " | ".join(_summary(task, student_metrics.get(task, {}),
                                                                   (self.teacher_metrics or {}).get(task))
                                                          for task in self._shown(student_metrics)))
@@ -189,7 +189,7 @@ class Downstream:
             if self.last.get("teacher") is not None:
                 result["teacher_downstream"] = self.last["teacher"]
         if jax.process_index() == 0:
-            atomic_write(self.eval_path, json.dumps(result, indent=2) + "\n")
+            atomic_write(self.eval_path, strict_json(result, indent=2) + "\n")
         return result
 
     def _shown(self, metrics: dict) -> list[str]:

@@ -19,7 +19,6 @@ a training micro-batch does), adds the sums on the host and writes `eval.json`:
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from vishwam.data.windows import PackedDataset, eval_batches
 from vishwam.io.files import atomic_write
 from vishwam.sharding import global_batch, rows_sharding
 from vishwam.teacher.sources import TeacherSource
+from vishwam.tracking import strict_json
 
 
 def _nll(logits, labels):
@@ -124,7 +124,7 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
         result["student_bpb"] = sums["student_nll"] / (math.log(2.0) * n_bytes)
         result["teacher_bpb"] = sums["teacher_nll"] / (math.log(2.0) * n_bytes)
     if out_dir is not None and jax.process_index() == 0:
-        atomic_write(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        atomic_write(out_dir / "eval.json", strict_json(result, indent=2) + "\n")
     log(f"eval @ {step}: student loss {result['student_loss']:.4f} (ppl {result['student_ppl']:.2f}), teacher "
         f"{result['teacher_loss']:.4f}, kl {result['kl']:.4f}, top-1 agree {result['top1_agreement']:.3f}")
     return result
@@ -153,7 +153,7 @@ def cross_evaluate(sums_of: Callable[[dict], dict], data, *, step: int, batch_si
               "chunk_kl": per("chunk_kl", "chunks"), "chunk_logp_gap": per("chunk_gap", "chunks"),
               "chunks": int(sums["chunks"]), "step": step}
     if out_dir is not None and jax.process_index() == 0:
-        atomic_write(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        atomic_write(out_dir / "eval.json", strict_json(result, indent=2) + "\n")
     log(f"eval @ {step}: student {result['student_bpb']:.4f} bits/byte, teacher {result['teacher_bpb']:.4f}, "
         f"chunk kl {result['chunk_kl']:.4g} over {result['chunks']} chunks")
     return result
