@@ -39,7 +39,9 @@ from vishwam.io.files import atomic_write
 UNIT_BYTES = 32 << 20
 """Large `.jsonl`/`.txt` files are cut into units of about this many bytes."""
 ENCODE_BATCH = 1024
-"""Documents (rows) tokenized per `encode_batch` call."""
+"""Documents (rows) tokenized per `encode_batch` call, at most."""
+ENCODE_CHARS = 1 << 20
+"""Characters of text tokenized per `encode_batch` call, about (a document longer than this is one call)."""
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
@@ -158,13 +160,17 @@ def _documents(unit: dict) -> Iterator[str]:
     yield from (text for text in texts if text)
 
 
-def _batches(items: Iterator, n: int) -> Iterator[list]:
-    batch = []
+def _batches(items: Iterator, n: int, max_chars: int | None = None) -> Iterator[list]:
+    """Lists of up to `n` items; with `max_chars`, (string) items also up to about that many characters a list: a
+    tokenizer's encodings of a batch hold ~100 bytes a token, so a batch of 1,024 large documents would hold the
+    whole unit's (1.4 GiB at 9M tokens) where a bounded batch holds tens of MiB."""
+    batch, chars = [], 0
     for item in items:
         batch.append(item)
-        if len(batch) == n:
+        chars += len(item) if max_chars is not None else 0
+        if len(batch) == n or (max_chars is not None and chars >= max_chars):
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -197,10 +203,10 @@ def _cross_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
     if key not in _TABLES:
         _TABLES[key] = string_keys(token_bytes(student), token_bytes(teacher))
     parts, first, base = [], 0, 0
-    for docs in _batches((d for d in _documents(unit) if d), ENCODE_BATCH):
+    for docs in _batches((d for d in _documents(unit) if d), ENCODE_BATCH, ENCODE_CHARS):
         s, sc, t, tc, one = align_documents(docs, student, teacher, student_eos=recipe.student_eos_id,
                                             teacher_eos=recipe.eos_id, keys=_TABLES[key], name=path, first=first)
-        parts.append((s, sc + base, t, tc + base, one))
+        parts.append((s.astype("<u4"), (sc + base).astype("<u4"), t.astype("<u4"), (tc + base).astype("<u4"), one))
         first, base = first + len(docs), base + len(one)
     if not parts:
         return {name: np.zeros((0,), "u1" if name == "one" else "<u4")
@@ -209,7 +215,7 @@ def _cross_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
     if recipe.student_vocab_size is not None:
         check_vocab(s, recipe.student_vocab_size, f"{path} (tokenized with {recipe.student_tokenizer_path})")
     _check_vocab(t, recipe, f"{path} (tokenized with {recipe.tokenizer_path})")
-    return {"ids": s.astype("<u4"), "tids": t.astype("<u4"), "schunk": sc.astype("<u4"), "tchunk": tc.astype("<u4"),
+    return {"ids": s, "tids": t, "schunk": sc, "tchunk": tc,
             "one": one.astype("u1"), "docs": first}
 
 
@@ -229,7 +235,7 @@ def _text_pieces(unit: dict, recipe: Recipe) -> Iterator[np.ndarray]:
         yield ids
         return
     tokenizer = _tokenizer(recipe, path)
-    for docs in _batches(_documents(unit), ENCODE_BATCH):
+    for docs in _batches(_documents(unit), ENCODE_BATCH, ENCODE_CHARS):
         pieces = [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
         if pieces:
             _check_vocab(np.concatenate(pieces), recipe, f"{path} (tokenized with {recipe.tokenizer_path})")
