@@ -31,7 +31,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from .errors import ConfigError
-from .logits.chunks import _as_valid, _check_chunk_size, _masked_mean, _token_temperature, chunked_map
+from .logits.chunks import (
+    _as_valid,
+    _check_chunk_size,
+    _masked_mean,
+    _token_temperature,
+    chunked_map,
+)
 from .logits.dense import _kd_tokens
 from .logits.fused import _first_argmax
 

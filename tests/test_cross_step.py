@@ -159,7 +159,7 @@ def streamed():
 
 
 def test_a_streamed_teacher_gives_the_resident_ones_token_logprobs_and_step(setup, streamed):
-    windows, teacher, student, shared = setup
+    windows, teacher, student, _ = setup
     batch = _batch(windows, [0, 1, 2, 3])
     out = streamed.cross_outputs(batch, chunk_size=16)
     logits = teacher(batch["teacher_input_ids"], attention_mask=batch["teacher_input_mask"]).logits

@@ -123,7 +123,7 @@ def batch_counts(batch: dict, num_chunks: int, shared: bool) -> dict:
     labels, and (with `shared`) the shared-vocabulary positions."""
     ok = complete_chunks(batch["student_chunk"], batch["mask"], batch["teacher_chunk"], batch["teacher_mask"],
                          num_chunks, batch["chunk_mask"])
-    count = lambda x: jnp.sum(x.astype(jnp.float32))  # noqa: E731
+    count = lambda x: jnp.sum(x.astype(jnp.float32))
     out = {"chunks": count(ok), "tokens": count(batch["mask"].astype(bool))}
     if shared:
         out["shared"] = count(shared_positions(batch["mask"], batch["student_chunk"], batch["teacher_mask"],
@@ -180,7 +180,7 @@ def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransfo
         div, gap, _ = alm_divergence(s_logp, micro["mask"], micro["student_chunk"], side["logp"],
                                      micro["teacher_mask"], micro["teacher_chunk"], num_chunks=cfg.num_chunks,
                                      temperature=cfg.alm_temperature, chunk_mask=micro["chunk_mask"])
-        per = lambda x, n: jnp.sum(x) / jnp.maximum(counts[n], 1.0)  # noqa: E731  (a share of the batch's mean)
+        per = lambda x, n: jnp.sum(x) / jnp.maximum(counts[n], 1.0)
         alm = per(div, "chunks")
         loss = cfg.alm_weight * alm
         metrics = {"distill/alm": alm, "distill/chunk_logp_gap": jax.lax.stop_gradient(per(gap, "chunks"))}
