@@ -21,8 +21,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+from tokenizers import Tokenizer
 
 from vishwam.config import specs
+from vishwam.data.alignment import shared_vocab
 from vishwam.sharding import rows_sharding
 from vishwam.teacher.streamed import head_token_logprobs, run_group
 from vishwam.train.cross_eval import cross_eval_sums
@@ -47,10 +49,6 @@ def shared_vocab_size(cfg, student_vocab: int, teacher_vocab: int) -> int:
     own = Path(cfg.distillation.teacher_model.path).expanduser() / "tokenizer.json"
     if not own.is_file():
         return min(student_vocab, teacher_vocab)
-    from tokenizers import Tokenizer  # the data layer's library; a cross run has it
-
-    from vishwam.data.alignment import shared_vocab
-
     student = Path(cfg.distillation.student_model.tokenizer).expanduser()
     student = student / "tokenizer.json" if student.is_dir() else student
     return len(shared_vocab(Tokenizer.from_file(str(student)), Tokenizer.from_file(str(own)))[0])

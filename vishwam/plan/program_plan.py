@@ -37,7 +37,12 @@ from models import ModelConfig
 from vishwam.config import specs
 from vishwam.config.sections import ParallelismConfig
 from vishwam.plan.planner import Planner
-from vishwam.plan.shapes import DTYPE_BYTES, gathered_layer_bytes, layer_forward_bytes, tree_bytes
+from vishwam.plan.shapes import (
+    DTYPE_BYTES,
+    gathered_layer_bytes,
+    layer_forward_bytes,
+    tree_bytes,
+)
 from vishwam.sharding import batch_shards, rows_per_device
 
 

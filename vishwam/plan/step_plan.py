@@ -32,7 +32,13 @@ from __future__ import annotations
 
 from models import ModelConfig, causal_blocks
 from vishwam.config import specs
-from vishwam.plan.shapes import DTYPE_BYTES, axis_shards, gathered_layer_bytes, layer_forward_bytes, tree_bytes
+from vishwam.plan.shapes import (
+    DTYPE_BYTES,
+    axis_shards,
+    gathered_layer_bytes,
+    layer_forward_bytes,
+    tree_bytes,
+)
 
 
 def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
