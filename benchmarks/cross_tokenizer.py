@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            optimizer, _ = make_optimizer(learning_rate=args.lr, warmup_steps=10, total_steps=args.steps,
+            optimizer, schedule = make_optimizer(learning_rate=args.lr, warmup_steps=10, total_steps=args.steps,
                                           weight_decay=0.01, grad_clip=1.0)
             state = init_state(init_model(cfg, key=jax.random.key(seed)), None, None, optimizer,
                                jax.random.key(seed), [])
             step = make_cross_train_step(CrossStepConfig(num_chunks=train.num_chunks, chunk_size=32, **weights),
-                                         optimizer, shared=shared)
+                                         optimizer, schedule, shared=shared)
             rng = np.random.default_rng(seed)
             for _ in range(args.steps):
                 rows = rng.choice(len(train), args.batch, replace=False)

@@ -4,7 +4,7 @@ The config: a 34M-parameter bfloat16 Qwen2 teacher (8 layers of 512, 8/4 heads, 
 config.json alone), a 4-layer half-width student pruned from it (float32 parameters, bfloat16 compute), 16 x 512
 tokens a step in 2 micro-batches, fsdp 4, logit chunks of 128, feature matching with EPLB re-mapping; with a
 resident, a cached and a streamed teacher, on-policy distillation on the demo chat data, and lm-eval tasks scored at
-evaluations (`downstream`). Each program is
+evaluations (`downstream`), and across tokenizers (`cross`, `cross_streamed`). Each program is
 planned (`vishwam.plan.program_plan`, the train step by `vishwam.plan.planner`) and compiled (`vishwam.compile.programs`) for the
 target; one line per program: planner and XLA bytes per device (MiB) and their ratio.
 
@@ -21,11 +21,15 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DEMO, write_json
+from benchmarks.common import DEMO, ROOT, write_json
 from vishwam.compile.targets import configure_process
 
 TEACHER = dict(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                num_attention_heads=8, num_key_value_heads=4, head_dim=64, qkv_bias=True)
+CROSS = ["--distillation.student-model.tokenizer", str(ROOT / "benchmarks" / "assets" / "pysrc" / "teacher"),
+         "--distillation.student-model.vocab-size", "6144", "--distillation.student-model.init", "random",
+         "--distillation-params.feature-weight", "0", "--distillation-params.eplb.enabled", "false",
+         "--distillation-params.ce-weight", "1"]
 LAYOUTS = {
     "resident": [],
     "cached": ["--distillation.teacher-model.loading", "cached"],
@@ -36,6 +40,11 @@ LAYOUTS = {
                   "random"],
     # lm-eval requests scored at the micro-batch's shape (the tasks are not read to compile)
     "downstream": ["--training.downstream.tasks", "demo_arithmetic"],
+    # across tokenizers: the pysrc teacher's 2,048-id tokenizer as the student's, its vocabulary 6,144; ALM + CE +
+    # the shared-vocabulary KL (every part of the cross step), 640 teacher tokens a window
+    "cross": CROSS + ["--distillation-params.shared-kl-weight", "1"],
+    # and with a streamed teacher (its labels' log-probabilities an argument of the step; no shared KL)
+    "cross_streamed": CROSS + ["--distillation.teacher-model.loading", "streamed"],
 }
 
 

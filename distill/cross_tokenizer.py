@@ -6,11 +6,15 @@ each side the id of its label token's chunk. Everything here is then a per-token
 (chunked over the sequence like `distill.logits`) followed by `segment_sum`s over those ids: no
 `[batch, tokens, chunks]` matrix exists.
 
-- [`chunk_logprobs`][]: each model's log-likelihood of each chunk, the sum of its tokens' log-probabilities.
+- [`chunk_logprobs`][]: each model's log-likelihood of each chunk, the sum of its tokens' log-probabilities
+  ([`token_logprobs`][] from logits; [`linear_token_logprobs`][] from the last hidden state and the LM head, one
+  chunk's logits at a time, so no `[batch, seq, vocab]` tensor exists at a 128k or 152k vocabulary).
 - [`alm_loss`][]: Approximate Likelihood Matching (Minixhofer et al. 2025, "Universal Cross-Tokenizer Distillation
-  via Approximate Likelihood Matching"), the binarised divergence between the two chunk likelihoods.
+  via Approximate Likelihood Matching"), the binarised divergence between the two chunk likelihoods
+  ([`alm_divergence`][]: per chunk, from the per-token log-probabilities).
 - [`shared_vocab_kl`][]: forward KL on the shared vocabulary (tokens whose strings are equal on both sides) at the
-  chunks that are one token on each side, the exact-match part of GOLD / KDFlow.
+  chunks that are one token on each side, the exact-match part of GOLD / KDFlow ([`linear_shared_vocab_kl`][]:
+  per position, with both LM heads inside, at [`shared_positions`][]).
 
 Label-position convention (as `distill.logits`): position `i` of a side holds the logits that predict `labels[i]`;
 `chunk[i]` is the chunk of `labels[i]`, `mask[i]` nonzero where that label counts. A chunk counts only where every
@@ -27,13 +31,31 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from .errors import ConfigError
-from .logits.chunks import _as_valid, _check_chunk_size, _masked_mean, _token_temperature, chunked_map
+from .logits.chunks import (
+    _as_valid,
+    _check_chunk_size,
+    _masked_mean,
+    _token_temperature,
+    chunked_map,
+)
 from .logits.dense import _kd_tokens
+from .logits.fused import _first_argmax
 
 Metrics = dict[str, Float[Array, ""]]
 
 
 # --------------------------------------------------------------------------------------------------- likelihoods
+
+
+def _logp_tokens(x, y, v, top1: bool = False):
+    """Per token: `log softmax(x)[y]` in fp32, 0 where `v` is False (and, with `top1`, whether the argmax is `y`)."""
+    x = jnp.where(v[..., None], x.astype(jnp.float32), 0.0)
+    y = jnp.where(v, y, 0)
+    logp = jnp.take_along_axis(x, y[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(x, axis=-1)
+    logp = jnp.where(v, logp, 0.0)
+    if not top1:
+        return logp
+    return logp, ((_first_argmax(x) == y) & v).astype(jnp.float32)
 
 
 def token_logprobs(
@@ -45,14 +67,33 @@ def token_logprobs(
 ) -> Float[Array, "batch seq"]:
     """`log softmax(logits)[label]` per position in fp32 (0 where `mask` is 0), `chunk_size` positions at a time."""
     _check_chunk_size(chunk_size)
+    return chunked_map(_logp_tokens, (logits, labels, _as_valid(mask)), chunk_size)
 
-    def tokens(x, y, v):
-        x = jnp.where(v[..., None], x.astype(jnp.float32), 0.0)
-        y = jnp.where(v, y, 0)
-        logp = jnp.take_along_axis(x, y[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(x, axis=-1)
-        return jnp.where(v, logp, 0.0)
 
-    return chunked_map(tokens, (logits, labels, _as_valid(mask)), chunk_size)
+def linear_token_logprobs(
+    hidden: Float[Array, "batch seq embed"],
+    weight: Float[Array, "vocab embed"],
+    labels: Int[Array, "batch seq"],
+    mask: Shaped[Array, "batch seq"],
+    *,
+    chunk_size: int | None = None,
+    top1: bool = False,
+) -> Float[Array, "batch seq"] | tuple[Float[Array, "batch seq"], Float[Array, "batch seq"]]:
+    """[`token_logprobs`][] of the logits `hidden @ weight.T`, the LM head applied one chunk at a time.
+
+    Each chunk's logits are computed (in `hidden`'s dtype, as `CausalLM.unembed`) inside the chunk's
+    `jax.checkpoint`, so neither pass holds a whole `[batch, seq, vocab]` tensor; the head's gradient is summed
+    over the chunks by autodiff of the chunk loop (as `distill.logits.linear_kd_loss`). `hidden` is a model's
+    `CausalLM(..., output_logits=False).last_hidden`, `weight` its `unembedding_weight()`. With `top1`, also
+    whether each counted position's argmax is its label (1.0 or 0.0; no gradient).
+    """
+    _check_chunk_size(chunk_size)
+
+    def tokens(h, y, v):
+        return _logp_tokens(jnp.einsum("bsd,vd->bsv", h, weight.astype(h.dtype)), y, v, top1)
+
+    out = chunked_map(tokens, (hidden, labels, _as_valid(mask)), chunk_size)
+    return (out[0], jax.lax.stop_gradient(out[1])) if top1 else out
 
 
 def _segment_sum(values: Array, ids: Array, num_chunks: int) -> Array:
@@ -142,20 +183,46 @@ def alm_loss(
     **Returns:** `(loss, metrics)`: `distill/alm` (the loss), `distill/chunk_logp_gap` (mean `|log p_c - log q_c|`
     over counted chunks, in nats) and `distill/chunks` (the counted chunks' fraction of `num_chunks`).
     """
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ConfigError(f"alm temperature must be a number > 0, got {temperature!r}")
+    check_alm_temperature(temperature)
     s_logp = token_logprobs(student_logits, student_labels, student_mask, chunk_size=chunk_size)
     if teacher_token_logp is None:
         teacher_token_logp = token_logprobs(teacher_logits, teacher_labels, teacher_mask, chunk_size=chunk_size)
+    div, gap, ok = alm_divergence(s_logp, student_mask, student_chunk, teacher_token_logp, teacher_mask,
+                                  teacher_chunk, num_chunks=num_chunks, temperature=temperature, chunk_mask=chunk_mask)
+    loss = _masked_mean(div, ok)
+    return loss, {"distill/alm": loss, "distill/chunk_logp_gap": _masked_mean(gap, ok),
+                  "distill/chunks": jnp.mean(ok.astype(jnp.float32))}
+
+
+def check_alm_temperature(temperature) -> float:
+    """ALM's temperature as a float, or a `ConfigError` unless it is a number > 0."""
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ConfigError(f"alm temperature must be a number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def alm_divergence(
+    student_token_logp: Float[Array, "batch s_seq"],
+    student_mask: Shaped[Array, "batch s_seq"],
+    student_chunk: Int[Array, "batch s_seq"],
+    teacher_token_logp: Float[Array, "batch t_seq"],
+    teacher_mask: Shaped[Array, "batch t_seq"],
+    teacher_chunk: Int[Array, "batch t_seq"],
+    *,
+    num_chunks: int,
+    temperature: float = 100.0,
+    chunk_mask: Bool[Array, "batch chunks"] | None = None,
+) -> tuple[Float[Array, "batch chunks"], Float[Array, "batch chunks"], Bool[Array, "batch chunks"]]:
+    """ALM per chunk from each side's per-token log-probabilities ([`token_logprobs`][] or
+    [`linear_token_logprobs`][]; the teacher's behind `stop_gradient`): `(binarised KL, |log p_c - log q_c|,
+    counted)`, the first two 0 at the chunks that do not count. [`alm_loss`][] is their mean over counted chunks."""
+    temperature = check_alm_temperature(temperature)
     t_logp = jnp.where(_as_valid(teacher_mask), jax.lax.stop_gradient(teacher_token_logp).astype(jnp.float32), 0.0)
-    q = chunk_logprobs(s_logp, student_chunk, num_chunks)
+    q = chunk_logprobs(student_token_logp, student_chunk, num_chunks)
     p = chunk_logprobs(t_logp, teacher_chunk, num_chunks)
     ok = complete_chunks(student_chunk, student_mask, teacher_chunk, teacher_mask, num_chunks, chunk_mask)
-    div = binarised_kl(jnp.where(ok, p, -1.0), jnp.where(ok, q, -1.0), float(temperature))
-    loss = _masked_mean(div, ok)
-    gap = _masked_mean(jnp.abs(jnp.where(ok, p - q, 0.0)), ok)
-    return loss, {"distill/alm": loss, "distill/chunk_logp_gap": gap,
-                  "distill/chunks": jnp.mean(ok.astype(jnp.float32))}
+    div = jnp.where(ok, binarised_kl(jnp.where(ok, p, -1.0), jnp.where(ok, q, -1.0), temperature), 0.0)
+    return div, jnp.abs(jnp.where(ok, p - q, 0.0)), ok
 
 
 # --------------------------------------------------------------------------------------------------- shared vocabulary
@@ -189,19 +256,7 @@ def shared_vocab_kl(
     `distill/shared_positions` (their fraction of the student's counted positions).
     """
     _check_chunk_size(chunk_size)
-    num_chunks = one_to_one.shape[-1]
-    t_len = teacher_chunk.shape[1]
-    t_valid = _as_valid(teacher_mask)
-    positions = jnp.broadcast_to(jnp.arange(t_len, dtype=jnp.int32), teacher_chunk.shape)
-    t_pos = jax.vmap(lambda v, i: jax.ops.segment_max(v, i, num_segments=num_chunks))(
-        jnp.where(t_valid, positions, -1), teacher_chunk)
-    s_valid = _as_valid(student_mask)
-    in_range = (student_chunk >= 0) & (student_chunk < num_chunks)
-    c = jnp.clip(student_chunk, 0, num_chunks - 1)
-    use = s_valid & in_range & jnp.take_along_axis(one_to_one.astype(bool), c, axis=1)
-    j = jnp.take_along_axis(t_pos, c, axis=1)
-    use = use & (j >= 0)
-    j = jnp.clip(j, 0, t_len - 1)
+    use, j = shared_positions(student_mask, student_chunk, teacher_mask, teacher_chunk, one_to_one)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     temperature = _token_temperature(temperature, student_mask.shape)
     rows = jnp.arange(student_chunk.shape[0])[:, None]
@@ -212,8 +267,64 @@ def shared_vocab_kl(
 
     div, _ = chunked_map(tokens, (student_logits, j, temperature, use), chunk_size)
     loss = _masked_mean(div, use)
-    frac = jnp.sum(use.astype(jnp.float32)) / jnp.maximum(jnp.sum(s_valid.astype(jnp.float32)), 1.0)
-    return loss, {"distill/shared_kl": loss, "distill/shared_positions": frac}
+    return loss, {"distill/shared_kl": loss, "distill/shared_positions": _shared_fraction(use, student_mask)}
+
+
+def _shared_fraction(use: Array, student_mask: Array) -> Array:
+    valid = _as_valid(student_mask).astype(jnp.float32)
+    return jnp.sum(use.astype(jnp.float32)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def shared_positions(
+    student_mask: Shaped[Array, "batch s_seq"],
+    student_chunk: Int[Array, "batch s_seq"],
+    teacher_mask: Shaped[Array, "batch t_seq"],
+    teacher_chunk: Int[Array, "batch t_seq"],
+    one_to_one: Bool[Array, "batch chunks"],
+) -> tuple[Bool[Array, "batch s_seq"], Int[Array, "batch s_seq"]]:
+    """`(use, j)`: the student positions whose label is a one-token-each-side chunk, and at each the teacher
+    position of that chunk (its last counted position, a `segment_max` over the teacher's chunk ids; 0 elsewhere)."""
+    num_chunks = one_to_one.shape[-1]
+    t_len = teacher_chunk.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(t_len, dtype=jnp.int32), teacher_chunk.shape)
+    t_pos = jax.vmap(lambda v, i: jax.ops.segment_max(v, i, num_segments=num_chunks))(
+        jnp.where(_as_valid(teacher_mask), positions, -1), teacher_chunk)
+    in_range = (student_chunk >= 0) & (student_chunk < num_chunks)
+    c = jnp.clip(student_chunk, 0, num_chunks - 1)
+    use = _as_valid(student_mask) & in_range & jnp.take_along_axis(one_to_one.astype(bool), c, axis=1)
+    j = jnp.take_along_axis(t_pos, c, axis=1)
+    return use & (j >= 0), jnp.clip(j, 0, t_len - 1)
+
+
+def linear_shared_vocab_kl(
+    student_hidden: Float[Array, "batch s_seq s_embed"],
+    student_weight: Float[Array, "s_vocab s_embed"],
+    teacher_hidden: Float[Array, "batch t_seq t_embed"],
+    teacher_weight: Float[Array, "t_vocab t_embed"],
+    use: Bool[Array, "batch s_seq"],
+    j: Int[Array, "batch s_seq"],
+    student_ids: Int[Array, " shared"],
+    teacher_ids: Int[Array, " shared"],
+    *,
+    temperature: float | Float[Array, ""] = 1.0,
+    chunk_size: int | None = None,
+) -> Float[Array, "batch s_seq"]:
+    """[`shared_vocab_kl`][]'s per-position divergence (0 where `use` is False) from each side's last hidden
+    states and LM head: per chunk of the student's positions, the student's logits and those of the teacher's
+    hidden states at `j` (gathered for the chunk's positions alone) are made, then restricted to the shared ids.
+    `(use, j)` are [`shared_positions`][]'; the masked mean over `use` is [`shared_vocab_kl`][]'s loss."""
+    _check_chunk_size(chunk_size)
+    teacher_hidden, teacher_weight = jax.lax.stop_gradient((teacher_hidden, teacher_weight))
+    temperature = _token_temperature(temperature, use.shape)
+    rows = jnp.arange(use.shape[0])[:, None]
+
+    def tokens(h, jj, temp, v):
+        s = jnp.einsum("bsd,vd->bsv", h, student_weight.astype(h.dtype))
+        th = teacher_hidden[rows, jj]  # [batch, chunk, t_embed]
+        t = jnp.einsum("bsd,vd->bsv", th, teacher_weight.astype(th.dtype))
+        return _kd_tokens(s[..., student_ids], t[..., teacher_ids], temp, v, kind="forward_kl", beta=0.0)[0]
+
+    return chunked_map(tokens, (student_hidden, j, temperature, use), chunk_size)
 
 
 def bits_per_byte(nll_nats: Float[Array, ""] | float, n_bytes: int | float) -> float:

@@ -146,3 +146,25 @@ def test_fvt_student_gives_the_students_vocabulary_the_teachers_mean_rows(tmp_pa
     assert logits.shape == (1, 3, 2048) and bool(jnp.all(jnp.isfinite(logits)))
     assert eqx.tree_equal(jax.tree.structure(out), jax.tree.structure(
         eqx.filter_eval_shape(init_model, student_config, key=jax.random.key(0))))
+
+
+@pytest.mark.parametrize("loading", ["streamed", "cached"])
+def test_streamed_and_cached_teachers_give_the_resident_teachers_figures(finished, loading, monkeypatch):
+    """A streamed teacher (its token log-probabilities computed group by group ahead of the step) and a cached one
+    (a cache of the teacher's side of each window, its label log-probabilities the one float per token the step
+    needs) evaluate the teacher on the same windows as the resident run: the same bits per byte and chunks."""
+    root, full = finished
+    monkeypatch.chdir(ROOT)
+    out = root / loading
+    extra = ["--distillation.teacher-model.loading", loading, "--distillation-params.shared-kl-weight", "0",
+             "--training.max-steps", "2"]
+    if loading == "cached":
+        extra += ["--distillation.teacher-model.cache-dir", str(root / "cache")]
+    result = _run(out, *extra)
+    ev, ref = result["eval"], full["eval"]
+    assert ev["teacher_bpb"] == pytest.approx(ref["teacher_bpb"], rel=2e-6)
+    assert ev["teacher_loss"] == pytest.approx(ref["teacher_loss"], rel=2e-6)
+    assert ev["chunks"] == ref["chunks"] and np.isfinite(ev["student_bpb"])
+    if loading == "cached":
+        index = json.loads((root / "cache" / "train" / "index.json").read_text())
+        assert index["seq_len"] == 40 and index["vocab_size"] == 512  # the teacher's side: 5/4 of 32, its vocabulary

@@ -1,22 +1,31 @@
 """The cross-tokenizer train step (vishwam.train.cross_step): the pysrc teacher (2,048-token byte-level BPE) into
 a tiny student with its own 512-token tokenizer, trained on Python source: ALM brings the chunk likelihoods
-together, and every loss part is finite."""
+together, and every loss part is finite. The fused step (both LM heads inside the losses, a chunk at a time)
+equals `cross_loss` on whole logits in value and gradient; two micro-batches equal one big batch; a streamed
+teacher's log-probabilities equal the resident teacher's, and so do the steps."""
 
+import dataclasses
 import json
 import os
 import string
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import vishwam
+from distill.cross_tokenizer import complete_chunks, token_logprobs
 from models import ModelConfig, init_model
 from vishwam.data.alignment import shared_vocab
 from vishwam.data.cross_windows import build_cross_windows
-from vishwam.train.cross_step import CrossStepConfig, make_cross_train_step
+from vishwam.errors import ConfigError
+from vishwam.teacher.streamed import StreamedTeacher
+from vishwam.train.cross_eval import cross_eval_sums
+from vishwam.train.cross_step import CrossStepConfig, cross_loss, make_cross_train_step
 from vishwam.train.step import init_state, make_optimizer
 
 TEACHER_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "assets", "pysrc", "teacher")
@@ -53,10 +62,11 @@ def setup():
 
 def test_alm_steps_bring_the_chunk_likelihoods_together(setup):
     windows, teacher, student, shared = setup
-    optimizer, _ = make_optimizer(learning_rate=3e-3, warmup_steps=0, total_steps=40, weight_decay=0.0, grad_clip=1.0)
-    state = init_state(student, None, None, optimizer, jax.random.key(1), [])
+    optimizer, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=0, total_steps=40, weight_decay=0.0,
+                                         grad_clip=1.0)
+    state = init_state(_copy(student), None, None, optimizer, jax.random.key(1), [])
     step = make_cross_train_step(CrossStepConfig(num_chunks=windows.num_chunks, ce_weight=0.0, shared_kl_weight=1.0,
-                                                 chunk_size=16), optimizer, shared=shared)
+                                                 chunk_size=16), optimizer, schedule, shared=shared)
     rng = np.random.default_rng(0)
     history = []
     for _ in range(40):
@@ -69,3 +79,159 @@ def test_alm_steps_bring_the_chunk_likelihoods_together(setup):
     last = np.mean([h["distill/chunk_logp_gap"] for h in history[-5:]])
     assert last < 0.9 * first, (first, last)  # measured: 5.33 -> 4.58 nats per chunk in 40 steps
     assert np.mean([h["distill/alm"] for h in history[-5:]]) < np.mean([h["distill/alm"] for h in history[:5]])
+
+
+# ------------------------------------------------------------------------------------ the fused step against references
+
+
+def _recording():
+    """An "optimizer" that applies nothing and keeps the step's gradient as its state: the gradient exactly."""
+    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _batch(windows, rows):
+    return {k: jnp.asarray(v) for k, v in windows.batch(np.asarray(rows)).items()}
+
+
+def _copy(tree):
+    """A copy of `tree`'s arrays: the step donates the state's buffers, the fixture's model must outlive it."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+
+
+def _run_step(cfg, teacher, student, batch, shared, teacher_out=None):
+    optimizer = _recording()
+    state = init_state(_copy(student), None, None, optimizer, jax.random.key(1), [])
+    step = make_cross_train_step(cfg, optimizer, optax.constant_schedule(1e-3), shared=shared)
+    new_state, metrics = step(teacher, state, batch, teacher_out)
+    return new_state.opt_state[0], {k: float(v) for k, v in metrics.items()}
+
+
+def _close(got, want, rtol=1e-5):
+    """fp32 rounding apart (the same sums in another order: chunked heads, micro-batches); gradient entries near 0
+    held against the largest of their tensor."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(float(np.max(np.abs(w))), 1e-30))
+
+
+CFG = CrossStepConfig(num_chunks=65, alm_weight=1.0, ce_weight=0.5, shared_kl_weight=0.5, kd_temperature=2.0,
+                      chunk_size=16)
+
+
+def test_the_fused_step_equals_the_logits_loss_in_value_and_gradient(setup):
+    """Both heads inside the losses, 16 positions at a time, against `cross_loss` on whole logits."""
+    windows, teacher, student, shared = setup
+    batch = _batch(windows, [0, 3, 5, 7])
+    grads, metrics = _run_step(CFG, teacher, student, batch, shared)
+
+    def reference(s):
+        return cross_loss(s, teacher, batch, shared, CFG)
+
+    (_, want), want_grads = eqx.filter_value_and_grad(reference, has_aux=True)(student)
+    assert set(want) <= set(metrics)
+    assert {"grad_norm", "lr", "skipped", "nonfinite_run"} <= set(metrics) and metrics["skipped"] == 0
+    _close([metrics[k] for k in sorted(want)], [float(want[k]) for k in sorted(want)])
+    assert want["distill/shared_kl"] > 0 and want["distill/alm"] > 0
+    _close(eqx.filter(grads, eqx.is_inexact_array), eqx.filter(want_grads, eqx.is_inexact_array))
+
+
+def test_grad_accumulation_equals_one_big_batch(setup):
+    """Four rows as two micro-batches of two: each part of the loss is divided by the whole batch's count, so the
+    gradient and the metrics are the big batch's (the micro-batches count different numbers of chunks)."""
+    windows, teacher, student, shared = setup
+    batch = _batch(windows, [1, 2, 4, 6])
+    one = _run_step(CFG, teacher, student, batch, shared)
+    two = _run_step(dataclasses.replace(CFG, grad_accum_steps=2), teacher, student, batch, shared)
+    ok = np.asarray(complete_chunks(batch["student_chunk"], batch["mask"], batch["teacher_chunk"],
+                                    batch["teacher_mask"], 65, batch["chunk_mask"]))
+    assert ok[0::2].sum() != ok[1::2].sum()  # a per-micro-batch mean would weigh the chunks differently
+    _close(two[1], one[1])
+    _close(two[0], one[0])
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    teacher = StreamedTeacher(vishwam.open_pretrained(TEACHER_DIR), dtype=jnp.float32, max_resident_shards=2)
+    assert len(teacher.groups) > 1
+    yield teacher
+    teacher.close()
+
+
+def test_a_streamed_teacher_gives_the_resident_ones_token_logprobs_and_step(setup, streamed):
+    windows, teacher, student, _ = setup
+    batch = _batch(windows, [0, 1, 2, 3])
+    out = streamed.cross_outputs(batch, chunk_size=16)
+    logits = teacher(batch["teacher_input_ids"], attention_mask=batch["teacher_input_mask"]).logits
+    want = token_logprobs(logits, batch["teacher_labels"], batch["teacher_mask"])
+    assert out["teacher_token_logp"].shape == batch["teacher_labels"].shape
+    _close(out["teacher_token_logp"], want)
+    cfg = dataclasses.replace(CFG, shared_kl_weight=0.0, grad_accum_steps=2)
+    resident = _run_step(cfg, teacher, student, batch, None)
+    streamed_step = _run_step(dataclasses.replace(cfg, teacher_loading="streamed"), None, student, batch, None, out)
+    _close(streamed_step[1], resident[1])
+    _close(streamed_step[0], resident[0])
+
+
+def test_the_shared_kl_needs_a_resident_teacher_and_the_shared_vocabulary(setup):
+    shared = setup[3]
+    with pytest.raises(ConfigError, match="distillation_params.shared_kl_weight"):
+        make_cross_train_step(dataclasses.replace(CFG, teacher_loading="streamed"), _recording(),
+                              optax.constant_schedule(0.0), shared=shared)
+    with pytest.raises(ConfigError, match="distillation_params.shared_kl_weight"):
+        make_cross_train_step(CFG, _recording(), optax.constant_schedule(0.0), shared=None)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _np_logp(logits, labels, mask):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = np.take_along_axis(x, np.asarray(labels)[..., None], -1)[..., 0] - np.log(np.exp(x).sum(-1))
+    return np.where(np.asarray(mask, bool), logp, 0.0)
+
+
+def _np_binarised_kl(log_p, log_q, tau, eps=1e-6):
+    a, b = min(log_p, 0.0) / tau - eps, min(log_q, 0.0) / tau - eps
+    pa, pb = np.exp(a), np.exp(b)
+    return pa * (a - b) + (1 - pa) * (np.log1p(-pa) - np.log1p(-pb))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 24])
+def test_cross_eval_sums_match_a_numpy_reference(setup, chunk_size):
+    """Every sum against float64 NumPy from the models' whole logits, chunk by chunk in Python loops; the chunked
+    heads (24 positions: not dividing 64) change nothing."""
+    windows, teacher, student, _ = setup
+    batch = _batch(windows, [2, 5, 6])
+    rng = np.random.default_rng(0)
+    s_table = rng.integers(0, 6, student.config.vocab_size).astype(np.int32)
+    t_table = rng.integers(0, 6, teacher.config.vocab_size).astype(np.int32)
+    got = cross_eval_sums(student, teacher, batch, num_chunks=65, alm_temperature=10.0, chunk_size=chunk_size,
+                          compute_dtype=jnp.float32, student_bytes=jnp.asarray(s_table),
+                          teacher_bytes=jnp.asarray(t_table))
+    b = {k: np.asarray(v) for k, v in batch.items()}
+    s_logp = _np_logp(student(batch["input_ids"], attention_mask=batch["mask"]).logits, b["labels"], b["mask"])
+    t_logp = _np_logp(teacher(batch["teacher_input_ids"], attention_mask=batch["teacher_input_mask"]).logits,
+                      b["teacher_labels"], b["teacher_mask"])
+    s_mask, t_mask = b["mask"].astype(bool), b["teacher_mask"].astype(bool)
+    want = {"student_nll": -s_logp.sum(), "student_tokens": s_mask.sum(),
+            "student_bytes": s_table[b["labels"]][s_mask].sum(),
+            "teacher_nll": -t_logp.sum(), "teacher_tokens": t_mask.sum(),
+            "teacher_bytes": t_table[b["teacher_labels"]][t_mask].sum(), "chunk_kl": 0.0, "chunk_gap": 0.0, "chunks": 0}
+    for r in range(len(s_logp)):
+        for c in range(65):
+            s_at, t_at = b["student_chunk"][r] == c, b["teacher_chunk"][r] == c
+            if not (b["chunk_mask"][r, c] and s_at.any() and t_at.any() and s_mask[r][s_at].all()
+                    and t_mask[r][t_at].all()):
+                continue
+            log_q, log_p = s_logp[r][s_at].sum(), t_logp[r][t_at].sum()
+            want["chunks"] += 1
+            want["chunk_gap"] += abs(log_p - log_q)
+            want["chunk_kl"] += _np_binarised_kl(log_p, log_q, 10.0)
+    assert set(got) == set(want) and want["chunks"] > 50
+    for k in ("student_tokens", "student_bytes", "teacher_tokens", "teacher_bytes", "chunks"):
+        assert float(got[k]) == want[k], k
+    # fp32 sums of a few hundred fp32 terms against float64: n·eps ~ 1e-5 at most (measured ~1e-7)
+    for k in ("student_nll", "teacher_nll", "chunk_gap", "chunk_kl"):
+        np.testing.assert_allclose(float(got[k]), want[k], rtol=1e-5, err_msg=k)

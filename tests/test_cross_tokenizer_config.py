@@ -1,6 +1,6 @@
 """`distillation.student_model.tokenizer` and the cross-tokenizer knobs: unset or the teacher's own = today's run;
-unreadable, or different with what a cross-tokenizer run does not do (a 'cached' teacher, feature losses,
-on-policy rows) = one line, exit 2."""
+unreadable, or different with what a cross-tokenizer run does not do (the shared-vocabulary KL from a cached
+teacher, feature losses) = one line, exit 2."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def test_knobs_are_checked_where_they_enter():
 def test_bad_student_tokenizer_is_one_line_exit_2(tmp_path, case):
     flags = ["--distillation.student-model.tokenizer", str(tmp_path / "nope.json") if case == "unreadable" else
              str(OTHER), "--training.output-dir", str(tmp_path / "out"), "--tracking.aim", "false"]
-    if case == "cached":
+    if case == "cached":  # a cached teacher gives the step its token log-probabilities only
         flags += ["--distillation.teacher-model.loading", "cached", "--distillation.teacher-model.cache-dir",
-                  str(tmp_path / "cache")]
+                  str(tmp_path / "cache"), "--distillation-params.shared-kl-weight", "1"]
     if case == "features":
         flags += ["--distillation-params.feature-weight", "1"]
     env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
@@ -71,9 +71,10 @@ def test_bad_student_tokenizer_is_one_line_exit_2(tmp_path, case):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    key = "distillation_params.feature_weight" if case == "features" else "distillation.student_model.tokenizer"
+    key = {"features": "distillation_params.feature_weight", "cached": "distillation_params.shared_kl_weight"}.get(
+        case, "distillation.student_model.tokenizer")
     assert key in lines[0]
-    needle = {"unreadable": "nope.json", "features": "different tokens", "cached": "'cached'"}[case]
+    needle = {"unreadable": "nope.json", "features": "different tokens", "cached": "cached teacher"}[case]
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / "config.yaml").exists()
 

@@ -16,10 +16,14 @@ from tokenizers import Tokenizer
 
 import vishwam
 from distill.cross_tokenizer import (
+    alm_divergence,
     alm_loss,
     binarised_kl,
     chunk_logprobs,
     complete_chunks,
+    linear_shared_vocab_kl,
+    linear_token_logprobs,
+    shared_positions,
     shared_vocab_kl,
     token_logprobs,
 )
@@ -121,6 +125,87 @@ def test_incomplete_chunks_do_not_count():
     mask = jnp.asarray([[0, 1, 1, 1, 1, 1]])  # chunk 0 has an uncounted token; id 9 is out of range (padding)
     ok = complete_chunks(chunk, mask, chunk, mask, 4)
     assert ok.tolist() == [[False, True, True, False]]
+
+
+def _head_case(seed=4, batch=2, seq=12, embed=8, vocab=37):
+    """Hidden states and an LM head whose logits `h @ W.T` are O(3), as `_case`'s."""
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(batch, seq, embed)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(vocab, embed)) * 3 / np.sqrt(embed), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, vocab, size=(batch, seq)), jnp.int32)
+    mask = jnp.asarray(rng.random((batch, seq)) > 0.2)
+    return rng, hidden, weight, labels, mask
+
+
+def _close(a, b, rtol=1e-5):
+    """fp32 rounding apart: the same sums (of `embed` products per logit, of `vocab` exponentials per token) in
+    another order, a few ulps (~1e-6) relative; entries near 0 held against the largest."""
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(float(np.max(np.abs(b))), 1e-30))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_fused_head_token_logprobs_equal_the_logits_ones_in_value_and_gradient(chunk_size):
+    _, hidden, weight, labels, mask = _head_case()
+    w_out = jnp.asarray(np.random.default_rng(9).normal(size=labels.shape), jnp.float32)  # a generic cotangent
+
+    def fused(h, w):
+        return jnp.sum(w_out * linear_token_logprobs(h, w, labels, mask, chunk_size=chunk_size))
+
+    def reference(h, w):
+        return jnp.sum(w_out * token_logprobs(jnp.einsum("bsd,vd->bsv", h, w), labels, mask))
+
+    got, want = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, weight) for f in (fused, reference))
+    _close(got[0], want[0])
+    for g, r in zip(got[1], want[1]):
+        _close(g, r)
+    assert float(jnp.max(jnp.abs(got[1][1]))) > 0.1  # the head does get a gradient
+    logp, top1 = linear_token_logprobs(hidden, weight, labels, mask, chunk_size=chunk_size, top1=True)
+    logits = np.asarray(jnp.einsum("bsd,vd->bsv", hidden, weight))
+    np.testing.assert_array_equal(np.asarray(top1), (logits.argmax(-1) == np.asarray(labels)) & np.asarray(mask))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_fused_shared_vocab_kl_equals_the_logits_one_in_value_and_gradient(chunk_size):
+    rng, hidden, weight, labels, mask = _head_case(5, vocab=23)
+    t_hidden = jnp.asarray(rng.normal(size=(2, 15, 6)), jnp.float32)
+    t_weight = jnp.asarray(rng.normal(size=(29, 6)) * 3 / np.sqrt(6), jnp.float32)
+    s_chunk = _random_chunks(rng, 2, 12)
+    t_chunk = jnp.asarray(np.sort(rng.integers(0, 12, size=(2, 15)), axis=1), jnp.int32)  # several per chunk
+    t_mask = jnp.asarray(rng.random((2, 15)) > 0.1)
+    one = jnp.asarray(rng.random((2, 12)) > 0.3)
+    s_ids, t_ids = (jnp.asarray(rng.permutation(n)[:17], jnp.int32) for n in (23, 29))
+    use, j = shared_positions(mask, s_chunk, t_mask, t_chunk, one)
+    assert 0 < int(use.sum()) < int(mask.sum())
+
+    def fused(h, w):
+        div = linear_shared_vocab_kl(h, w, t_hidden, t_weight, use, j, s_ids, t_ids, temperature=2.0,
+                                     chunk_size=chunk_size)
+        return jnp.sum(div) / jnp.sum(use)
+
+    def reference(h, w):
+        t_logits = jnp.einsum("bsd,vd->bsv", t_hidden, t_weight)
+        return shared_vocab_kl(jnp.einsum("bsd,vd->bsv", h, w), mask, s_chunk, t_logits, t_mask, t_chunk, one,
+                               s_ids, t_ids, temperature=2.0)[0]
+
+    got, want = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, weight) for f in (fused, reference))
+    assert float(want[0]) > 1e-3
+    _close(got[0], want[0])
+    for g, r in zip(got[1], want[1]):
+        _close(g, r)
+
+
+def test_alm_divergence_is_alm_loss_per_chunk():
+    rng, logits, labels, mask = _case(6)
+    t_logits = jnp.asarray(rng.normal(size=logits.shape) * 3, jnp.float32)
+    chunk = _random_chunks(rng, *labels.shape)
+    n = labels.shape[1]
+    loss, metrics = alm_loss(logits, labels, mask, chunk, t_logits, labels, mask, chunk, num_chunks=n)
+    div, gap, ok = alm_divergence(token_logprobs(logits, labels, mask), mask, chunk,
+                                  token_logprobs(t_logits, labels, mask), mask, chunk, num_chunks=n)
+    assert int(ok.sum()) > 2 and not np.any(np.asarray(div)[~np.asarray(ok)])
+    _close(jnp.sum(div) / jnp.sum(ok), loss)
+    _close(jnp.sum(gap) / jnp.sum(ok), metrics["distill/chunk_logp_gap"])
 
 
 @pytest.fixture(scope="module")

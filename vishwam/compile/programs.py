@@ -6,7 +6,8 @@ From `config.json` alone (`vishwam.config.specs`) the teacher, the train state a
 (`vishwam.compile.targets`); each program the config will run is lowered and compiled by XLA for those devices, and
 `compiled.memory_analysis()` gives its bytes per device. The programs are the same functions the run executes:
 
-- `train`: `vishwam.train.step.make_train_step` (its teacher outputs precomputed when streamed or cached);
+- `train`: `vishwam.train.step.make_train_step` (its teacher outputs precomputed when streamed or cached); a
+  cross-tokenizer run's programs are `vishwam.compile.cross_programs`';
 - `eval`: `vishwam.train.evaluation.eval_sums` on one micro-batch, when the run evaluates;
 - `eplb_probe`: `vishwam.train.remap.probe_similarity` on the probe sample, when EPLB re-maps (with a streamed
   teacher `student_similarity`, the teacher's hidden states given);
@@ -48,6 +49,7 @@ from distill.features import FeatureProjections
 from distill.objective import TeacherOutputs
 from distill.student_init import activation_stats, slice_program
 from models import cast_floating, init_model, prepare_inputs
+from vishwam.compile.cross_programs import cross_programs
 from vishwam.compile.targets import Target, resolve_target
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig
@@ -174,6 +176,8 @@ class AbstractRun:
     def programs(self) -> dict:
         """name -> (jitted function, abstract args, kwargs) for every program this config runs."""
         cfg, tr, loading = self.cfg, self.cfg.training, self.cfg.distillation.teacher_model.loading
+        if specs.cross_tokenizer(cfg):  # both sides' windows: `vishwam.compile.cross_programs`
+            return cross_programs(self)
         resident = loading == "resident"
         step = make_train_step(StepConfig(self.objective, self.compute_dtype, tr.grad_accum_steps, tr.remat),
                                self.optimizer, self.schedule, self.shardings)

@@ -161,6 +161,10 @@ class CrossDataset:
                                                 "teacher_input_mask", "teacher_chunk")})
         return {**spec, "one_to_one": (c, bool), "chunk_mask": (c, bool), "window": (None, np.int64)}
 
+    def teacher_side(self) -> TeacherSide:
+        """The teacher's side of these windows as a one-tokenizer dataset (what a teacher cache is built over)."""
+        return TeacherSide(self)
+
     def __len__(self) -> int:
         return self.num_windows
 
@@ -189,6 +193,27 @@ class CrossDataset:
                 out[key] = out[key] * keep[:, None].astype(out[key].dtype)
         out["window"] = indices
         return out
+
+
+class TeacherSide:
+    """A `CrossDataset`'s teacher side, read as a one-tokenizer dataset: windows of `teacher_seq_len + 1` teacher
+    tokens (`input_ids`, `labels`, `mask`: the teacher's input validity, `window`); a `cached` teacher's cache is
+    built over it and keyed by the same window indices."""
+
+    packed = False
+
+    def __init__(self, data: CrossDataset):
+        self.data, self.name = data, f"{data.name} (teacher side)"
+        self.seq_len, self.num_windows = data.teacher_seq_len, data.num_windows
+        self.identity = None if data.identity is None else {**data.identity, "side": "teacher"}
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def batch(self, indices, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        b = self.data.batch(indices)
+        return {"input_ids": b["teacher_input_ids"], "labels": b["teacher_labels"], "mask": b["teacher_input_mask"],
+                "window": b["window"]}
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,15 @@ import jax
 import numpy as np
 
 from models import ModelConfig
+from vishwam.config import specs
 from vishwam.config.sections import ParallelismConfig
 from vishwam.plan.planner import Planner
-from vishwam.plan.shapes import DTYPE_BYTES, gathered_layer_bytes, layer_forward_bytes, tree_bytes
+from vishwam.plan.shapes import (
+    DTYPE_BYTES,
+    gathered_layer_bytes,
+    layer_forward_bytes,
+    tree_bytes,
+)
 from vishwam.sharding import batch_shards, rows_per_device
 
 
@@ -111,6 +117,8 @@ class ProgramPlanner:
         """The plan of program `name` (the dry run's names) called with abstract `args`, `kwargs`; `outputs`: its
         abstract outputs as the program places them. None for a program this planner does not model (the train
         step: `vishwam.plan.planner`)."""
+        if specs.cross_tokenizer(self.p.cfg) and name in ("eval", "streamed_head"):  # both sides' windows
+            name = "cross_" + name
         method = getattr(self, "_" + name, None)
         if method is None:
             return None
@@ -150,6 +158,27 @@ class ProgramPlanner:
         phases = {"embedding lookup": embed, "one layer of the larger model": layers,
                   f"one chunk's logits and float32 softmaxes ({chunk} positions)": logits}
         return unused, 0, phases, live
+
+    def _cross_eval(self, args, kwargs):
+        """`cross_eval_sums` (`vishwam.train.cross_eval`): each model's forward on its own tokens, then its labels'
+        log-probabilities a chunk of positions at a time, as `_eval`'s passes."""
+        _, teacher, batch = args
+        c, tb, s, t = self.c, self.tb, self.p.s_config, self.p.t_config
+        b, S = self.rows_per_device(batch["input_ids"].shape[0]), batch["input_ids"].shape[1]
+        T, chunk = batch["teacher_input_ids"].shape[1], min(kwargs.get("chunk_size") or S, S)
+        layers = self.gathered("student", c) + self.forward(s, b, S, c)
+        logits = b * chunk * self.local(s.vocab_size) * (c + _SOFTMAX)
+        embed = self.embedding("student", c)
+        live = [("final hidden states", b * S * s.hidden_size * c),
+                ("student weights in the compute dtype", self.cast_student())]
+        if teacher is not None:
+            layers = max(layers, self.gathered("teacher", tb) + self.forward(t, b, T, tb))
+            logits = max(logits, b * min(chunk, T) * self.local(t.vocab_size) * (tb + _SOFTMAX))
+            embed = max(embed, self.embedding("teacher", tb))
+            live[0] = ("final hidden states", live[0][1] + b * T * t.hidden_size * tb)
+        phases = {"embedding lookup": embed, "one layer of the larger model": layers,
+                  f"one chunk's logits and float32 softmaxes ({chunk} positions)": logits}
+        return 0, 0, phases, live
 
     def _downstream(self, args, kwargs):
         return self._scoring("student", self.c, args, kwargs)
@@ -235,6 +264,15 @@ class ProgramPlanner:
         head = t.vocab_size * t.hidden_size * self.tb if kwargs.get("whole_weight") is not None else 0
         return 0, 0, {"the final norm in float32": b * S * t.hidden_size * 4,
                       "the LM head gathered whole": head}, []
+
+    def _cross_streamed_head(self, args, kwargs):
+        """`head_token_logprobs`: the final norm, then the head and the labels' log-probabilities a chunk at a time."""
+        h, t = args[2], self.p.t_config
+        b, T = self.rows_per_device(h.shape[0]), h.shape[1]
+        chunk = min(kwargs.get("chunk_size") or T, T)
+        head = t.vocab_size * t.hidden_size * self.tb if kwargs.get("whole_weight") is not None else 0
+        return 0, 0, {"one chunk's logits and float32 softmax": b * chunk * t.vocab_size * (self.tb + _SOFTMAX)}, [
+            ("the final norm's output", b * T * t.hidden_size * self.tb), ("the LM head gathered whole", head)]
 
     def _cache_build(self, args, kwargs):
         _, batch = args

@@ -31,7 +31,14 @@ flagship's size").
 from __future__ import annotations
 
 from models import ModelConfig, causal_blocks
-from vishwam.plan.shapes import DTYPE_BYTES, axis_shards, gathered_layer_bytes, layer_forward_bytes, tree_bytes
+from vishwam.config import specs
+from vishwam.plan.shapes import (
+    DTYPE_BYTES,
+    axis_shards,
+    gathered_layer_bytes,
+    layer_forward_bytes,
+    tree_bytes,
+)
 
 
 def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], int]:
@@ -70,12 +77,19 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
 
     # The teacher's outputs: per micro-batch when the teacher runs in the step, for the whole step otherwise.
     rows = b if setup.loading == "resident" else b * setup.grad_accum_steps
-    if setup.loading == "cached":
+    cross = specs.cross_tokenizer(cfg)
+    T = specs.teacher_seq_len(cfg) if cross else S  # the teacher's tokens a row
+    chunk = min(objective.params.logit_chunk_size or S, S)
+    t_vocab = local("vocab", t_cfg.vocab_size)
+    if cross:  # its log-probability of each label; with the shared KL, its last hidden state too
+        teacher_out = rows * T * 4
+        if cfg.distillation_params.shared_kl_weight > 0 and setup.loading == "resident":
+            teacher_out += b * T * t_cfg.hidden_size * tb
+    elif setup.loading == "cached":
         teacher_out = rows * S * (8 * cfg.distillation.teacher_model.top_k + 8)  # top-k values, ids, tail, label
         if objective.uses_features:  # the mapped layers' hidden states, as the cache holds them: float32
             teacher_out += len({t for _, t in objective.feature_pairs}) * rows * S * t_cfg.hidden_size * 4
     else:
-        t_vocab = local("vocab", t_cfg.vocab_size)
         teacher_out = rows * S * t_vocab * tb if objective.needs_teacher_logits else 0
         t_hidden, t_attention = (len({t for _, t in p}) for p in (objective.feature_pairs, attention_pairs))
         if objective.uses_features:  # the mapped layers' alone (`Objective.teacher_model_outputs`)
@@ -85,10 +99,9 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
         if attn_rel:
             teacher_out += t_attention * qkv(t_cfg, tb) * (rows // b)
 
-    chunk = min(objective.params.logit_chunk_size or S, S)
     vocab = local("vocab", s_cfg.vocab_size)
     softmax = b * chunk * vocab * (2 * c + 3 * 4)
-    if objective.fuses_lm_head(dense_teacher=setup.loading != "cached"):
+    if cross or objective.fuses_lm_head(dense_teacher=setup.loading != "cached"):
         head = vocab * D * c * (mesh.fsdp > 1) + vocab * local("embed", D) * 4 + b * S * D * c
         logit_label = f"LM head in the loss, {chunk}-token chunks"
     else:
@@ -101,7 +114,11 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
         shares = (local(a, n) for a, n in (("heads", t_cfg.num_attention_heads),
                                            ("kv_heads", t_cfg.num_key_value_heads), ("mlp", t_cfg.intermediate_size)))
         t_layer = gathered_layer_bytes(planner.teacher, t_cfg, mesh, cfg.distillation.teacher_model.dtype) \
-            + layer_forward_bytes(t_cfg, b, S, tb, *shares)
+            + layer_forward_bytes(t_cfg, b, T, tb, *shares)
+        if cross:  # then its head over its last hidden state, a chunk of positions at a time
+            t_head = b * T * t_cfg.hidden_size * tb + t_vocab * t_cfg.hidden_size * tb * (mesh.fsdp > 1) \
+                + b * chunk * t_vocab * (tb + 2 * 4)
+            t_layer = max(t_layer, t_head)
     layer_set = b * S * c * (6 * D + 3 * (q + kv) + 3 * f)
     backward = 2 * layer_set + 2 * scores(s_cfg, 3 * 4 + c, block=True) + scores(s_cfg, 1, block=True) // max(
         1, local("heads", s_cfg.num_attention_heads)) \

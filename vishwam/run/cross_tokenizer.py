@@ -25,14 +25,12 @@ from tokenizers import Tokenizer
 from distill.config import config_error
 from distill.objective import Objective
 from models import CausalLM, ModelConfig, init_model
-from vishwam.config import specs
 from vishwam.config.sections import RunConfig
 from vishwam.data.alignment import shared_vocab
 from vishwam.data.splits import tokenizer_path
 from vishwam.data.text import load_tokenizer
 from vishwam.data.vocab_transfer import fvt_embeddings, fvt_sources
 from vishwam.errors import DataError
-from vishwam.train.cross_step import CrossStepConfig
 
 KEY = "distillation.student_model.tokenizer"
 
@@ -72,16 +70,12 @@ def check_student_tokenizer(cfg: RunConfig, teacher_dir: Path) -> None:
 
 
 def check_cross_run(cfg: RunConfig, objective: Objective) -> None:
-    """One line (exit 2) for what a cross-tokenizer run does not do: a `cached` teacher (its cache holds no
-    per-token log-probabilities), feature, attention and EPLB losses (the two sides' positions are different
-    tokens), on-policy distillation."""
+    """One line (exit 2) for what a cross-tokenizer run does not do: the shared-vocabulary KL with a streamed or
+    cached teacher (the step gets its log-probability of each token only), feature, attention and EPLB losses (the
+    two sides' positions are different tokens), on-policy distillation."""
     p, t = cfg.distillation_params, cfg.distillation.teacher_model
-    if t.loading == "cached":
-        raise config_error(KEY, f"names a tokenizer other than the teacher's ({cfg.distillation.student_model.tokenizer}"
-                                "), and a 'cached' teacher holds no per-token log-probabilities for cross-tokenizer "
-                                "distillation; use 'resident' or 'streamed'")
-    if t.loading == "streamed" and p.shared_kl_weight > 0:
-        raise config_error("distillation_params.shared_kl_weight", "must be 0 with a streamed teacher in a "
+    if t.loading != "resident" and p.shared_kl_weight > 0:
+        raise config_error("distillation_params.shared_kl_weight", f"must be 0 with a {t.loading} teacher in a "
                                                                   "cross-tokenizer run (its step gets the teacher's "
                                                                   "log-probability of each token only)")
     for name in ("feature_weight", "attention_weight"):
@@ -107,15 +101,6 @@ def shared_ids(cfg: RunConfig, teacher_dir: Path, student_vocab: int, teacher_vo
                         load_tokenizer(tokenizer_path(cfg.data, teacher_dir)))
     keep = (s < student_vocab) & (t < teacher_vocab)
     return jnp.asarray(s[keep]), jnp.asarray(t[keep])
-
-
-def step_config(cfg: RunConfig, *, chunk_size=None) -> CrossStepConfig:
-    """The cross step's settings from `distillation_params` and `training`."""
-    p, tr = cfg.distillation_params, cfg.training
-    return CrossStepConfig(num_chunks=tr.seq_len + 1, alm_weight=p.alm_weight, alm_temperature=p.alm_temperature,
-                           ce_weight=p.ce_weight, shared_kl_weight=p.shared_kl_weight,
-                           kd_temperature=p.temperature.start, chunk_size=p.logit_chunk_size if chunk_size is None
-                           else chunk_size, compute_dtype=specs.DTYPES[tr.compute_dtype])
 
 
 def with_teacher_vocab(student: ModelConfig, teacher: ModelConfig) -> ModelConfig:
@@ -153,4 +138,4 @@ def fvt_student(pruned: CausalLM, student: ModelConfig, cfg: RunConfig, teacher_
 
 
 __all__ = ["check_cross_run", "check_student_tokenizer", "fvt_student", "resolve_student_tokenizer",
-           "same_tokenizer", "shared_ids", "step_config", "student_tokenizer_file", "with_teacher_vocab"]
+           "same_tokenizer", "shared_ids", "student_tokenizer_file", "with_teacher_vocab"]

@@ -15,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vishwam.compile.programs import dry_run_compile
 from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
@@ -32,11 +33,12 @@ from vishwam.generation.sampler import checkpoint_eos_ids
 from vishwam.generation.samples import Samples
 from vishwam.io.export import remove_stale_exports, save_pretrained
 from vishwam.run import build
-from vishwam.run.cross_tokenizer import shared_ids, step_config, student_tokenizer_file
-from vishwam.sharding import global_batch
+from vishwam.run.cross_tokenizer import shared_ids, student_tokenizer_file
+from vishwam.sharding import global_batch, rows_sharding
 from vishwam.teacher.sources import TeacherSource, open_teacher
 from vishwam.tracking import Progress, Tracker, log, peak_rss_bytes
-from vishwam.train.cross_step import cross_eval_sums, make_cross_train_step
+from vishwam.train.cross_eval import cross_eval_sums
+from vishwam.train.cross_step import cross_step_config, make_cross_train_step
 from vishwam.train.evaluation import cross_evaluate, evaluate
 from vishwam.train.remap import probe_batch, remap, remap_steps
 from vishwam.train.step import StepConfig, interleave_micro_batches, make_train_step, optimizer_of
@@ -142,7 +144,7 @@ class Run:
                 shared = shared_ids(cfg, run.lazy_teacher.directory, run.student_config.vocab_size,
                                     run.teacher_config.vocab_size)
                 make_step = lambda objective: make_cross_train_step(  # noqa: E731
-                    step_config(cfg), optimizer, schedule, shardings, shared=shared)
+                    cross_step_config(cfg), optimizer, schedule, shardings, shared=shared)
             else:
                 make_step = lambda objective: make_train_step(  # noqa: E731
                     StepConfig(objective, compute_dtype, tr.grad_accum_steps, tr.remat), optimizer, schedule,
@@ -160,7 +162,7 @@ class Run:
                 if cross_sums is not None:
                     result = cross_evaluate(lambda micro: cross_sums(state.student, micro), run.eval_data, step=step,
                                             batch_size=tr.batch_size, micro_batch_size=tr.micro_batch_size,
-                                            num_batches=tr.eval_batches, batch_sharding=run.batch_sharding,
+                                            num_batches=tr.eval_batches,
                                             out_dir=None if self.downstream.enabled else run.out, log=log)
                 elif on_data:  # eval.json is written here, or with the downstream metrics below
                     result = evaluate(state.student, teacher, run.eval_data, step=step, batch_size=tr.batch_size,
@@ -207,6 +209,8 @@ class Run:
                         batch = merge(batch, rollout_batch(rollout, tr.seq_len), tr.grad_accum_steps)
                     batch = interleave_micro_batches(batch, tr.grad_accum_steps)  # as the step splits it
                     t_out = teacher.cross_outputs(batch) if self.cross else teacher.outputs(batch)
+                    if self.cross and t_out is not None:
+                        t_out = global_batch({k: np.asarray(v) for k, v in t_out.items()}, run.batch_sharding)
                 batch = {k: v for k, v in batch.items() if k != "window"}
                 state, metrics = train_step(teacher.in_step, state, global_batch(batch, run.batch_sharding), t_out)
                 if reader is not None and step + 1 < tr.max_steps:
@@ -254,11 +258,19 @@ class Run:
                                                  run.student_config.vocab_size))
         t_bytes = jnp.asarray(token_byte_lengths(load_tokenizer(tokenizer_path(cfg.data, run.lazy_teacher.directory)),
                                                  run.teacher_config.vocab_size))
-        step = step_config(cfg)
-        return lambda student, micro: cross_eval_sums(
-            student, teacher.in_step, micro, teacher.cross_outputs(micro) if teacher.in_step is None else None,
-            num_chunks=step.num_chunks, alm_temperature=step.alm_temperature, chunk_size=step.chunk_size,
-            compute_dtype=step.compute_dtype, student_bytes=s_bytes, teacher_bytes=t_bytes)
+        step = cross_step_config(cfg)
+        activations = rows_sharding(run.mesh, cfg.training.micro_batch_size, 3)
+
+        def sums(student, micro):  # a host micro-batch (with its windows), placed here
+            t_out = teacher.cross_outputs(micro, "eval")  # a streamed or cached teacher's token log-probabilities
+            placed = global_batch({k: v for k, v in micro.items() if k != "window"}, run.batch_sharding)
+            if t_out is not None:
+                placed.update(global_batch({k: np.asarray(v) for k, v in t_out.items()}, run.batch_sharding))
+            return cross_eval_sums(student, teacher.in_step, placed, num_chunks=step.num_chunks,
+                                   alm_temperature=step.alm_temperature, chunk_size=step.chunk_size,
+                                   compute_dtype=step.compute_dtype, student_bytes=s_bytes, teacher_bytes=t_bytes,
+                                   activation_sharding=activations)
+        return sums
 
 
 def _host_metrics(metrics: dict, state, *, tokens_per_sec: float) -> dict:

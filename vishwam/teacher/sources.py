@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from distill.objective import Objective, TeacherOutputs
 from models import CausalLM
+from vishwam.config import specs
 from vishwam.config.sections import RunConfig
 from vishwam.config.specs import DTYPES
 from vishwam.data.windows import PackedDataset
@@ -49,6 +51,11 @@ class TeacherSource:
     def in_step(self) -> CausalLM | None:
         return self.model if self.kind == "resident" else None
 
+    def cross_outputs(self, batch: dict[str, np.ndarray], split: str = "train") -> dict | None:
+        """A cross-tokenizer step's teacher input (`vishwam.train.cross_step`): None for a resident teacher (it
+        runs in the step), else `{"teacher_token_logp": [rows, T]}`, its log-probability of each of its labels."""
+        return None
+
     def outputs(self, batch: dict[str, np.ndarray], split: str = "train") -> TeacherOutputs | None:
         return None
 
@@ -68,6 +75,9 @@ class Streamed(TeacherSource):
     def outputs(self, batch, split="train"):
         return self.model.outputs(batch, self.objective)
 
+    def cross_outputs(self, batch, split="train"):
+        return self.model.cross_outputs(batch, chunk_size=self.objective.params.logit_chunk_size)
+
     def close(self):
         self.model.close()
 
@@ -83,6 +93,11 @@ class Cached(TeacherSource):
 
     def outputs(self, batch, split="train"):
         return self.caches[split].outputs(batch, self.num_teacher_layers)
+
+    def cross_outputs(self, batch, split="train"):
+        """A cross-tokenizer run's cache holds the teacher's side of each window: the label log-probability it
+        stores for every teacher token is the one float per token the cross step needs."""
+        return {"teacher_token_logp": jnp.asarray(self.caches[split].rows(batch["window"])["label_logprob"])}
 
     def close(self):
         for cache in self.caches.values():
@@ -164,6 +179,9 @@ def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
     cache is built first; one built for another fingerprint is a `DataError`)."""
     t = cfg.distillation.teacher_model
     dtype = DTYPES[t.dtype]
+    if t.loading == "cached" and specs.cross_tokenizer(cfg):  # a cache of the teacher's side of each window
+        splits = {split: data.teacher_side() for split, data in splits.items()}
+        vocab_size = lazy.config.vocab_size
     if t.loading == "resident":
         return TeacherSource(lazy.load(dtype=dtype, mesh=mesh))
     if t.loading == "streamed":

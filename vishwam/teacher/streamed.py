@@ -2,7 +2,8 @@
 
 `StreamedTeacher` runs the forward pass group by group, each group touching a bounded number of safetensors
 shards. The next group is read on a background thread while the current one computes, and a group is released
-once used. Embeddings, final norm and head stay resident.
+once used. Embeddings, final norm and head stay resident. For a cross-tokenizer step it hands on the
+log-probability of each of its labels (`StreamedTeacher.cross_outputs`), its LM head applied a chunk at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from distill.cross_tokenizer import linear_token_logprobs
 from distill.objective import Objective, TeacherOutputs
 from distill.student_init import final_norm_stats, score_dict, stack_stats
 from models import CausalLM, CausalLMOutput, constrain, prepare_inputs, run_layers
@@ -56,6 +58,14 @@ def head_logits(norm, head_weight, h, *, whole_weight=None):
     return normed, jnp.einsum("bsd,vd->bsv", normed, head_weight.astype(normed.dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "whole_weight"))
+def head_token_logprobs(norm, head_weight, h, labels, mask, *, chunk_size=None, whole_weight=None):
+    """A cross-tokenizer run's last streamed program: the final norm, then the LM head and the log-probability of
+    each label one chunk of `chunk_size` positions at a time (`distill.cross_tokenizer.linear_token_logprobs`), so
+    the teacher's `[batch, T, vocab]` logits never exist whole. `whole_weight`: as `head_logits`'."""
+    return linear_token_logprobs(norm(h), constrain(head_weight, whole_weight), labels, mask, chunk_size=chunk_size)
+
+
 class StreamedTeacher:
     """A teacher run from disk group by group (at most `max_resident_shards` shard files' layers resident).
 
@@ -90,6 +100,19 @@ class StreamedTeacher:
         `CausalLM.__call__` does (each group computes only its own chosen layers')."""
         n = self.config.num_hidden_layers
         wanted = [_chosen(output_hidden_states, n + 1), _chosen(output_attentions, n), _chosen(output_qkv, n)]
+        h, hidden, attns, qkvs = self._layers(input_ids, attention_mask, wanted, segment_ids)
+        normed, logits = head_logits(self.norm, self.head_weight, h, whole_weight=self._whole())
+        return CausalLMOutput(
+            logits=logits, hidden_states=tuple(hidden) + (normed if n in wanted[0] else None,) if wanted[0] else None,
+            attentions=tuple(attns) if wanted[1] else None, qkv=tuple(qkvs) if wanted[2] else None,
+        )
+
+    def _whole(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def _layers(self, input_ids, attention_mask, wanted, segment_ids=None):
+        """The decoder layers group by group: the last layer's output (before the final norm) and the `wanted`
+        `[hidden, attentions, qkv]` layer indices' outputs."""
         rows = self._rows(input_ids)
         h, mask, cos, sin = _embed(self.embed, self.config, input_ids, attention_mask, segment_ids, rows)
         hidden, attns, qkvs = [], [], []
@@ -116,12 +139,19 @@ class StreamedTeacher:
             jax.block_until_ready(h)
             del layers, out  # release this group before the one after next is read
             pending = nxt
-        whole = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
-        normed, logits = head_logits(self.norm, self.head_weight, h, whole_weight=whole)
-        return CausalLMOutput(
-            logits=logits, hidden_states=tuple(hidden) + (normed if n in wanted[0] else None,) if wanted[0] else None,
-            attentions=tuple(attns) if wanted[1] else None, qkv=tuple(qkvs) if wanted[2] else None,
-        )
+        return h, hidden, attns, qkvs
+
+    def cross_outputs(self, batch, *, chunk_size: int | None = None) -> dict:
+        """What a cross-tokenizer step takes from a streamed teacher (`vishwam.train.cross_step`): the teacher run
+        on its own ids (`teacher_input_ids`, `teacher_input_mask`), its final norm and LM head applied
+        `chunk_size` positions at a time, and the log-probability of each of its labels:
+        `{"teacher_token_logp": float32 [batch, T]}` (0 where `teacher_mask` is 0)."""
+        h = self._layers(jnp.asarray(batch["teacher_input_ids"]), jnp.asarray(batch["teacher_input_mask"]),
+                         [frozenset()] * 3)[0]
+        logp = head_token_logprobs(self.norm, self.head_weight, h, jnp.asarray(batch["teacher_labels"]),
+                                   jnp.asarray(batch["teacher_mask"]), chunk_size=chunk_size,
+                                   whole_weight=self._whole())
+        return {"teacher_token_logp": logp}
 
     def importance(self, input_ids, attention_mask, segment_ids=None) -> dict:
         """Pruning's importance statistics (`distill.student_init.importance_scores`), group by group: one
@@ -160,4 +190,4 @@ class StreamedTeacher:
         self._pool.shutdown(wait=True)
 
 
-__all__ = ["StreamedTeacher"]
+__all__ = ["StreamedTeacher", "head_logits", "head_token_logprobs", "run_group"]

@@ -131,9 +131,10 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
 
 
 def cross_evaluate(sums_of: Callable[[dict], dict], data, *, step: int, batch_size: int, micro_batch_size: int,
-                   num_batches: int, batch_sharding, out_dir: Path | None, log: Callable[[str], None]) -> dict:
+                   num_batches: int, out_dir: Path | None, log: Callable[[str], None]) -> dict:
     """A cross-tokenizer run's evaluation on `data` (a `vishwam.data.cross_windows.CrossDataset`): `sums_of(micro)`
-    (`vishwam.train.cross_step.cross_eval_sums` on a placed micro-batch) added over `num_batches` batches.
+    (`vishwam.train.cross_eval.cross_eval_sums` of a host micro-batch, which it places) added over `num_batches`
+    batches.
 
     `eval.json`: `student_bpb` and `teacher_bpb` (each side's summed NLL over its own label tokens, divided by
     `ln 2` times the bytes those tokens stand for: the figures comparable across tokenizers), `student_loss` and
@@ -143,8 +144,8 @@ def cross_evaluate(sums_of: Callable[[dict], dict], data, *, step: int, batch_si
     sums: dict[str, float] = {}
     for batch in eval_batches(data, batch_size, num_batches):
         for start in range(0, batch_size, micro_batch_size):
-            micro = {k: v[start:start + micro_batch_size] for k, v in batch.items() if k != "window"}
-            for k, v in jax.device_get(sums_of(global_batch(micro, batch_sharding))).items():
+            micro = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
+            for k, v in jax.device_get(sums_of(micro)).items():
                 sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
     per = lambda k, n: sums[k] / max(sums[n], 1.0)  # noqa: E731
     result = {"student_loss": per("student_nll", "student_tokens"), "teacher_loss": per("teacher_nll", "teacher_tokens"),
