@@ -47,19 +47,21 @@ def dry_run(config, out, extra=()):
                            *extra], capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("loading", ["resident", "streamed", "cached"])
+@pytest.mark.parametrize("loading", ["resident", "streamed", "cached", "resident-pruned"])
 def test_a_cross_tokenizer_run_compiles_its_step_and_evaluation(config, tmp_path, loading):
     out = tmp_path / "out"
-    extra = [] if loading == "resident" else ["--distillation.teacher-model.loading", loading,
-                                              "--distillation-params.shared-kl-weight", "0"]
+    extra = [] if loading.startswith("resident") else ["--distillation.teacher-model.loading", loading,
+                                                       "--distillation-params.shared-kl-weight", "0"]
+    if loading == "resident-pruned":  # init: from_teacher ranks on the teacher's tokens, slices its vocabulary
+        extra += ["--distillation.student-model.init", "from_teacher"]
     if loading == "cached":
         extra += ["--distillation.teacher-model.cache-dir", str(tmp_path / "cache")]
     proc = dry_run(config, out, extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["memory_plan.json"]
     plan = json.loads((out / "memory_plan.json").read_text())
-    want = {"train", "eval"} | {"streamed": {"streamed_group", "streamed_head"}, "cached": {"cache_build"}}.get(
-        loading, set())
+    want = {"train", "eval"} | {"streamed": {"streamed_group", "streamed_head"}, "cached": {"cache_build"},
+                                "resident-pruned": {"prune_importance", "prune_slice"}}.get(loading, set())
     assert set(plan["programs"]) == want
     for name, p in plan["programs"].items():
         assert p["error"] is None and p["total_bytes"] > 0 and p["fits"] is True, name

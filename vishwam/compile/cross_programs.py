@@ -7,11 +7,17 @@ compile dry run (`vishwam.compile.programs`):
   when the teacher has a `tokenizer.json` here, else `min(V_s, V_t)`, the most it can be); a streamed teacher's
   per-token log-probabilities as the step's argument;
 - `eval`: `vishwam.train.cross_eval.cross_eval_sums` on one micro-batch, when the run evaluates;
+- `prune_importance`, `prune_slice`: `init: from_teacher`'s ranking on the teacher's tokens and slicing of the body
+  with the teacher's vocabulary (FVT then runs on the host);
 - `streamed_group`, `streamed_head`: a streamed teacher's layer group on the teacher's ids and its final norm + LM
   head to the labels' log-probabilities (`vishwam.teacher.streamed.head_token_logprobs`).
 
-The same-tokenizer programs that read the teacher's vocabulary with the student's ids (pruning's slicing, the
-cache build, samples and lm-eval scoring, on-policy generation) are not built for a cross run.
+- `cache_build`: a cached teacher's rows of one micro-batch of its own side of the windows.
+- `downstream`, `downstream_teacher`: lm-eval scoring, as a same-tokenizer run builds them (each model at its own
+  vocabulary).
+
+Samples' generation programs are not built for a cross run (their prompts' lengths would be the student's
+tokenizer's); on-policy distillation is refused in a cross run.
 """
 
 from __future__ import annotations
@@ -99,6 +105,10 @@ def cross_programs(run) -> dict:
         head = (run.teacher.model.norm, run.teacher.unembedding_weight(), h, batch["teacher_labels"],
                 batch["teacher_mask"])
         out["streamed_head"] = (head_token_logprobs, head, {"chunk_size": step_cfg.chunk_size, "whole_weight": whole})
+    if cfg.distillation.student_model.init == "from_teacher":  # the body pruned on the teacher's tokens
+        out.update(run._pruning(resident))
+    if tr.downstream.tasks:
+        out.update(run._downstream(resident))
     return out
 
 

@@ -296,8 +296,9 @@ class AbstractRun:
         """`init: from_teacher`'s two programs: the importance pass over the probe (the whole teacher when it
         is resident, one streamed group otherwise) and the slicing of the student from the mapped layers."""
         rows = min(8, self.cfg.training.batch_size)
-        probe = jax.ShapeDtypeStruct((rows, self.cfg.training.seq_len), jnp.int32,
-                                     sharding=rows_sharding(self.mesh, rows))
+        cross = specs.cross_tokenizer(self.cfg)  # the teacher ranks on its own tokens; the body keeps its vocabulary
+        seq = specs.teacher_seq_len(self.cfg) if cross else self.cfg.training.seq_len
+        probe = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=rows_sharding(self.mesh, rows))
         valid = jax.ShapeDtypeStruct(probe.shape, bool, sharding=probe.sharding)
         pin = {"activation_sharding": rows_sharding(self.mesh, rows, 3)}
         if resident:
@@ -307,7 +308,12 @@ class AbstractRun:
             importance = (group_stats, (group, h, cos, sin, mask, valid), pin)
         s = self.s_config
         param_dtype = specs.DTYPES[self.cfg.training.param_dtype]
-        slicer, sources, _ = slice_program(self.teacher, s, dtype=param_dtype, shardings=self.shardings.student)
+        shardings = self.shardings.student
+        if cross:  # pruned with the teacher's vocabulary, then FVT gives the student its own (on the host)
+            s = s.replace(vocab_size=self.t_config.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+            shardings = tree_shardings(eqx.filter_eval_shape(init_model, s, key=jax.random.key(0), dtype=param_dtype),
+                                       self.mesh)
+        slicer, sources, _ = slice_program(self.teacher, s, dtype=param_dtype, shardings=shardings)
         index = {"embed": (s.hidden_size,), "layer": (s.num_hidden_layers,),
                  "mlp": (s.num_hidden_layers, s.intermediate_size),
                  "q": (s.num_hidden_layers, s.num_attention_heads * s.head_dim),
