@@ -13,7 +13,8 @@ tokens, on `--seeds` seeds):
   (each used once) and the rest corpus windows, trained by CE alone. `seq-kd:F` sets the fraction.
 - `alm+ce`: ALM chunk-likelihood matching (`distill.cross_tokenizer.alm_loss`) at `--alm-temperature`, plus CE.
 - `alm+ce+shared`: plus the shared-vocabulary KL at one-token-each-side chunks, weight `--shared-kl-weight`.
-- `alm:T:W`: ALM + CE at temperature T with shared-vocabulary KL weight W (the sweep's cells).
+- `alm:T:W`: ALM + CE at temperature T with shared-vocabulary KL weight W (the sweep's cells); `kl:W`: CE and
+  the shared-vocabulary KL at weight W, no ALM.
 - `same-tok-kd`: the reference. The same-size student with the TEACHER's tokenizer (its embedding and head sized
   for 2,048 ids), on the corpus tokenized by the teacher's tokenizer, trained by forward-KL KD (T = 1) + CE
   against the teacher through `vishwam.train.step.make_train_step`. Equal steps and rows of `--seq-len` tokens
@@ -193,6 +194,9 @@ def parse_cell(name: str, args) -> dict:
     if name.startswith("alm:"):
         _, t, w = name.split(":")
         return dict(kind="cross", alm_weight=1.0, ce_weight=1.0, shared_kl_weight=float(w), alm_temperature=float(t))
+    if name.startswith("kl:"):
+        return dict(kind="cross", alm_weight=0.0, ce_weight=1.0, shared_kl_weight=float(name.split(":")[1]),
+                    alm_temperature=args.alm_temperature)
     if name == "seq-kd" or name.startswith("seq-kd:"):
         fraction = float(name.split(":")[1]) if ":" in name else args.seqkd_fraction
         return dict(kind="seq-kd", fraction=fraction)
