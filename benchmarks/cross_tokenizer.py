@@ -63,7 +63,7 @@ from vishwam.train.step import StepConfig, init_state, make_optimizer, make_trai
 
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "pysrc" / "teacher"
 EVAL_EVERY = 20  # as scripts/make_pysrc_corpus.py: every 20th module by name is held out
-DEFAULT_CELLS = "ce,seq-kd,alm+ce,alm+ce+shared,same-tok-kd"
+DEFAULT_CELLS = "ce,seq-kd,alm+ce,alm+ce+shared,alm:1:0,alm:1:1,kl:1,same-tok-kd"
 
 
 def corpus(train_chars: int, eval_chars: int) -> tuple[list[str], list[str]]:
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-bytes", type=int, default=400_000)
     ap.add_argument("--eval-bytes", type=int, default=60_000)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--alm-temperature", type=float, default=100.0)
+    ap.add_argument("--alm-temperature", type=float, default=10.0,
+                    help="the alm+ce and alm+ce+shared cells' (10: docs/results/cross_tokenizer_sweep.log)")
     ap.add_argument("--shared-kl-weight", type=float, default=1.0, help="the alm+ce+shared cell's")
     ap.add_argument("--seqkd-fraction", type=float, default=0.5, help="each step's rows from the teacher")
     ap.add_argument("--seqkd-prompt", type=int, default=16, help="teacher tokens of each prompt")
