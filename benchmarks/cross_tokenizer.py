@@ -19,7 +19,8 @@ tokens, on `--seeds` seeds):
   for 2,048 ids), on the corpus tokenized by the teacher's tokenizer, trained by forward-KL KD (T = 1) + CE
   against the teacher through `vishwam.train.step.make_train_step`. Equal steps and rows of `--seq-len` tokens
   counted on the student's side: its windows are `--seq-len` teacher-tokenizer tokens, so its steps see the bytes
-  those tokens hold (printed as `bytes_per_window` for each data source).
+  those tokens hold (printed as `bytes_per_window` for each data source). `same-tok-ce`: that student by CE
+  alone (what the teacher's tokenizer gives without the teacher).
 
 Bits per byte (`bpb`) are over the same held-out bytes for every model whatever its tokenizer: the held-out
 windows' counted chunks (a chunk is a span both tokenizations have a boundary at each end of, wholly inside the
@@ -202,6 +203,8 @@ def parse_cell(name: str, args) -> dict:
         return dict(kind="seq-kd", fraction=fraction)
     if name == "same-tok-kd":
         return dict(kind="same-tok-kd", kd_weight=1.0, ce_weight=1.0, kd_temperature=1.0)
+    if name == "same-tok-ce":
+        return dict(kind="same-tok-kd", kd_weight=0.0, ce_weight=1.0, kd_temperature=1.0)
     raise SystemExit(f"unknown cell {name!r}")
 
 
