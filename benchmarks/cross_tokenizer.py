@@ -31,9 +31,12 @@ the model's own side of the window (the metric of the earlier version of this sc
 The cross-tokenizer step is `vishwam.train.cross_step` driven directly (run.py does not drive cross-tokenizer runs
 yet), called in one place (`cross_train_step`).
 
-Usage::
+Usage (the runs behind docs/cross_tokenizer.md; each log's first line is its command)::
 
-    python benchmarks/cross_tokenizer.py --steps 150 --seeds 3 --out docs/results/cross_tokenizer.json
+    python benchmarks/cross_tokenizer.py --steps 150 --seeds 2 --cells ce,alm:1:0,alm:10:0,alm:100:0,...,seq-kd:1 \
+        --out docs/results/cross_tokenizer_sweep.json           # the sweep, docs/results/cross_tokenizer_sweep.log
+    python benchmarks/cross_tokenizer.py --steps 150 --seeds 3 --cells ce,seq-kd,alm+ce,alm+ce+shared,alm:1:0,\
+        alm:1:1,kl:1,same-tok-kd --alm-temperature 10 --out docs/results/cross_tokenizer.json
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from vishwam.train.step import StepConfig, init_state, make_optimizer, make_trai
 
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "pysrc" / "teacher"
 EVAL_EVERY = 20  # as scripts/make_pysrc_corpus.py: every 20th module by name is held out
-DEFAULT_CELLS = "ce,seq-kd,alm+ce,alm+ce+shared,alm:1:0,alm:1:1,kl:1,same-tok-kd"
+DEFAULT_CELLS = "ce,seq-kd,alm+ce,alm+ce+shared,alm:10:0,alm:10:1,kl:1,same-tok-ce,same-tok-kd"
 
 
 def corpus(train_chars: int, eval_chars: int) -> tuple[list[str], list[str]]:
@@ -312,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-bytes", type=int, default=400_000)
     ap.add_argument("--eval-bytes", type=int, default=60_000)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--alm-temperature", type=float, default=10.0,
-                    help="the alm+ce and alm+ce+shared cells' (10: docs/results/cross_tokenizer_sweep.log)")
+    ap.add_argument("--alm-temperature", type=float, default=1.0,
+                    help="the alm+ce and alm+ce+shared cells' (1: docs/cross_tokenizer.md, Measured)")
     ap.add_argument("--shared-kl-weight", type=float, default=1.0, help="the alm+ce+shared cell's")
     ap.add_argument("--seqkd-fraction", type=float, default=0.5, help="each step's rows from the teacher")
     ap.add_argument("--seqkd-prompt", type=int, default=16, help="teacher tokens of each prompt")
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
               "jax_backend": jax.default_backend(),
               "train_chars": sum(map(len, train_docs)), "eval_chars": sum(map(len, eval_docs)),
               "train_windows": len(train), "teacher_tokenizer_train_windows": len(teacher_windows),
-              "eval_windows": len(held_windows), "shared_vocab": int(len(ctx["shared"][0])),
+              "eval_windows": len(held_windows), "shared_vocab": len(ctx["shared"][0]),
               "counted_chunk_fraction": float(train.chunk_mask.mean()),
               "eval_counted_bytes": held.chunk_bytes, "eval_counted_fraction_of_student_label_bytes":
                   round(held.counted_fraction, 4),
@@ -385,8 +388,8 @@ def markdown(report: dict) -> str:
     """Means, spreads (max - min over seeds) and, against `ce` on the same seed, the paired differences."""
     cells = report["cells"]
     base = cells.get("ce")
-    lines = ["| cell | bits/byte per seed | mean | spread (max - min) | minus CE-only, per seed | mean paired "
-             "difference | train seconds (all seeds) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| cell | bits/byte per seed | mean | spread (max - min) | minus CE-only, per seed | mean paired "
+              "difference | train seconds (all seeds) |"), "|---|---|---|---|---|---|---|"]
     for name, cell in cells.items():
         per_seed = ", ".join(f"{v:.4f}" for v in cell["bpb"])
         diff = mean_diff = ""
