@@ -306,11 +306,14 @@ class DistillationParams(Section):
     """On-policy distillation on the student's own completions (chat data)."""
     alm_weight: float = 1.0
     """Cross-tokenizer runs only: weight of ALM chunk-likelihood matching (distill.cross_tokenizer.alm_loss)."""
-    alm_temperature: float = 100.0
-    """Cross-tokenizer runs only: ALM's binarisation temperature (tokenkit's default; > 0)."""
-    shared_kl_weight: float = 0.0
+    alm_temperature: float = 1.0
+    """Cross-tokenizer runs only: ALM's binarisation temperature (> 0). 1.0 measured best of 1, 10 and 100
+    (tokenkit's default) in docs/cross_tokenizer.md."""
+    shared_kl_weight: float | None = None
     """Cross-tokenizer runs only: weight of the forward KL on the shared vocabulary at chunks that are one token
-    on each side with the same string (distill.cross_tokenizer.shared_vocab_kl)."""
+    on each side with the same string (distill.cross_tokenizer.shared_vocab_kl). None: 1.0 with a resident teacher
+    (measured: the largest part of the gain, docs/cross_tokenizer.md), 0 with a streamed or cached one (which give
+    the step only their log-probability of each token)."""
     teacher_seq_len: int | None = None
     """Cross-tokenizer runs only: the teacher's tokens per window (a window's chunks past them do not count).
     None: training.seq_len + training.seq_len // 4."""

@@ -53,7 +53,12 @@ def test_knobs_are_checked_where_they_enter():
     with pytest.raises(ConfigError, match="distillation_params.shared_kl_weight"):
         _config("--distillation-params.shared-kl-weight", "-1")
     params = _config().distillation_params
-    assert (params.alm_weight, params.alm_temperature, params.shared_kl_weight) == (1.0, 100.0, 0.0)
+    assert (params.alm_weight, params.alm_temperature, params.shared_kl_weight) == (1.0, 1.0, None)  # measured
+    from vishwam.config import specs
+
+    assert specs.shared_kl_weight(_config()) == 1.0  # resident
+    assert specs.shared_kl_weight(_config("--distillation.teacher-model.loading", "streamed")) == 0.0
+    assert specs.shared_kl_weight(_config("--distillation-params.shared-kl-weight", "0.5")) == 0.5
 
 
 @pytest.mark.parametrize("case", ["unreadable", "features", "cached"])

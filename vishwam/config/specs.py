@@ -9,8 +9,9 @@ the run itself, so that each rule is stated once:
   changed; pruning's constraints for `init: from_teacher`; the checkpoint's own for `init: path`);
 - `objective(cfg, student, teacher)`: the `distill.objective.Objective` of `distillation_params`, as it is;
 - `init_layer_pairs(student, teacher)`: which teacher layer initialises each student layer when pruning;
-- `cross_tokenizer(cfg)`, `teacher_seq_len(cfg)`, `student_tokenizer_ids(path)`: a cross-tokenizer run's mode, its
-  teacher window and the student tokenizer's vocabulary size and special ids.
+- `cross_tokenizer(cfg)`, `teacher_seq_len(cfg)`, `shared_kl_weight(cfg)`, `student_tokenizer_ids(path)`: a
+  cross-tokenizer run's mode, its teacher window, its shared-vocabulary KL weight and the student tokenizer's
+  vocabulary size and special ids.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ def cross_tokenizer(cfg: RunConfig) -> bool:
     return cfg.distillation.student_model.tokenizer is not None
 
 
+def shared_kl_weight(cfg: RunConfig) -> float:
+    """`distillation_params.shared_kl_weight`, its default (None) resolved: 1.0 with a resident teacher, else 0."""
+    w = cfg.distillation_params.shared_kl_weight
+    if w is not None:
+        return w
+    return 1.0 if cfg.distillation.teacher_model.loading == "resident" else 0.0
+
+
 def teacher_seq_len(cfg: RunConfig) -> int:
     """A cross-tokenizer window's teacher tokens (`distillation_params.teacher_seq_len`, else 5/4 of seq_len)."""
     n = cfg.distillation_params.teacher_seq_len
@@ -159,4 +168,4 @@ def init_layer_pairs(student: ModelConfig, teacher: ModelConfig) -> tuple[tuple[
 
 
 __all__ = ["DTYPES", "cross_tokenizer", "init_layer_pairs", "objective", "resolve_architecture", "student_config",
-           "student_tokenizer_ids", "teacher_seq_len"]
+           "shared_kl_weight", "student_tokenizer_ids", "teacher_seq_len"]

@@ -83,7 +83,7 @@ def step_activations(planner, setup) -> tuple[int, tuple[tuple[str, int], ...], 
     t_vocab = local("vocab", t_cfg.vocab_size)
     if cross:  # its log-probability of each label; with the shared KL, its last hidden state too
         teacher_out = rows * T * 4
-        if cfg.distillation_params.shared_kl_weight > 0 and setup.loading == "resident":
+        if specs.shared_kl_weight(cfg) > 0 and setup.loading == "resident":
             teacher_out += b * T * t_cfg.hidden_size * tb
     elif setup.loading == "cached":
         teacher_out = rows * S * (8 * cfg.distillation.teacher_model.top_k + 8)  # top-k values, ids, tail, label

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from distill.config import config_error
 from distill.objective import Objective
 from models import CausalLM, ModelConfig, init_model
+from vishwam.config import specs
 from vishwam.config.sections import RunConfig
 from vishwam.data.alignment import shared_vocab
 from vishwam.data.splits import tokenizer_path
@@ -74,7 +75,7 @@ def check_cross_run(cfg: RunConfig, objective: Objective) -> None:
     cached teacher (the step gets its log-probability of each token only), feature, attention and EPLB losses (the
     two sides' positions are different tokens), on-policy distillation."""
     p, t = cfg.distillation_params, cfg.distillation.teacher_model
-    if t.loading != "resident" and p.shared_kl_weight > 0:
+    if t.loading != "resident" and specs.shared_kl_weight(cfg) > 0:
         raise config_error("distillation_params.shared_kl_weight", f"must be 0 with a {t.loading} teacher in a "
                                                                   "cross-tokenizer run (its step gets the teacher's "
                                                                   "log-probability of each token only)")
@@ -95,7 +96,7 @@ def student_tokenizer_file(cfg: RunConfig) -> str:
 def shared_ids(cfg: RunConfig, teacher_dir: Path, student_vocab: int, teacher_vocab: int):
     """The shared vocabulary `(student_ids, teacher_ids)` as int32 device arrays (ids inside both models'
     vocabularies), or None when `shared_kl_weight` is 0."""
-    if cfg.distillation_params.shared_kl_weight <= 0:
+    if specs.shared_kl_weight(cfg) <= 0:
         return None
     s, t = shared_vocab(load_tokenizer(student_tokenizer_file(cfg)),
                         load_tokenizer(tokenizer_path(cfg.data, teacher_dir)))

@@ -74,7 +74,7 @@ def cross_step_config(cfg: RunConfig) -> CrossStepConfig:
     """A cross-tokenizer run's step config (`num_chunks`: `training.seq_len + 1`, as `CrossWindows` makes them)."""
     dp, tr = cfg.distillation_params, cfg.training
     return CrossStepConfig(num_chunks=tr.seq_len + 1, alm_weight=dp.alm_weight, alm_temperature=dp.alm_temperature,
-                           ce_weight=dp.ce_weight, shared_kl_weight=dp.shared_kl_weight,
+                           ce_weight=dp.ce_weight, shared_kl_weight=specs.shared_kl_weight(cfg),
                            kd_temperature=dp.temperature.start, chunk_size=dp.logit_chunk_size,
                            compute_dtype=specs.DTYPES[tr.compute_dtype], grad_accum_steps=tr.grad_accum_steps,
                            remat=tr.remat, teacher_loading=cfg.distillation.teacher_model.loading)
