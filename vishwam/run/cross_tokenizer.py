@@ -20,6 +20,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from distill.config import config_error
@@ -110,6 +111,14 @@ def with_teacher_vocab(student: ModelConfig, teacher: ModelConfig) -> ModelConfi
     return student.replace(vocab_size=teacher.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+def _on_host(x: jax.Array) -> np.ndarray:
+    """A sharded array whole on this host, float32 (gathered from every process when it spans several: each then
+    computes the same FVT rows, and the placing below takes this process's shards of them)."""
+    if not getattr(x, "is_fully_addressable", True):
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
 def fvt_student(pruned: CausalLM, student: ModelConfig, cfg: RunConfig, teacher_dir: Path, *, shardings=None,
                 log=None) -> CausalLM:
     """`pruned` (the body pruned from the teacher, with the teacher's vocabulary) with the student's vocabulary:
@@ -123,11 +132,10 @@ def fvt_student(pruned: CausalLM, student: ModelConfig, cfg: RunConfig, teacher_
         log(f"student: embeddings of its {student.vocab_size} ids by FVT from the teacher's ({unspelled} ids the "
             f"teacher cannot spell take the mean row)")
     leaves = jax.tree.leaves(pruned)
-    embed = np.asarray(jax.device_get(pruned.model.embed_tokens.weight), np.float32)
+    embed = _on_host(pruned.model.embed_tokens.weight)
     swap = {id(pruned.model.embed_tokens.weight): fvt_embeddings(embed, sources)}
     if pruned.lm_head is not None:
-        head = np.asarray(jax.device_get(pruned.lm_head.weight), np.float32)
-        swap[id(pruned.lm_head.weight)] = fvt_embeddings(head, sources)
+        swap[id(pruned.lm_head.weight)] = fvt_embeddings(_on_host(pruned.lm_head.weight), sources)
     dtype = pruned.model.embed_tokens.weight.dtype
     leaves = [jnp.asarray(swap[id(x)], dtype) if id(x) in swap else x for x in leaves]
     skeleton = eqx.filter_eval_shape(init_model, student, key=jax.random.key(0))
