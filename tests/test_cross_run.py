@@ -29,6 +29,11 @@ DEMO_TEACHER = ROOT / "vishwam" / "assets" / "demo" / "teacher"
 STUDENT_TOK = ROOT / "benchmarks" / "assets" / "pysrc" / "teacher"
 
 
+TASKS = ROOT / "vishwam" / "assets" / "demo" / "tasks"
+DOWNSTREAM = ("--training.downstream.tasks", "demo_arithmetic", "demo_ppl", "--training.downstream.include-path",
+              str(TASKS), "--training.downstream.limit", "4")
+
+
 def _flags(out: Path, *extra: str) -> list[str]:
     return ["--distillation.student-model.tokenizer", str(STUDENT_TOK), "--training.max-steps", "4",
             "--training.eval-every", "2", "--training.eval-batches", "1", "--training.save-every", "2",
@@ -51,7 +56,7 @@ def finished(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        result = _run(root / "full", "--training.sample-prompts", "12 + 7 =")
+        result = _run(root / "full", "--training.sample-prompts", "12 + 7 =", *DOWNSTREAM)
     finally:
         os.chdir(cwd)
     return root, result
@@ -168,3 +173,51 @@ def test_streamed_and_cached_teachers_give_the_resident_teachers_figures(finishe
     if loading == "cached":
         index = json.loads((root / "cache" / "train" / "index.json").read_text())
         assert index["seq_len"] == 40 and index["vocab_size"] == 512  # the teacher's side: 5/4 of 32, its vocabulary
+        # `python -m vishwam.cache` builds the cache of the same fingerprint (the teacher's side of the windows)
+        from vishwam.cache import main as cache_main
+
+        assert cache_main(["--config", str(ROOT / "configs" / "distill.yaml"), *_flags(out, *extra)]) == 0
+        assert json.loads((root / "cache" / "train" / "index.json").read_text())["fingerprint"] == index["fingerprint"]
+
+
+def test_lm_eval_scores_each_model_with_its_own_tokenizer(finished, tmp_path, monkeypatch):
+    """The run's last downstream scores are `python -m vishwam.evaluate`'s on the exported student (whose
+    directory holds the student's tokenizer) and, for `teacher_downstream`, on the teacher's own directory, on the
+    same documents at the run's length: each model was scored with its own tokenizer."""
+    from vishwam.downstream.tasks import load_tasks, subset
+    from vishwam.evaluate import main as evaluate_main
+
+    root, _ = finished
+    monkeypatch.chdir(ROOT)
+    last = json.loads((root / "full" / "downstream.jsonl").read_text().splitlines()[-1])
+    names = ["demo_arithmetic", "demo_ppl"]
+    chosen = subset(load_tasks(names, include_path=str(TASKS))[0]["tasks"], 4, 1234)
+    for who, model in (("student", root / "full" / "student"), ("teacher", DEMO_TEACHER)):
+        out = tmp_path / f"{who}.json"
+        assert evaluate_main(["--model", str(model), "--tasks", ",".join(names), "--include-path", str(TASKS),
+                              "--samples", json.dumps(chosen), "--max-length", "32", "--out", str(out)]) == 0
+        results = json.loads(out.read_text())["results"]
+        assert last[who], who
+        for task, metrics in last[who].items():
+            for metric, value in metrics.items():
+                assert results[task][f"{metric},none"] == pytest.approx(value, rel=1e-5), (who, task, metric)
+
+
+def test_a_cache_without_the_teachers_side_is_refused(finished, monkeypatch):
+    """A teacher cache built for a same-tokenizer run (rows of the teacher's ids as the run's windows, not the
+    teacher's side of cross windows) is not read by a cross-tokenizer run: one error naming the cache."""
+    from vishwam.errors import DataError
+    from vishwam.run.loop import Run
+
+    root, _ = finished
+    monkeypatch.chdir(ROOT)
+    cache = root / "same_tok_cache"
+    same = ["--training.max-steps", "1", "--training.batch-size", "4", "--training.seq-len", "32",
+            "--tracking.aim", "false", "--distillation.teacher-model.loading", "cached",
+            "--distillation.teacher-model.cache-dir", str(cache), "--data.store-dir", str(root / "same_store"),
+            "--training.output-dir", str(root / "same_out")]
+    Run(load_config(str(ROOT / "configs" / "distill.yaml"), same)).train()
+    with pytest.raises(DataError, match=rf"teacher cache {cache}/train .*(data|seq_len)"):
+        _run(root / "cross_on_same_cache", "--distillation.teacher-model.loading", "cached",
+             "--distillation.teacher-model.cache-dir", str(cache), "--distillation-params.shared-kl-weight", "0",
+             "--training.max-steps", "1")

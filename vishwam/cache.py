@@ -18,7 +18,7 @@ from vishwam.config.cli import parse_args, run_main
 from vishwam.errors import ConfigError
 from vishwam.run.build import prepare
 from vishwam.sharding import detected_cluster
-from vishwam.teacher.sources import build_caches
+from vishwam.teacher.sources import build_caches, cache_inputs
 from vishwam.tracking import log
 
 
@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
     run = prepare(cfg, training=False)
     run.checkpoints.close()
     # Resumable: finished shards whose checksums match are kept; a stale cache is rebuilt from scratch.
-    build_caches(cfg, run.lazy_teacher, run.splits, run.objective, vocab_size=run.vocab_size, mesh=run.mesh, log=log,
+    splits, vocab_size = cache_inputs(run.cfg, run.lazy_teacher, run.splits, run.vocab_size)
+    build_caches(run.cfg, run.lazy_teacher, splits, run.objective, vocab_size=vocab_size, mesh=run.mesh, log=log,
                  always=True)
     return 0
 

@@ -173,15 +173,22 @@ def build_caches(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
     return built
 
 
+def cache_inputs(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict, vocab_size: int) -> tuple[dict, int]:
+    """What a cache is built over: the run's windows at the run's vocabulary, or in a cross-tokenizer run the
+    teacher's side of each window (`CrossDataset.teacher_side`) at the teacher's own vocabulary."""
+    if not specs.cross_tokenizer(cfg):
+        return splits, vocab_size
+    return {split: data.teacher_side() for split, data in splits.items()}, lazy.config.vocab_size
+
+
 def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedDataset], objective: Objective, *,
                  vocab_size: int, mesh, log: Callable[[str], None]) -> TeacherSource:
     """The teacher source `distillation.teacher_model.loading` names, ready to use (a missing or unfinished
     cache is built first; one built for another fingerprint is a `DataError`)."""
     t = cfg.distillation.teacher_model
     dtype = DTYPES[t.dtype]
-    if t.loading == "cached" and specs.cross_tokenizer(cfg):  # a cache of the teacher's side of each window
-        splits = {split: data.teacher_side() for split, data in splits.items()}
-        vocab_size = lazy.config.vocab_size
+    if t.loading == "cached":
+        splits, vocab_size = cache_inputs(cfg, lazy, splits, vocab_size)
     if t.loading == "resident":
         return TeacherSource(lazy.load(dtype=dtype, mesh=mesh))
     if t.loading == "streamed":
@@ -196,5 +203,5 @@ def open_teacher(cfg: RunConfig, lazy: LazyCheckpoint, splits: dict[str, PackedD
     return Cached(caches, lazy.config.num_hidden_layers)
 
 
-__all__ = ["Cached", "Streamed", "TeacherSource", "build_caches", "cache_fingerprints", "cached_layers",
+__all__ = ["Cached", "Streamed", "TeacherSource", "build_caches", "cache_inputs", "cache_fingerprints", "cached_layers",
            "check_cacheable", "open_teacher"]
