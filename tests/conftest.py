@@ -15,3 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def demo_slice(directory, train_rows: int = 600, eval_rows: int = 60) -> list[str]:
+    """The first rows of the demo corpus written under `directory`, as `--data.train/--data.eval` flags: for runs
+    that read a few windows (a whole corpus is tokenized into the store, and a cached teacher caches it all)."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "vishwam" / "assets" / "demo"
+    flags = []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        lines = (demo / f"{name}.jsonl").read_text().splitlines()[:rows]
+        path = Path(directory) / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        flags += [f"--data.{name}", str(path)]
+    return flags

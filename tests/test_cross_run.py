@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import demo_slice
 from tokenizers import Tokenizer
 
 from models import init_model
@@ -39,6 +40,7 @@ def _flags(out: Path, *extra: str) -> list[str]:
             "--training.eval-every", "2", "--training.eval-batches", "1", "--training.save-every", "2",
             "--training.batch-size", "4", "--training.seq-len", "32", "--tracking.aim", "false",
             "--distillation-params.ce-weight", "1", "--distillation-params.shared-kl-weight", "1",
+            "--data.train", str(out.parent / "train.jsonl"), "--data.eval", str(out.parent / "eval.jsonl"),
             "--data.store-dir", str(out.parent / "store"), "--training.output-dir", str(out), *extra]
 
 
@@ -53,6 +55,7 @@ def _run(out: Path, *extra: str, on_step=None) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("xrun")
+    demo_slice(root)  # the run reads a few windows; a cached teacher caches them all
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -219,6 +222,7 @@ def test_a_cache_without_the_teachers_side_is_refused(finished, monkeypatch):
     same = ["--training.max-steps", "1", "--training.batch-size", "4", "--training.seq-len", "32",
             "--tracking.aim", "false", "--distillation.teacher-model.loading", "cached",
             "--distillation.teacher-model.cache-dir", str(cache), "--data.store-dir", str(root / "same_store"),
+            "--data.train", str(root / "train.jsonl"), "--data.eval", str(root / "eval.jsonl"),
             "--training.output-dir", str(root / "same_out")]
     Run(load_config(str(ROOT / "configs" / "distill.yaml"), same)).train()
     with pytest.raises(DataError, match=rf"teacher cache {cache}/train .*(data|seq_len)"):

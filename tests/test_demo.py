@@ -20,6 +20,7 @@ def test_every_shipped_yaml_loads(path):
     assert cfg.training.max_steps > 0
 
 
+@pytest.mark.slow  # two 100-step runs: a quality benchmark at the demo's size
 def test_demo_kd_beats_ce_only(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the YAML's paths are relative to the repository root
     common = ["--training.max-steps", "100", "--training.eval-every", "100", "--training.save-every", "100",

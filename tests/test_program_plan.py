@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # about 3 minutes of TPU compiles on two cores: `pytest -m slow`
 TPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p-8" if TPU else "cpu:4"
 PROGRAMS = ("train", "eval", "eplb_probe", "prune_importance", "prune_slice", "cache_build", "streamed_group",
