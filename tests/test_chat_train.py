@@ -73,6 +73,9 @@ def test_chat_run_end_to_end_with_either_loss_target(chat_data, tmp_path, capfd)
         assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
         assert math.isfinite(result["eval"]["student_loss"]) and (tmp_path / loss_on / "eval.json").is_file()
         assert (tmp_path / loss_on / "student" / "config.json").is_file()
+        # The export carries the template the run rendered its rows with (data.chat_template here).
+        assert (tmp_path / loss_on / "student" / "chat_template.jinja").read_text() == \
+            (chat_data / "chat.jinja").read_text()
         assert run.train_data.segment_ids is not None
     # The same windows in the same order (packing does not depend on loss_on); the losses count other tokens.
     a, b = runs["assistant"][0].train_data, runs["all"][0].train_data

@@ -94,6 +94,17 @@ def _batch(windows, rows):
     return {k: jnp.asarray(v) for k, v in windows.batch(np.asarray(rows)).items()}
 
 
+def _chat_like(batch, seed=0):
+    """`batch` with CE labels on a random ~60% of each side's labels (chat rows count their assistant tokens
+    alone: `loss_mask`, `teacher_loss_mask`); the attention masks stay whole."""
+    rng = np.random.default_rng(seed)
+    out = dict(batch)
+    for key, of in (("loss_mask", "mask"), ("teacher_loss_mask", "teacher_mask")):
+        keep = rng.random(batch[of].shape) < 0.6
+        out[key] = jnp.asarray(np.asarray(batch[of]).astype(bool) & keep).astype(batch[of].dtype)
+    return out
+
+
 def _copy(tree):
     """A copy of `tree`'s arrays: the step donates the state's buffers, the fixture's model must outlive it."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
@@ -120,9 +131,10 @@ CFG = CrossStepConfig(num_chunks=65, alm_weight=1.0, ce_weight=0.5, shared_kl_we
 
 
 def test_the_fused_step_equals_the_logits_loss_in_value_and_gradient(setup):
-    """Both heads inside the losses, 16 positions at a time, against `cross_loss` on whole logits."""
+    """Both heads inside the losses, 16 positions at a time, against `cross_loss` on whole logits; CE over the
+    batch's `loss_mask` (chat rows' assistant tokens), not every label."""
     windows, teacher, student, shared = setup
-    batch = _batch(windows, [0, 3, 5, 7])
+    batch = _chat_like(_batch(windows, [0, 3, 5, 7]))
     grads, metrics = _run_step(CFG, teacher, student, batch, shared)
 
     def reference(s):
@@ -134,6 +146,10 @@ def test_the_fused_step_equals_the_logits_loss_in_value_and_gradient(setup):
     _close([metrics[k] for k in sorted(want)], [float(want[k]) for k in sorted(want)])
     assert want["distill/shared_kl"] > 0 and want["distill/alm"] > 0
     _close(eqx.filter(grads, eqx.is_inexact_array), eqx.filter(want_grads, eqx.is_inexact_array))
+    # CE is the mean NLL of the `loss_mask` labels alone (float64 NumPy from the whole logits).
+    counted = np.asarray(batch["loss_mask"], bool)
+    logp = _np_logp(student(batch["input_ids"], attention_mask=batch["mask"]).logits, batch["labels"], counted)
+    np.testing.assert_allclose(metrics["distill/ce"], -logp[counted].mean(), rtol=1e-5)
 
 
 def test_grad_accumulation_equals_one_big_batch(setup):
@@ -201,9 +217,10 @@ def _np_binarised_kl(log_p, log_q, tau, eps=1e-6):
 @pytest.mark.parametrize("chunk_size", [None, 24])
 def test_cross_eval_sums_match_a_numpy_reference(setup, chunk_size):
     """Every sum against float64 NumPy from the models' whole logits, chunk by chunk in Python loops; the chunked
-    heads (24 positions: not dividing 64) change nothing."""
+    heads (24 positions: not dividing 64) change nothing. Each side's NLL, tokens and bytes are over its
+    `loss_mask` (chat rows: its assistant tokens); the chunks over the chunk mask."""
     windows, teacher, student, _ = setup
-    batch = _batch(windows, [2, 5, 6])
+    batch = _chat_like(_batch(windows, [2, 5, 6]), seed=1)
     rng = np.random.default_rng(0)
     s_table = rng.integers(0, 6, student.config.vocab_size).astype(np.int32)
     t_table = rng.integers(0, 6, teacher.config.vocab_size).astype(np.int32)
@@ -215,10 +232,12 @@ def test_cross_eval_sums_match_a_numpy_reference(setup, chunk_size):
     t_logp = _np_logp(teacher(batch["teacher_input_ids"], attention_mask=batch["teacher_input_mask"]).logits,
                       b["teacher_labels"], b["teacher_mask"])
     s_mask, t_mask = b["mask"].astype(bool), b["teacher_mask"].astype(bool)
-    want = {"student_nll": -s_logp.sum(), "student_tokens": s_mask.sum(),
-            "student_bytes": s_table[b["labels"]][s_mask].sum(),
-            "teacher_nll": -t_logp.sum(), "teacher_tokens": t_mask.sum(),
-            "teacher_bytes": t_table[b["teacher_labels"]][t_mask].sum(), "chunk_kl": 0.0, "chunk_gap": 0.0, "chunks": 0}
+    s_ce, t_ce = b["loss_mask"].astype(bool), b["teacher_loss_mask"].astype(bool)
+    assert 0 < s_ce.sum() < s_mask.sum() and 0 < t_ce.sum() < t_mask.sum()
+    want = {"student_nll": -s_logp[s_ce].sum(), "student_tokens": s_ce.sum(),
+            "student_bytes": s_table[b["labels"]][s_ce].sum(),
+            "teacher_nll": -t_logp[t_ce].sum(), "teacher_tokens": t_ce.sum(),
+            "teacher_bytes": t_table[b["teacher_labels"]][t_ce].sum(), "chunk_kl": 0.0, "chunk_gap": 0.0, "chunks": 0}
     for r in range(len(s_logp)):
         for c in range(65):
             s_at, t_at = b["student_chunk"][r] == c, b["teacher_chunk"][r] == c

@@ -37,8 +37,9 @@ from vishwam.teacher.streamed import head_token_logprobs, run_group
 from vishwam.train.cross_eval import cross_eval_sums
 from vishwam.train.cross_step import cross_step_config, make_cross_train_step
 
-STUDENT_KEYS = ("input_ids", "labels", "mask", "student_chunk")
-TEACHER_KEYS = ("teacher_input_ids", "teacher_labels", "teacher_mask", "teacher_input_mask", "teacher_chunk")
+STUDENT_KEYS = ("input_ids", "labels", "mask", "loss_mask", "student_chunk")
+TEACHER_KEYS = ("teacher_input_ids", "teacher_labels", "teacher_mask", "teacher_loss_mask", "teacher_input_mask",
+                "teacher_chunk")
 CHUNK_KEYS = ("one_to_one", "chunk_mask")
 
 

@@ -30,10 +30,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vishwam.data.alignment import align, common_text, encode_bytes_batch, string_keys, token_bytes
+from vishwam.data.cross_chat import SKIP
 from vishwam.errors import DataError
 
-KEYS = ("input_ids", "labels", "mask", "student_chunk", "teacher_input_ids", "teacher_labels", "teacher_mask",
-        "teacher_input_mask", "teacher_chunk", "one_to_one", "chunk_mask")
+KEYS = ("input_ids", "labels", "mask", "loss_mask", "student_chunk", "teacher_input_ids", "teacher_labels",
+        "teacher_mask", "teacher_loss_mask", "teacher_input_mask", "teacher_chunk", "one_to_one", "chunk_mask")
 """A cross-tokenizer batch's arrays (`CrossWindows.batch`), the train step's input."""
 
 
@@ -66,9 +67,15 @@ def align_documents(texts: Sequence[str], student: Tokenizer, teacher: Tokenizer
 class Streams:
     """Both sides' streams in memory (`align_documents`'s arrays), read as `cut_window` reads a store's."""
 
-    def __init__(self, s_ids, s_chunk, t_ids, t_chunk, one):
+    def __init__(self, s_ids, s_chunk, t_ids, t_chunk, one, s_targets=None, t_targets=None):
         self.s_ids, self.s_chunk, self.t_ids, self.t_chunk, self.one_flags = s_ids, s_chunk, t_ids, t_chunk, one
+        self.s_targets, self.t_targets = s_targets, t_targets
         self.n_student, self.n_teacher, self.n_chunks = len(s_ids), len(t_ids), len(one)
+
+    @classmethod
+    def of_chat(cls, s_ids, s_chunk, s_targets, t_ids, t_chunk, t_targets, flags) -> Streams:
+        """`cross_chat.align_chat_records`'s arrays."""
+        return cls(s_ids, s_chunk, t_ids, t_chunk, flags, s_targets, t_targets)
 
     def student(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return self.s_ids[lo:hi], self.s_chunk[lo:hi]
@@ -81,13 +88,21 @@ class Streams:
         return int(np.searchsorted(self.t_chunk, chunk))
 
     def one(self, lo: int, hi: int) -> np.ndarray:
-        return self.one_flags[lo:hi]
+        return np.asarray(self.one_flags[lo:hi], np.uint8)
+
+    def targets(self, lo: int, hi: int) -> np.ndarray:
+        return np.ones(len(self.s_ids[lo:hi]), bool) if self.s_targets is None else self.s_targets[lo:hi]
+
+    def teacher_targets(self, lo: int, hi: int) -> np.ndarray:
+        return np.ones(len(self.t_ids[lo:hi]), bool) if self.t_targets is None else self.t_targets[lo:hi]
 
 
 def cut_window(streams, lo: int, seq_len: int, teacher_seq_len: int) -> tuple[np.ndarray, ...]:
     """The window of student tokens `[lo, lo + seq_len + 1)` (see the module docstring): `(student ids, student
-    chunk ids, teacher ids, teacher chunk ids (-1 on padding), one_to_one, chunk_mask)`, the chunk arrays
-    `[seq_len + 1]`. `streams`: `Streams` or a cross token store's reader (`vishwam.data.store.CrossStreams`)."""
+    chunk ids, teacher ids, teacher chunk ids (-1 on padding), one_to_one, chunk_mask, student targets, teacher
+    targets)`, the chunk arrays `[seq_len + 1]`. `streams`: `Streams` or a cross token store's reader
+    (`vishwam.data.store.CrossStreams`). A chunk flagged not compared (chat rows' template and non-target chunks,
+    `cross_chat.SKIP`) is out of `chunk_mask` and `one_to_one`."""
     width, t_width = seq_len + 1, teacher_seq_len + 1
     before = 1 if lo > 0 else 0
     ids, chunk = streams.student(lo - before, lo + width + 1)  # one token each side: is a chunk cut by the edge?
@@ -107,19 +122,26 @@ def cut_window(streams, lo: int, seq_len: int, teacher_seq_len: int) -> tuple[np
     tc[:t_take] = t_chunk[:t_take] - c0
     t = np.zeros(t_width, np.int32)
     t[:t_take] = t_ids[:t_take]
+    flags = streams.one(c0, c1 + 1)
+    ok &= (flags & SKIP) == 0
     chunk_mask = np.zeros(width, bool)
     chunk_mask[:n] = ok
     one = np.zeros(width, bool)
-    one[:n] = streams.one(c0, c1 + 1) & ok
-    return (np.asarray(s, np.int32), np.asarray(sc - c0, np.int32), t, tc, one, chunk_mask)
+    one[:n] = ((flags & 1) != 0) & ok
+    s_target = np.asarray(streams.targets(lo, lo + width), bool)
+    t_target = np.zeros(t_width, bool)
+    t_target[:t_take] = streams.teacher_targets(t_lo, t_lo + t_take)
+    return (np.asarray(s, np.int32), np.asarray(sc - c0, np.int32), t, tc, one, chunk_mask, s_target, t_target)
 
 
 def _batch(parts: list[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
-    s, sc, t, tc, one, ok = (np.stack(x) for x in zip(*parts))
+    s, sc, t, tc, one, ok, st, tt = (np.stack(x) for x in zip(*parts))
     tv = tc >= 0
     return {"input_ids": s[:, :-1], "labels": s[:, 1:], "mask": np.ones(s[:, 1:].shape, np.int32),
-            "student_chunk": sc[:, 1:], "teacher_input_ids": t[:, :-1], "teacher_labels": t[:, 1:],
-            "teacher_mask": tv[:, 1:].astype(np.int32), "teacher_input_mask": tv[:, :-1].astype(np.int32),
+            "loss_mask": st[:, 1:].astype(np.int32), "student_chunk": sc[:, 1:],
+            "teacher_input_ids": t[:, :-1], "teacher_labels": t[:, 1:],
+            "teacher_mask": tv[:, 1:].astype(np.int32), "teacher_loss_mask": (tv & tt)[:, 1:].astype(np.int32),
+            "teacher_input_mask": tv[:, :-1].astype(np.int32),
             "teacher_chunk": tc[:, 1:], "one_to_one": one, "chunk_mask": ok}
 
 
@@ -156,9 +178,9 @@ class CrossDataset:
     def batch_spec(self) -> dict[str, tuple[int | None, type]]:
         """Each key of `batch` with its width and dtype (`vishwam.data.windows.StepBatch` reads rows by them)."""
         s, t, c = self.seq_len, self.teacher_seq_len, self.seq_len + 1
-        spec = {k: (s, np.int32) for k in ("input_ids", "labels", "mask", "student_chunk")}
+        spec = {k: (s, np.int32) for k in ("input_ids", "labels", "mask", "loss_mask", "student_chunk")}
         spec.update({k: (t, np.int32) for k in ("teacher_input_ids", "teacher_labels", "teacher_mask",
-                                                "teacher_input_mask", "teacher_chunk")})
+                                                "teacher_loss_mask", "teacher_input_mask", "teacher_chunk")})
         return {**spec, "one_to_one": (c, bool), "chunk_mask": (c, bool), "window": (None, np.int64)}
 
     def teacher_side(self) -> TeacherSide:
@@ -189,7 +211,8 @@ class CrossDataset:
                                  self.teacher_seq_len) for w in indices])
         if mask is not None:
             keep = np.asarray(mask).any(axis=1)
-            for key in ("mask", "teacher_mask", "teacher_input_mask", "one_to_one", "chunk_mask"):
+            for key in ("mask", "loss_mask", "teacher_mask", "teacher_loss_mask", "teacher_input_mask", "one_to_one",
+                        "chunk_mask"):
                 out[key] = out[key] * keep[:, None].astype(out[key].dtype)
         out["window"] = indices
         return out
@@ -244,9 +267,9 @@ class CrossWindows:
         t, tc, tv = self.teacher[rows], self.teacher_chunk[rows], self.teacher_valid[rows]
         return {
             "input_ids": s[:, :-1], "labels": s[:, 1:], "mask": np.ones(s[:, 1:].shape, bool),
-            "student_chunk": sc[:, 1:],
+            "loss_mask": np.ones(s[:, 1:].shape, bool), "student_chunk": sc[:, 1:],
             "teacher_input_ids": t[:, :-1], "teacher_labels": t[:, 1:], "teacher_mask": tv[:, 1:],
-            "teacher_input_mask": tv[:, :-1], "teacher_chunk": tc[:, 1:],
+            "teacher_loss_mask": tv[:, 1:], "teacher_input_mask": tv[:, :-1], "teacher_chunk": tc[:, 1:],
             "one_to_one": self.one_to_one[rows], "chunk_mask": self.chunk_mask[rows],
         }
 
@@ -257,6 +280,6 @@ def build_cross_windows(texts: Sequence[str], student: Tokenizer, teacher: Token
     streams = Streams(*align_documents(texts, student, teacher, student_eos=student_eos, teacher_eos=teacher_eos,
                                        name=name))
     n = count_windows(streams.n_student, seq_len, name)
-    s, sc, t, tc, one, ok = (np.stack(x) for x in zip(*[cut_window(streams, w * seq_len, seq_len, teacher_seq_len)
-                                                        for w in range(n)]))
+    s, sc, t, tc, one, ok, _, _ = (np.stack(x) for x in zip(*[cut_window(streams, w * seq_len, seq_len,
+                                                                         teacher_seq_len) for w in range(n)]))
     return CrossWindows(s, sc, t, tc, tc >= 0, one, ok)

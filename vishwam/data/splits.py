@@ -26,7 +26,7 @@ from models import ModelConfig
 from vishwam.config import specs
 from vishwam.config.sections import DataConfig, RunConfig
 from vishwam.data import windows
-from vishwam.data.chat import find_template
+from vishwam.data.chat import ChatTemplate, find_template, special_tokens
 from vishwam.data.chat_rows import is_chat
 from vishwam.data.cross_windows import CrossDataset
 from vishwam.data.prepare import Recipe, build_store
@@ -90,24 +90,44 @@ class CrossSides:
     teacher_seq_len: int
 
 
+def _directory(tokenizer_path: str) -> Path:
+    return Path(tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or ".")
+
+
+def cross_templates(d: DataConfig, teacher_tokenizer: str, student_tokenizer: str) -> tuple[tuple | None, tuple | None]:
+    """`(student's, teacher's)` chat templates of a cross-tokenizer run on chat rows, each `(source, text,
+    variables)`: the teacher's is the run's (`data.chat_template`, else beside its tokenizer); the student's is the
+    one beside the student's tokenizer, else the teacher's rendered with the student's special tokens."""
+    teacher = find_template(d.chat_template, _directory(teacher_tokenizer))
+    directory = _directory(student_tokenizer)
+    student = find_template(None, directory)
+    if student is None and teacher is not None:
+        variables = tuple(sorted(special_tokens(directory).items()))
+        student = ChatTemplate(teacher.source, teacher.text, variables)
+    return tuple(None if t is None else (t.source, t.text, t.variables) for t in (student, teacher))
+
+
 def recipe_of(d: DataConfig, files: list[str], *, tokenizer_path: str | None, eos_id: int | None,
               vocab_size: int | None, cross: CrossSides | None = None) -> tuple[Recipe, dict]:
     """How `files` become tokens, and their fingerprint (`vishwam.data.store.source_fingerprint`)."""
     if cross is not None:
-        if is_chat(files):
-            raise DataError(f"{files[0]} holds chat rows; cross-tokenizer runs (distillation.student_model.tokenizer)"
-                            " take text for now (rendering each side's chat template is not built yet)")
         if tokenizer_path is None:
             raise DataError("a cross-tokenizer run needs the teacher's tokenizer: set data.tokenizer or give the "
                             "teacher a tokenizer.json")
-        recipe = Recipe("cross", tokenizer_path, eos_id, vocab_size, student_tokenizer_path=cross.tokenizer_path,
-                        student_eos_id=cross.eos_id, student_vocab_size=cross.vocab_size)
+        chat = is_chat(files)
+        templates = cross_templates(d, tokenizer_path, cross.tokenizer_path) if chat else (None, None)
+        recipe = Recipe("cross", tokenizer_path, eos_id, vocab_size, templates[1], d.loss_on,
+                        student_tokenizer_path=cross.tokenizer_path, student_eos_id=cross.eos_id,
+                        student_vocab_size=cross.vocab_size, student_template=templates[0], chat=chat)
         fingerprint = source_fingerprint(files, kind="cross", tokenizer_files=_tokenizer_files(tokenizer_path),
                                          eos_id=eos_id)
         student = source_fingerprint([], kind="cross", tokenizer_files=_tokenizer_files(cross.tokenizer_path),
                                      eos_id=cross.eos_id)
         fingerprint.update(student_tokenizer=student["tokenizer"], student_eos_id=cross.eos_id,
                            teacher_eos_id=eos_id, alignment=ALIGNMENT_VERSION)
+        if chat:
+            fingerprint.update(chat=True, loss_on=d.loss_on,
+                               chat_templates=[None if t is None else t[1] for t in templates])
         return recipe, fingerprint
     kind = "chat" if is_chat(files) else "text"
     template = None

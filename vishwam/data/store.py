@@ -12,10 +12,12 @@ A store is a directory (`vishwam.data.prepare` builds it, in parallel and resuma
 - Chat only: `shards/NNNNN.targets` (one byte a token: 1 where the loss counts it), `shards/NNNNN.rows` (int64
   row starts, rows + 1 of them) and `shards/NNNNN.first` (int32: the first target after each row's first token,
   or the row's length when it has none; a row is kept in windows of `w` tokens when its first target is < w).
-- Cross-tokenizer text only (kind `cross`, `vishwam.data.cross_windows`): `ids` holds the student's ids (each
-  document's, then the student's EOS), `tids` the teacher's; `schunk` and `tchunk` each token's chunk id (uint32,
-  from 0 in each shard), `one` a byte per chunk (one token each side, the same string); `tids`, `schunk` and
-  `tchunk` have CRC files of their own (`NNNNN.tids.crc`, ...). `CrossStreams` reads them as one stream per side.
+- Cross-tokenizer only (kind `cross`, `vishwam.data.cross_windows`): `ids` holds the student's ids (each
+  document's, then the student's EOS; or each chat row's, `vishwam.data.cross_chat`), `tids` the teacher's;
+  `schunk` and `tchunk` each token's chunk id (uint32, from 0 in each shard), `one` a flag byte per chunk (bit 0:
+  one token each side, the same string; bit 1: not compared, chat rows only); `tids`, `schunk` and `tchunk` have
+  CRC files of their own (`NNNNN.tids.crc`, ...). Chat rows (`"chat": true` in the fingerprint) add `targets` and
+  `ttargets`, a byte per student and per teacher token (1: a target). `CrossStreams` reads them as one stream a side.
 
 The logical streams are those of the in-memory readers (`vishwam.data.text.load_token_stream`,
 `vishwam.data.chat_rows.encode_rows`): text is the concatenation of the shards less its final EOS (documents joined
@@ -213,6 +215,8 @@ class TokenStore:
                 t, c = shard.teacher_tokens, shard.chunks
                 expect.update({"tids": 4 * t, "tids.crc": crc(t), "schunk": 4 * shard.tokens,
                                "schunk.crc": crc(shard.tokens), "tchunk": 4 * t, "tchunk.crc": crc(t), "one": c})
+                if self.fingerprint.get("chat"):
+                    expect.update(targets=shard.tokens, ttargets=t)
             for suffix, size in expect.items():
                 file = shard.path(suffix)
                 try:
@@ -314,7 +318,8 @@ class CrossStreams:
         self.store = store
         self.n_student, self.n_teacher = int(store.starts[-1]), int(store.teacher_starts[-1])
         self.n_chunks = int(store.chunk_starts[-1])
-        self._one: dict[int, np.ndarray] = {}
+        self.chat = bool(store.fingerprint.get("chat"))
+        self._mapped: dict[tuple[str, int], np.ndarray] = {}
 
     def student(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return self.store.read("ids", lo, hi), self.store.read("schunk", lo, hi)
@@ -333,16 +338,34 @@ class CrossStreams:
         return int(store.teacher_starts[i]) + int(local)
 
     def one(self, lo: int, hi: int) -> np.ndarray:
-        out, starts = [], self.store.chunk_starts
+        """Chunks `[lo, hi)`'s flag bytes (bit 0: one token each side, the same string; bit 1: not compared,
+        `vishwam.data.cross_chat.SKIP`), uint8."""
+        return self._bytes("one", self.store.chunk_starts, lo, hi)
+
+    def targets(self, lo: int, hi: int) -> np.ndarray:
+        """Whether student tokens `[lo, hi)` are targets (chat rows; every token of text is), bool."""
+        if not self.chat:
+            return np.ones(max(0, min(hi, self.n_student) - max(lo, 0)), bool)
+        return self._bytes("targets", self.store.starts, lo, hi).astype(bool)
+
+    def teacher_targets(self, lo: int, hi: int) -> np.ndarray:
+        """Whether teacher tokens `[lo, hi)` are targets, bool."""
+        if not self.chat:
+            return np.ones(max(0, min(hi, self.n_teacher) - max(lo, 0)), bool)
+        return self._bytes("ttargets", self.store.teacher_starts, lo, hi).astype(bool)
+
+    def _bytes(self, suffix: str, starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        out = []
+        lo, hi = max(lo, 0), min(hi, int(starts[-1]))
         i = int(np.searchsorted(starts, lo, side="right")) - 1
         while lo < hi and i < len(self.store.shards):
             shard = self.store.shards[i]
-            if i not in self._one:
-                self._one[i] = shard.array("one", "u1", shard.chunks)
+            if (suffix, i) not in self._mapped:
+                self._mapped[suffix, i] = shard.array(suffix, "u1", int(starts[i + 1]) - int(starts[i]))
             take = min(hi, int(starts[i + 1]))
-            out.append(np.asarray(self._one[i][lo - int(starts[i]): take - int(starts[i])], bool))
+            out.append(np.asarray(self._mapped[suffix, i][lo - int(starts[i]): take - int(starts[i])], np.uint8))
             lo, i = take, i + 1
-        return np.concatenate(out) if out else np.zeros((0,), bool)
+        return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
 
 def is_store(path: str | os.PathLike) -> bool:

@@ -97,10 +97,12 @@ def remove_stale_exports(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
 
 
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
-                    max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None) -> Path:
+                    max_shard_size: int | str = "2GB", tokenizer_from: str | os.PathLike | None = None,
+                    chat_template: str | None = None) -> Path:
     """Export `model` in HF format: `config.json`, safetensors (sharded with an index above `max_shard_size`),
     and the tokenizer files of `tokenizer_from` when given (a directory's, or a tokenizer file, saved as
-    `tokenizer.json`, with the others beside it). `transformers.AutoModelForCausalLM` loads it.
+    `tokenizer.json`, with the others beside it), and `chat_template` as `chat_template.jinja` (else the one beside
+    `tokenizer_from`, when there is one). `transformers.AutoModelForCausalLM` loads it.
 
     The directory is written beside the target and renamed into place, so an interrupted export never leaves a
     half-written model where a good one was. What it replaces must be a checkpoint (a directory with a
@@ -161,10 +163,12 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, dtype=None,
             if source.is_file():  # a tokenizer file, whatever its name: it goes in as tokenizer.json
                 shutil.copy2(source, tmp / "tokenizer.json")
                 source = source.parent
-            for fname in TOKENIZER_FILES:
+            for fname in TOKENIZER_FILES + ("chat_template.jinja",):
                 src = source / fname
                 if src.is_file() and not (tmp / fname).exists():
                     shutil.copy2(src, tmp / fname)
+        if chat_template is not None:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
         old = out.with_name(out.name + f".old-{os.getpid()}")
         if out.exists():
             out.rename(old)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,9 @@ from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
 from vishwam.data.alignment import token_byte_lengths
-from vishwam.data.splits import tokenizer_path
+from vishwam.data.chat import find_template
+from vishwam.data.chat_rows import is_chat
+from vishwam.data.splits import cross_templates, tokenizer_path
 from vishwam.data.text import load_tokenizer
 from vishwam.data.windows import StepReader, batch_for_step
 from vishwam.downstream.in_run import Downstream
@@ -244,10 +247,28 @@ class Run:
                 log(self.cache_use.summary())
         student_dir = run.out / "student"
         tokenizer_from = student_tokenizer_file(cfg) if self.cross else run.lazy_teacher.directory
-        save_pretrained(state.student, student_dir, tokenizer_from=tokenizer_from)
+        save_pretrained(state.student, student_dir, tokenizer_from=tokenizer_from,
+                        chat_template=self._student_chat_template(run))
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
         self.state = state
         return {"eval": last_eval, "state": state, "compilation_cache": self.cache_use}
+
+    def _student_chat_template(self, run) -> str | None:
+        """The chat template the student was trained on (chat data only), which its export carries as
+        `chat_template.jinja`: the run's (`data.chat_template` or the teacher's); across tokenizers, the student's
+        own, else the teacher's (`vishwam.data.splits.cross_templates`)."""
+        cfg = self.cfg
+        if not is_chat(cfg.data.train):
+            return None
+        teacher_tokenizer = tokenizer_path(cfg.data, run.lazy_teacher.directory)
+        if teacher_tokenizer is None:
+            return None
+        if self.cross:
+            found = cross_templates(cfg.data, teacher_tokenizer, cfg.distillation.student_model.tokenizer)[0]
+            return None if found is None else found[1]
+        directory = Path(teacher_tokenizer)
+        found = find_template(cfg.data.chat_template, directory if directory.is_dir() else directory.parent)
+        return None if found is None else found.text
 
 
     def _cross_sums(self, teacher: TeacherSource):

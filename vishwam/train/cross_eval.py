@@ -37,9 +37,11 @@ def cross_eval_sums(student: CausalLM, teacher: CausalLM | None, batch: dict, *,
                     teacher_bytes: Int[Array, " t_vocab"], activation_sharding=None) -> dict:
     """float32 sums over one micro-batch (`SUMS`):
 
-    - `student_nll`, `student_tokens`, `student_bytes`: the student's NLL in nats over its counted labels (`mask`),
-      their count, and `student_bytes[label]` summed over them;
-    - `teacher_nll`, `teacher_tokens`, `teacher_bytes`: the same for the teacher over `teacher_mask`'s labels;
+    - `student_nll`, `student_tokens`, `student_bytes`: the student's NLL in nats over its counted labels
+      (`loss_mask`, else `mask`: chat rows count each side's assistant tokens), their count, and
+      `student_bytes[label]` summed over them;
+    - `teacher_nll`, `teacher_tokens`, `teacher_bytes`: the same for the teacher over its labels
+      (`teacher_loss_mask`, else `teacher_mask`);
     - `chunk_kl`, `chunk_gap`, `chunks`: over the counted chunks, ALM's binarised KL at `alm_temperature`, `|log p_c
       - log q_c|` (nats), and their count.
 
@@ -63,8 +65,10 @@ def cross_eval_sums(student: CausalLM, teacher: CausalLM | None, batch: dict, *,
         n_bytes = jnp.where(mask, jnp.take(table, jnp.where(mask, labels, 0)), 0)
         return -jnp.sum(logp), jnp.sum(mask.astype(jnp.float32)), jnp.sum(n_bytes.astype(jnp.float32))
 
-    values = (*side(s_logp, batch["labels"], s_mask, student_bytes),
-              *side(t_logp, batch["teacher_labels"], t_mask, teacher_bytes),
+    s_count = s_mask & batch.get("loss_mask", s_mask).astype(bool)
+    t_count = t_mask & batch.get("teacher_loss_mask", t_mask).astype(bool)
+    values = (*side(jnp.where(s_count, s_logp, 0.0), batch["labels"], s_count, student_bytes),
+              *side(jnp.where(t_count, t_logp, 0.0), batch["teacher_labels"], t_count, teacher_bytes),
               jnp.sum(div), jnp.sum(gap), jnp.sum(ok.astype(jnp.float32)))
     return {k: v.astype(jnp.float32) for k, v in zip(SUMS, values)}
 

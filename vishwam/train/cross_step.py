@@ -1,8 +1,10 @@
 """The cross-tokenizer train step: a teacher and a student with different tokenizers.
 
-The batch is `vishwam.data.cross_windows.CrossWindows.batch`'s: the student's `input_ids`/`labels`/`mask` and
-`student_chunk` `[batch, S]`, the teacher's `teacher_input_ids`/`teacher_labels`/`teacher_mask`/
-`teacher_input_mask` and `teacher_chunk` `[batch, T]`, and per chunk `one_to_one` and `chunk_mask` `[batch, S + 1]`.
+The batch is `vishwam.data.cross_windows.CrossWindows.batch`'s: the student's `input_ids`/`labels`/`mask`/
+`loss_mask` and `student_chunk` `[batch, S]`, the teacher's `teacher_input_ids`/`teacher_labels`/`teacher_mask`/
+`teacher_loss_mask`/`teacher_input_mask` and `teacher_chunk` `[batch, T]`, and per chunk `one_to_one` and
+`chunk_mask` `[batch, S + 1]`. `mask` is the student's attention mask, `loss_mask` its CE labels (chat rows: its
+assistant tokens; text: every label); a batch without `loss_mask` counts every label of `mask`.
 The loss is
 
     alm_weight · ALM + ce_weight · CE + shared_kl_weight · shared-vocabulary KL
@@ -94,7 +96,7 @@ def cross_loss(student, teacher, batch: dict, shared: tuple[jax.Array, jax.Array
                              chunk_mask=batch["chunk_mask"], chunk_size=cfg.chunk_size)
     loss = cfg.alm_weight * loss
     if cfg.ce_weight > 0:
-        ce, ce_metrics = cross_entropy_loss(s_logits, batch["labels"], batch["mask"], chunk_size=cfg.chunk_size)
+        ce, ce_metrics = cross_entropy_loss(s_logits, batch["labels"], loss_mask(batch), chunk_size=cfg.chunk_size)
         loss, metrics = loss + cfg.ce_weight * ce, {**metrics, **ce_metrics}
     if cfg.shared_kl_weight > 0:
         kl, kl_metrics = shared_vocab_kl(s_logits, batch["mask"], batch["student_chunk"], t_logits,
@@ -119,13 +121,18 @@ def _check(cfg: CrossStepConfig, shared) -> None:
                           "(vishwam.data.alignment.shared_vocab)")
 
 
+def loss_mask(batch: dict) -> jax.Array:
+    """The student's CE labels: `loss_mask`, else every label of `mask`."""
+    return batch.get("loss_mask", batch["mask"])
+
+
 def batch_counts(batch: dict, num_chunks: int, shared: bool) -> dict:
     """The whole step's counts the loss parts are divided by (float32): counted chunks, the student's counted
     labels, and (with `shared`) the shared-vocabulary positions."""
     ok = complete_chunks(batch["student_chunk"], batch["mask"], batch["teacher_chunk"], batch["teacher_mask"],
                          num_chunks, batch["chunk_mask"])
     count = lambda x: jnp.sum(x.astype(jnp.float32))
-    out = {"chunks": count(ok), "tokens": count(batch["mask"].astype(bool))}
+    out = {"chunks": count(ok), "tokens": count(loss_mask(batch).astype(bool))}
     if shared:
         out["shared"] = count(shared_positions(batch["mask"], batch["student_chunk"], batch["teacher_mask"],
                                                batch["teacher_chunk"], batch["one_to_one"])[0])
@@ -186,9 +193,10 @@ def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransfo
         loss = cfg.alm_weight * alm
         metrics = {"distill/alm": alm, "distill/chunk_logp_gap": jax.lax.stop_gradient(per(gap, "chunks"))}
         if cfg.ce_weight > 0:
-            ce = per(-s_logp, "tokens")
+            counted = loss_mask(micro).astype(bool)
+            ce = per(jnp.where(counted, -s_logp, 0.0), "tokens")
             loss = loss + cfg.ce_weight * ce
-            metrics.update({"distill/ce": ce, "distill/accuracy": per(correct, "tokens")})
+            metrics.update({"distill/ce": ce, "distill/accuracy": per(jnp.where(counted, correct, 0), "tokens")})
         if use_shared:
             use, j = shared_positions(micro["mask"], micro["student_chunk"], micro["teacher_mask"],
                                       micro["teacher_chunk"], micro["one_to_one"])
@@ -240,7 +248,8 @@ def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransfo
             new_state = eqx.filter_shard(new_state, state_shardings)
         metrics["distill/chunks"] = counts["chunks"] / (batch["chunk_mask"].size)
         if use_shared:
-            metrics["distill/shared_positions"] = counts["shared"] / jnp.maximum(counts["tokens"], 1.0)
+            positions = jnp.sum(batch["mask"].astype(bool).astype(jnp.float32))
+            metrics["distill/shared_positions"] = counts["shared"] / jnp.maximum(positions, 1.0)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), skipped=(~ok).astype(jnp.float32),
                        nonfinite_run=new_state.nonfinite.astype(jnp.float32))
         return new_state, metrics
