@@ -59,8 +59,8 @@ from distill.config import DistillationParams, TemperatureConfig
 from distill.cross_tokenizer import chunk_logprobs, token_logprobs
 from distill.objective import Objective
 from models import ModelConfig, init_model
-from vishwam.data.alignment import shared_vocab, token_byte_lengths
-from vishwam.data.cross_windows import build_cross_windows
+from vishwam.data.cross.alignment import shared_vocab, token_byte_lengths
+from vishwam.data.cross.windows import build_cross_windows
 from vishwam.generation.sampler import generate
 from vishwam.train.cross_step import CrossStepConfig, make_cross_train_step
 from vishwam.train.step import StepConfig, init_state, make_optimizer, make_train_step

@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation: a teacher and a student with different tokenizers, compared chunk by chunk.
 
 The host cuts each row's text into *chunks*, the coarsest segmentation both tokenizations share (a boundary
-wherever both have a token boundary at the same byte; `vishwam.data.alignment`), and gives every label position of
+wherever both have a token boundary at the same byte; `vishwam.data.cross.alignment`), and gives every label position of
 each side the id of its label token's chunk. Everything here is then a per-token pass over each side's logits
 (chunked over the sequence like `distill.logits`) followed by `segment_sum`s over those ids: no
 `[batch, tokens, chunks]` matrix exists.

@@ -1,4 +1,4 @@
-"""Byte alignment of two tokenizations (vishwam.data.alignment) against a brute-force oracle and TRL.
+"""Byte alignment of two tokenizations (vishwam.data.cross.alignment) against a brute-force oracle and TRL.
 
 The oracle never looks at offsets: it decodes each token's bytes from its vocabulary string (byte-level alphabet,
 `<0xAB>` byte fallback, `▁` for a space), checks that they concatenate to the text, and intersects the two sets
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from vishwam.data.alignment import align, common_text, encode_bytes, shared_vocab, token_bytes
+from vishwam.data.cross.alignment import align, common_text, encode_bytes, shared_vocab, token_bytes
 from vishwam.errors import DataError
 
 TEACHER = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "assets", "pysrc", "teacher", "tokenizer.json")

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import vishwam
-from vishwam.data.alignment import token_byte_lengths
+from vishwam.data.cross.alignment import token_byte_lengths
 from vishwam.data.windows import PackedDataset
 from vishwam.sharding import batch_sharding, make_mesh
 from vishwam.teacher.sources import TeacherSource

@@ -1,4 +1,4 @@
-"""Chat rows across tokenizers (`vishwam.data.cross_chat`): the demo chat teacher (its own 512-id tokenizer and
+"""Chat rows across tokenizers (`vishwam.data.cross.chat`): the demo chat teacher (its own 512-id tokenizer and
 template) and a student with the pysrc tokenizer (2,048 ids) and a ChatML-like template of its own.
 
 Held against references that share none of the alignment's code: the bytes of each side's tokens (the tokenizers'
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vishwam.data.alignment import string_keys, token_bytes
 from vishwam.data.chat import ChatTemplate, find_template
 from vishwam.data.chat_rows import encode_records
-from vishwam.data.cross_chat import SKIP, align_chat_records
+from vishwam.data.cross.alignment import string_keys, token_bytes
+from vishwam.data.cross.chat import SKIP, align_chat_records
 from vishwam.data.text import load_tokenizer
 from vishwam.errors import DataError
 
@@ -166,7 +166,7 @@ def test_a_chat_store_holds_the_in_memory_alignment_across_shards(sides, tmp_pat
     give the windows that the in-memory streams of the same rows give, every key; the store records the chat
     flag, both templates and `loss_on` in its fingerprint."""
     from vishwam.config.sections import DataConfig
-    from vishwam.data.cross_windows import KEYS, CrossDataset, Streams
+    from vishwam.data.cross.windows import KEYS, CrossDataset, Streams
     from vishwam.data.splits import CrossSides, load_splits
     from vishwam.data.store import TokenStore
 

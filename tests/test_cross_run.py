@@ -21,8 +21,8 @@ from tokenizers import Tokenizer
 
 from models import init_model
 from vishwam.config.cli import load_config
+from vishwam.data.cross.vocab_transfer import fvt_embeddings, fvt_sources
 from vishwam.data.text import load_tokenizer
-from vishwam.data.vocab_transfer import fvt_embeddings, fvt_sources
 from vishwam.run.cross_tokenizer import fvt_student
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import vishwam
 from distill.cross_tokenizer import complete_chunks, token_logprobs
 from models import ModelConfig, init_model
-from vishwam.data.alignment import shared_vocab
-from vishwam.data.cross_windows import build_cross_windows
+from vishwam.data.cross.alignment import shared_vocab
+from vishwam.data.cross.windows import build_cross_windows
 from vishwam.errors import ConfigError
 from vishwam.teacher.streamed import StreamedTeacher
 from vishwam.train.cross_eval import cross_eval_sums

@@ -13,7 +13,7 @@ from test_cross_step import _student_tokenizer
 from tokenizers import Tokenizer
 
 from vishwam.config.sections import DataConfig
-from vishwam.data.cross_windows import KEYS, build_cross_windows
+from vishwam.data.cross.windows import KEYS, build_cross_windows
 from vishwam.data.splits import CrossSides, load_splits
 from vishwam.data.store import TokenStore
 from vishwam.errors import DataError

@@ -28,7 +28,7 @@ from distill.cross_tokenizer import (
     token_logprobs,
 )
 from distill.logits import kd_loss
-from vishwam.data.alignment import Encoding, align, encode_bytes
+from vishwam.data.cross.alignment import Encoding, align, encode_bytes
 
 TEACHER_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "assets", "pysrc", "teacher")
 

@@ -1,4 +1,4 @@
-"""Cross-tokenizer windows (vishwam.data.cross_windows): every counted chunk is the same bytes on both sides."""
+"""Cross-tokenizer windows (vishwam.data.cross.windows): every counted chunk is the same bytes on both sides."""
 
 import os
 import random
@@ -10,8 +10,8 @@ from test_alignment import _bpe_byte_fallback, _random_text
 from tokenizers import Tokenizer
 
 from distill.cross_tokenizer import alm_loss, complete_chunks
-from vishwam.data.alignment import token_bytes
-from vishwam.data.cross_windows import build_cross_windows
+from vishwam.data.cross.alignment import token_bytes
+from vishwam.data.cross.windows import build_cross_windows
 from vishwam.errors import DataError
 
 TEACHER = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "assets", "pysrc", "teacher", "tokenizer.json")

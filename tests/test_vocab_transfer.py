@@ -1,4 +1,4 @@
-"""FVT (vishwam.data.vocab_transfer) against a direct re-tokenization through transformers' tokenizer wrapper."""
+"""FVT (vishwam.data.cross.vocab_transfer) against a direct re-tokenization through transformers' tokenizer wrapper."""
 
 import os
 
@@ -7,8 +7,8 @@ import pytest
 from test_alignment import _bpe_byte_fallback
 from tokenizers import Tokenizer
 
-from vishwam.data.alignment import token_bytes
-from vishwam.data.vocab_transfer import fvt_embeddings, fvt_sources
+from vishwam.data.cross.alignment import token_bytes
+from vishwam.data.cross.vocab_transfer import fvt_embeddings, fvt_sources
 
 TEACHER_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "assets", "pysrc", "teacher")
 

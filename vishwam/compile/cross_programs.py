@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenizers import Tokenizer
 
 from vishwam.config import specs
-from vishwam.data.alignment import shared_vocab
+from vishwam.data.cross.alignment import shared_vocab
 from vishwam.sharding import rows_sharding
 from vishwam.teacher.cache import cache_rows
 from vishwam.teacher.streamed import head_token_logprobs, run_group

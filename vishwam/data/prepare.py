@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vishwam.data.alignment import string_keys, token_bytes
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import encode_records
-from vishwam.data.cross_chat import align_chat_records
-from vishwam.data.cross_windows import align_documents
+from vishwam.data.cross.streams import chat_streams, text_streams
 from vishwam.data.store import CRC_FILES, MANIFEST, TokenStore, crc_blocks, fingerprint_key
 from vishwam.data.tables import hf_records, is_hf, is_table
 from vishwam.data.text import BLANK_LINES, check_vocab, load_tokenizer, npy_tokens, parse_jsonl, record_text, records
@@ -60,7 +58,7 @@ class Recipe:
     student_eos_id: int | None = None
     student_vocab_size: int | None = None
     student_template: tuple | None = None  # cross chat rows: the student's chat template (source, text, variables)
-    chat: bool = False  # cross: the sources are chat rows (`vishwam.data.cross_chat`), not text
+    chat: bool = False  # cross: the sources are chat rows (`vishwam.data.cross.chat`), not text
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -194,66 +192,16 @@ def _tokenizer(recipe: Recipe, path: str, which: str | None = None):
 
 
 def _cross_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
-    """A unit's documents tokenized by both sides and aligned (`cross_windows.align_documents`): the shard's
-    arrays, chunk ids from 0."""
+    """A unit's documents, or chat rows, in both sides' streams (`vishwam.data.cross.streams`)."""
     path = unit["path"]
     if unit["format"] == "npy":
         raise DataError(f"{path}: token ids of one tokenizer; a cross-tokenizer run (distillation.student_model."
                         "tokenizer) needs text, which both tokenizers read")
-    student = _tokenizer(recipe, path, recipe.student_tokenizer_path)
-    teacher = _tokenizer(recipe, path)
-    key = (recipe.student_tokenizer_path, recipe.tokenizer_path)
-    if key not in _TABLES:
-        _TABLES[key] = string_keys(token_bytes(student), token_bytes(teacher))
-    parts, first, base = [], 0, 0
-    for docs in _batches((d for d in _documents(unit) if d), ENCODE_BATCH, ENCODE_CHARS):
-        s, sc, t, tc, one = align_documents(docs, student, teacher, student_eos=recipe.student_eos_id,
-                                            teacher_eos=recipe.eos_id, keys=_TABLES[key], name=path, first=first)
-        parts.append((s.astype("<u4"), (sc + base).astype("<u4"), t.astype("<u4"), (tc + base).astype("<u4"), one))
-        first, base = first + len(docs), base + len(one)
-    if not parts:
-        return {name: np.zeros((0,), "u1" if name == "one" else "<u4")
-                for name in ("ids", "tids", "schunk", "tchunk", "one")}
-    s, sc, t, tc, one = (np.concatenate(x) for x in zip(*parts))
-    _check_sides(s, t, recipe, path)
-    return {"ids": s, "tids": t, "schunk": sc, "tchunk": tc,
-            "one": one.astype("u1"), "docs": first}
-
-
-def _check_sides(s: np.ndarray, t: np.ndarray, recipe: Recipe, path: str) -> None:
-    if recipe.student_vocab_size is not None:
-        check_vocab(s, recipe.student_vocab_size, f"{path} (tokenized with {recipe.student_tokenizer_path})")
-    _check_vocab(t, recipe, f"{path} (tokenized with {recipe.tokenizer_path})")
-
-
-def _cross_chat_streams(unit: dict, recipe: Recipe) -> dict[str, np.ndarray]:
-    """A unit's chat rows rendered by each side's template and aligned on their contents
-    (`cross_chat.align_chat_records`): the shard's arrays, with each side's targets and a flag byte per chunk."""
-    path = unit["path"]
-    student = _tokenizer(recipe, path, recipe.student_tokenizer_path)
-    teacher = _tokenizer(recipe, path)
-    key = (recipe.student_tokenizer_path, recipe.tokenizer_path)
-    if key not in _TABLES:
-        _TABLES[key] = string_keys(token_bytes(student), token_bytes(teacher))
-    templates = [None if t is None else ChatTemplate(*t) for t in (recipe.student_template, recipe.template)]
-    parts, rows, base = [], 0, 0
-    for batch in _batches(_records(unit), ENCODE_BATCH):
-        s, sc, st, t, tc, tt, flags = align_chat_records(
-            batch, student, teacher, student_template=templates[0], teacher_template=templates[1],
-            loss_on=recipe.loss_on, student_eos=recipe.student_eos_id, teacher_eos=recipe.eos_id, keys=_TABLES[key])
-        parts.append((s.astype("<u4"), (sc + base).astype("<u4"), st.astype("u1"), t.astype("<u4"),
-                      (tc + base).astype("<u4"), tt.astype("u1"), flags))
-        rows, base = rows + len(batch), base + len(flags)
-    if not parts:
-        return {name: np.zeros((0,), "u1" if name in ("one", "targets", "ttargets") else "<u4")
-                for name in ("ids", "tids", "schunk", "tchunk", "one", "targets", "ttargets")}
-    s, sc, st, t, tc, tt, flags = (np.concatenate(x) for x in zip(*parts))
-    _check_sides(s, t, recipe, path)
-    return {"ids": s, "tids": t, "schunk": sc, "tchunk": tc, "one": flags.astype("u1"), "targets": st,
-            "ttargets": tt, "docs": rows}
-
-
-_TABLES: dict[tuple, tuple] = {}
+    sides = (_tokenizer(recipe, path, recipe.student_tokenizer_path), _tokenizer(recipe, path))
+    if recipe.chat:
+        return chat_streams(_batches(_records(unit), ENCODE_BATCH), *sides, recipe, path)
+    return text_streams(_batches((d for d in _documents(unit) if d), ENCODE_BATCH, ENCODE_CHARS), *sides, recipe,
+                        path)
 
 
 def _check_vocab(ids: np.ndarray, recipe: Recipe, what: str) -> None:
@@ -311,7 +259,7 @@ def build_unit(job: tuple[int, dict, Recipe, str, str]) -> dict:
         meta.update(docs=len(pieces) // 2 if eos else len(pieces), rows=0)
         files = {"ids": ids}
     elif recipe.kind == "cross":
-        files = (_cross_chat_streams if recipe.chat else _cross_streams)(unit, recipe)
+        files = _cross_streams(unit, recipe)
         ids = files["ids"]
         meta.update(docs=files.pop("docs", 0), rows=0, teacher_tokens=int(len(files["tids"])),
                     chunks=int(len(files["one"])),

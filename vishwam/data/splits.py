@@ -28,7 +28,7 @@ from vishwam.config.sections import DataConfig, RunConfig
 from vishwam.data import windows
 from vishwam.data.chat import ChatTemplate, find_template, special_tokens
 from vishwam.data.chat_rows import is_chat
-from vishwam.data.cross_windows import CrossDataset
+from vishwam.data.cross.windows import CrossDataset
 from vishwam.data.prepare import Recipe, build_store
 from vishwam.data.store import (
     MANIFEST,
@@ -46,7 +46,7 @@ from vishwam.io.files import atomic_write
 
 DEFAULT_ROOT = Path("~/.cache/vishwam/data")
 ALIGNMENT_VERSION = 1
-"""Bumped when `vishwam.data.alignment` cuts chunks differently: a cross store of another version is re-made."""
+"""Bumped when `vishwam.data.cross.alignment` cuts chunks differently: a cross store of another version is re-made."""
 
 
 def tokenizer_path(d: DataConfig, teacher_dir: Path) -> str | None:
@@ -82,7 +82,7 @@ def _tokenizer_files(tokenizer_path: str | None) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class CrossSides:
     """A cross-tokenizer run's student side of the data (the teacher's is `tokenizer_path`/`eos_id`/`vocab_size`),
-    and its windows' teacher tokens (`vishwam.data.cross_windows`)."""
+    and its windows' teacher tokens (`vishwam.data.cross.windows`)."""
 
     tokenizer_path: str
     eos_id: int

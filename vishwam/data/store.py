@@ -12,8 +12,8 @@ A store is a directory (`vishwam.data.prepare` builds it, in parallel and resuma
 - Chat only: `shards/NNNNN.targets` (one byte a token: 1 where the loss counts it), `shards/NNNNN.rows` (int64
   row starts, rows + 1 of them) and `shards/NNNNN.first` (int32: the first target after each row's first token,
   or the row's length when it has none; a row is kept in windows of `w` tokens when its first target is < w).
-- Cross-tokenizer only (kind `cross`, `vishwam.data.cross_windows`): `ids` holds the student's ids (each
-  document's, then the student's EOS; or each chat row's, `vishwam.data.cross_chat`), `tids` the teacher's;
+- Cross-tokenizer only (kind `cross`, `vishwam.data.cross.windows`): `ids` holds the student's ids (each
+  document's, then the student's EOS; or each chat row's, `vishwam.data.cross.chat`), `tids` the teacher's;
   `schunk` and `tchunk` each token's chunk id (uint32, from 0 in each shard), `one` a flag byte per chunk (bit 0:
   one token each side, the same string; bit 1: not compared, chat rows only); `tids`, `schunk` and `tchunk` have
   CRC files of their own (`NNNNN.tids.crc`, ...). Chat rows (`"chat": true` in the fingerprint) add `targets` and
@@ -309,7 +309,7 @@ class TokenStore:
 
 
 class CrossStreams:
-    """A `cross` store's two streams, read as `vishwam.data.cross_windows.cut_window` reads them: slices of
+    """A `cross` store's two streams, read as `vishwam.data.cross.windows.cut_window` reads them: slices of
     each side's ids and chunk ids, a chunk's first teacher token by binary search, the chunks' `one` flags."""
 
     def __init__(self, store: TokenStore):
@@ -339,7 +339,7 @@ class CrossStreams:
 
     def one(self, lo: int, hi: int) -> np.ndarray:
         """Chunks `[lo, hi)`'s flag bytes (bit 0: one token each side, the same string; bit 1: not compared,
-        `vishwam.data.cross_chat.SKIP`), uint8."""
+        `vishwam.data.cross.chat.SKIP`), uint8."""
         return self._bytes("one", self.store.chunk_starts, lo, hi)
 
     def targets(self, lo: int, hi: int) -> np.ndarray:

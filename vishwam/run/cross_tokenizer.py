@@ -4,9 +4,9 @@ the student's FVT embeddings, the shared vocabulary and the step's settings.
 Unset, or the same tokenizer as the teacher's (same vocabulary, model, normalizer and pre-tokenizer): today's
 same-tokenizer run (`resolve_student_tokenizer` clears the key). Set and different: the student's vocabulary and
 special ids come from its tokenizer (`vishwam.config.specs.student_config`), the data is a token store of kind
-`cross` with both sides and their byte alignment (`vishwam.data.cross_windows`), the step is
+`cross` with both sides and their byte alignment (`vishwam.data.cross.windows`), the step is
 `vishwam.train.cross_step` (ALM + CE + shared-vocabulary KL), `init: from_teacher` prunes the body and gives the
-student's embeddings (and an untied head) by FVT (`vishwam.data.vocab_transfer`), and the export, the samples and
+student's embeddings (and an untied head) by FVT (`vishwam.data.cross.vocab_transfer`), and the export, the samples and
 downstream evaluation use the student's tokenizer. What is not built refuses with one line (`check_cross_run`).
 """
 
@@ -28,10 +28,10 @@ from distill.objective import Objective
 from models import CausalLM, ModelConfig, init_model
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig
-from vishwam.data.alignment import shared_vocab
+from vishwam.data.cross.alignment import shared_vocab
+from vishwam.data.cross.vocab_transfer import fvt_embeddings, fvt_sources
 from vishwam.data.splits import tokenizer_path
 from vishwam.data.text import load_tokenizer
-from vishwam.data.vocab_transfer import fvt_embeddings, fvt_sources
 from vishwam.errors import DataError
 
 KEY = "distillation.student_model.tokenizer"

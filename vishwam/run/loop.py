@@ -23,9 +23,9 @@ from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
-from vishwam.data.alignment import token_byte_lengths
 from vishwam.data.chat import find_template
 from vishwam.data.chat_rows import is_chat
+from vishwam.data.cross.alignment import token_byte_lengths
 from vishwam.data.splits import cross_templates, tokenizer_path
 from vishwam.data.text import load_tokenizer
 from vishwam.data.windows import StepReader, batch_for_step

@@ -1,8 +1,8 @@
 """Evaluation of a cross-tokenizer run: one jitted program, `cross_eval_sums`, over one micro-batch of
-`vishwam.data.cross_windows.CrossWindows.batch`'s arrays.
+`vishwam.data.cross.windows.CrossWindows.batch`'s arrays.
 
 Each side is scored on its own tokens of the same text: its summed NLL over its counted labels, their count, and
-the UTF-8 bytes those labels stand for (a per-id table, `vishwam.data.alignment.token_byte_lengths`), so that bits
+the UTF-8 bytes those labels stand for (a per-id table, `vishwam.data.cross.alignment.token_byte_lengths`), so that bits
 per byte (`nll / (ln 2 · bytes)`, `distill.cross_tokenizer.bits_per_byte`) compare the two models across
 tokenizers. Over the counted chunks (`distill.cross_tokenizer.complete_chunks`), the sum of ALM's binarised KL at
 `alm_temperature` and of `|log p_c - log q_c|`. Both LM heads run a sequence chunk at a time

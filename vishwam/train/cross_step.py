@@ -1,6 +1,6 @@
 """The cross-tokenizer train step: a teacher and a student with different tokenizers.
 
-The batch is `vishwam.data.cross_windows.CrossWindows.batch`'s: the student's `input_ids`/`labels`/`mask`/
+The batch is `vishwam.data.cross.windows.CrossWindows.batch`'s: the student's `input_ids`/`labels`/`mask`/
 `loss_mask` and `student_chunk` `[batch, S]`, the teacher's `teacher_input_ids`/`teacher_labels`/`teacher_mask`/
 `teacher_loss_mask`/`teacher_input_mask` and `teacher_chunk` `[batch, T]`, and per chunk `one_to_one` and
 `chunk_mask` `[batch, S + 1]`. `mask` is the student's attention mask, `loss_mask` its CE labels (chat rows: its
@@ -118,7 +118,7 @@ def _check(cfg: CrossStepConfig, shared) -> None:
                           "resident")
     if cfg.shared_kl_weight > 0 and shared is None:
         raise ConfigError("config key 'distillation_params.shared_kl_weight' > 0 needs the shared vocabulary "
-                          "(vishwam.data.alignment.shared_vocab)")
+                          "(vishwam.data.cross.alignment.shared_vocab)")
 
 
 def loss_mask(batch: dict) -> jax.Array:
@@ -146,7 +146,7 @@ def make_cross_train_step(cfg: CrossStepConfig, optimizer: optax.GradientTransfo
     `teacher_out` is None for a resident teacher (it runs in the step on `teacher_input_ids`, behind
     `stop_gradient`), else `{"teacher_token_logp": float32 [batch, T]}`, a streamed teacher's log-probability of
     each of its labels (`StreamedTeacher.cross_outputs`). `shared`: the shared vocabulary's `(student_ids,
-    teacher_ids)` (`vishwam.data.alignment.shared_vocab`), needed with `shared_kl_weight > 0` (a resident teacher
+    teacher_ids)` (`vishwam.data.cross.alignment.shared_vocab`), needed with `shared_kl_weight > 0` (a resident teacher
     only: a `ConfigError` names the key otherwise).
 
     The batch is split into `grad_accum_steps` micro-batches (`split_micro_batches`) scanned with gradients summed

@@ -11,7 +11,7 @@ a training micro-batch does), adds the sums on the host and writes `eval.json`:
   log-probability), and agreement is with the cached top-1;
 - `top1_agreement`: the fraction of tokens where both models' most likely next token is the same;
 - `student_bpb`, `teacher_bpb`: bits per UTF-8 byte, the summed NLL over the counted tokens divided by `ln 2` times
-  the bytes their labels stand for (`byte_lengths`, a per-id table, `vishwam.data.alignment.token_byte_lengths`;
+  the bytes their labels stand for (`byte_lengths`, a per-id table, `vishwam.data.cross.alignment.token_byte_lengths`;
   special tokens are 0 bytes, their NLL still counts). The only figures comparable across tokenizers; absent
   when no table is given (`.npy` data without a tokenizer).
 """
@@ -132,7 +132,7 @@ def evaluate(student: CausalLM, teacher: TeacherSource, data: PackedDataset, *, 
 
 def cross_evaluate(sums_of: Callable[[dict], dict], data, *, step: int, batch_size: int, micro_batch_size: int,
                    num_batches: int, out_dir: Path | None, log: Callable[[str], None]) -> dict:
-    """A cross-tokenizer run's evaluation on `data` (a `vishwam.data.cross_windows.CrossDataset`): `sums_of(micro)`
+    """A cross-tokenizer run's evaluation on `data` (a `vishwam.data.cross.windows.CrossDataset`): `sums_of(micro)`
     (`vishwam.train.cross_eval.cross_eval_sums` of a host micro-batch, which it places) added over `num_batches`
     batches.
 

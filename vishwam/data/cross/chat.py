@@ -7,7 +7,7 @@ tokenized whole, as `apply_chat_template(tokenize=True)` tokenizes it (`vishwam.
 laid onto a common *virtual text*: every message's content in order, with one virtual byte standing for all the
 template bytes between two contents (and before the first, and after the last). A token inside a content keeps its
 offset in it; every token that touches template bytes lands on (or stretches over) that gap's byte. The two sides
-are then aligned on the virtual text as text is (`vishwam.data.alignment.align`): a chunk boundary where both sides
+are then aligned on the virtual text as text is (`vishwam.data.cross.alignment.align`): a chunk boundary where both sides
 have a token boundary at the same virtual byte.
 
 A chunk is *compared* (the ALM loss and the shared-vocabulary KL count it) when it holds no template byte on either
@@ -37,9 +37,9 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import Tokenizer
 
-from vishwam.data.alignment import Alignment, Encoding, align, common_text, encode_bytes_batch
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import _keys, _kind, _messages, _render
+from vishwam.data.cross.alignment import Alignment, Encoding, align, common_text, encode_bytes_batch
 from vishwam.errors import DataError
 
 SKIP = 2

@@ -1,5 +1,5 @@
 """Cross-tokenizer windows: documents tokenized by the student's and the teacher's tokenizers, aligned by bytes
-(`vishwam.data.alignment`), cut into static-shape windows for the train step.
+(`vishwam.data.cross.alignment`), cut into static-shape windows for the train step.
 
 Each document's text (put through the tokenizers' Unicode normal forms, `common_text`) is tokenized by both sides
 and aligned into chunks; an EOS closes it on each side, a chunk of its own (`align_documents`). The documents form
@@ -18,7 +18,7 @@ Cutting a window reads O(window) tokens of each stream and two positions found b
 so a dataset over a store of any size opens in O(1) (`CrossDataset`); `build_cross_windows` cuts every window of a
 list of texts in memory (tests, benchmarks).
 
-Imports `numpy`, `tokenizers` and `vishwam.data.alignment`.
+Imports `numpy`, `tokenizers` and `vishwam.data.cross.alignment`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from vishwam.data.alignment import align, common_text, encode_bytes_batch, string_keys, token_bytes
-from vishwam.data.cross_chat import SKIP
+from vishwam.data.cross.alignment import align, common_text, encode_bytes_batch, string_keys, token_bytes
+from vishwam.data.cross.chat import SKIP
 from vishwam.errors import DataError
 
 KEYS = ("input_ids", "labels", "mask", "loss_mask", "student_chunk", "teacher_input_ids", "teacher_labels",

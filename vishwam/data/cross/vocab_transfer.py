@@ -6,7 +6,7 @@ re-tokenized byte by byte through the teacher's single-byte tokens; a special to
 token of the same string, else (like any token the teacher cannot spell) the mean of all the teacher's rows.
 Used by `init: from_teacher` when the vocabularies differ, for the input embedding and an untied LM head alike.
 
-Imports `numpy`, `tokenizers` and `vishwam.data.alignment`.
+Imports `numpy`, `tokenizers` and `vishwam.data.cross.alignment`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from vishwam.data.alignment import token_bytes
+from vishwam.data.cross.alignment import token_bytes
 
 
 def fvt_sources(student: Tokenizer, teacher: Tokenizer, student_vocab_size: int,
