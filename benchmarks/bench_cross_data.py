@@ -1,7 +1,7 @@
 """The cross-tokenizer token store at two corpus sizes ten times apart: build time against a same-tokenizer store
 of the same text, and the start of a run's data path (open the store, cut windows) against the corpus size.
 
-    python -m benchmarks.bench_cross_data [--out DIR] [--tokens 1e6] [--factor 10]
+    python -m benchmarks.bench_cross_data [--out DIR] [--tokens 1e6] [--factor 10] [--chat]
 
 1. Corpora of real text (this Python's standard library, as `benchmarks.bench_data` writes it) of about `--tokens`
    and `--factor` times as many teacher tokens.
@@ -14,6 +14,12 @@ of the same text, and the start of a run's data path (open the store, cut window
    windows of 1,024 student tokens (teacher side 1,280): seconds to open, windows/s, and then the process's
    anonymous memory (`RssAnon`) apart from the store's file pages its memory map has touched (`RssFile`: the
    kernel's page cache, reclaimable; it grows with the distinct pages read, up to the store's size).
+
+With `--chat`: chat rows (the demo chat corpus, `vishwam/assets/demo/chat_train.jsonl`, repeated to about
+`--tokens` and `--factor` times as many teacher tokens), the demo chat teacher (its 512-id tokenizer and template)
+and a student with the pysrc 2,048-id tokenizer and a ChatML-like template of its own (`vishwam.data.cross.chat`:
+each side's rendering, aligned on the messages' contents); the baseline is the one-tokenizer chat store (the
+teacher's side alone, rows packed with segment ids).
 
 Prints the raw figures as JSON lines and a table.
 """
@@ -37,12 +43,12 @@ import json, resource, sys, time
 import numpy as np
 from vishwam.config.sections import DataConfig
 from vishwam.data.splits import CrossSides, load_splits
-what, files, store, student = sys.argv[1], sys.argv[2:-2], sys.argv[-2], sys.argv[-1]
-cross = CrossSides(student, 0, 1024, 1280) if what != "text" else None
+what, files, store, student, spec = sys.argv[1], sys.argv[2:-3], sys.argv[-3], sys.argv[-2], json.loads(sys.argv[-1])
+cross = CrossSides(student, spec["s_eos"], spec["s_vocab"], 1280) if what != "text" else None
 d = DataConfig(train=tuple(files), store_dir=store)
 t0 = time.perf_counter()
-train, _ = load_splits(d, seq_len=1024, tokenizer_path="TEACHER", eos_id=0,
-                       vocab_size=2048, log=lambda m: None, workers=1, cross=cross)
+train, _ = load_splits(d, seq_len=1024, tokenizer_path=spec["teacher"], eos_id=spec["t_eos"],
+                       vocab_size=spec["t_vocab"], log=lambda m: None, workers=1, cross=cross)
 opened = time.perf_counter() - t0
 row = {"what": what, "seconds": opened}
 if what == "read":
@@ -60,7 +66,30 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status").read().sp
 for key in ("RssAnon", "RssFile"):  # the process's own memory, and the store's pages the memory map has touched
     row[key.lower() + "_mib"] = int(status.get(key, "0 kB").split()[0]) / 1024
 print(json.dumps(row))
-""".replace("TEACHER", str(TEACHER))
+"""
+TEXT_SPEC = {"teacher": str(TEACHER), "t_vocab": 2048, "t_eos": 0, "s_vocab": 1024, "s_eos": 0}
+CHAT_TEACHER = ROOT / "vishwam/assets/demo/chat_teacher"
+CHAT_SPEC = {"teacher": str(CHAT_TEACHER), "t_vocab": 512, "t_eos": 0, "s_vocab": 2048, "s_eos": 0}
+STUDENT_TEMPLATE = ("{% for m in messages %}<|pad|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|pad|>assistant\n{% endif %}")
+
+
+def chat_student(path: Path) -> str:
+    """The pysrc tokenizer with a ChatML-like template of its own, in `path`."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TEACHER.parent / name, path / name)
+    (path / "chat_template.jinja").write_text(STUDENT_TEMPLATE)
+    return str(path)
+
+
+def chat_corpus(path: Path, tokens: float) -> None:
+    """The demo chat rows repeated to about `tokens` teacher tokens (the demo file: about 232k)."""
+    rows = (ROOT / "vishwam/assets/demo/chat_train.jsonl").read_text().splitlines()
+    copies = max(1, round(tokens / 232_000))
+    path.write_text("\n".join(rows * copies) + "\n")
 
 
 def student_tokenizer(path: Path) -> str:
@@ -79,8 +108,9 @@ def student_tokenizer(path: Path) -> str:
     return str(path / "tokenizer.json")
 
 
-def child(what: str, files: list[str], store: Path, student: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, what, *files, str(store), student], capture_output=True,
+def child(what: str, files: list[str], store: Path, student: str, spec: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, what, *files, str(store), student, json.dumps(spec)],
+                         capture_output=True,
                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
@@ -92,21 +122,23 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("/tmp/vishwam_bench_cross_data"))
     p.add_argument("--tokens", type=float, default=1e6)
     p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--chat", action="store_true", help="chat rows, each side's template (see the docstring)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    student = student_tokenizer(args.out / "student")
+    student = chat_student(args.out / "chat_student") if args.chat else student_tokenizer(args.out / "student")
+    spec = CHAT_SPEC if args.chat else TEXT_SPEC
     rows = []
     for size in (args.tokens, args.tokens * args.factor):
-        name = f"{size:.0e}".replace("+", "")
+        name = ("chat-" if args.chat else "") + f"{size:.0e}".replace("+", "")
         path = args.out / f"corpus-{name}.jsonl"
         if not path.exists():
-            corpus(path, size)
+            (chat_corpus if args.chat else corpus)(path, size)
         mib = path.stat().st_size / 2**20
         for what in ("text", "cross"):
-            row = child(what, [str(path)], args.out / f"{what}-{name}", student)
+            row = child(what, [str(path)], args.out / f"{what}-{name}", student, spec)
             rows.append({"corpus_mib": mib, **row})
             print(json.dumps(rows[-1]), flush=True)
-        row = child("read", [str(path)], args.out / f"cross-{name}", student)
+        row = child("read", [str(path)], args.out / f"cross-{name}", student, spec)
         rows.append({"corpus_mib": mib, **row})
         print(json.dumps(rows[-1]), flush=True)
     print("| corpus MiB | text store build s | cross store build s | cross / text | build peak RSS MiB (text, cross) "
