@@ -37,6 +37,7 @@ def test_demo_kd_beats_ce_only(tmp_path, monkeypatch):
     assert os.path.isdir(ROOT / "vishwam" / "assets" / "demo" / "teacher")
 
 
+@pytest.mark.slow  # the shipped chat demo's quality (tests/test_on_policy_run.py holds the on-policy path)
 def test_chat_demo_distils_on_policy(tmp_path, monkeypatch):
     """`configs/chat.yaml` as shipped, shortened: the chat teacher answers held-out questions (it was trained for
     them, not random), and the on-policy run logs its figures and exports a student."""

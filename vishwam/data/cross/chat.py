@@ -7,8 +7,8 @@ tokenized whole, as `apply_chat_template(tokenize=True)` tokenizes it (`vishwam.
 laid onto a common *virtual text*: every message's content in order, with one virtual byte standing for all the
 template bytes between two contents (and before the first, and after the last). A token inside a content keeps its
 offset in it; every token that touches template bytes lands on (or stretches over) that gap's byte. The two sides
-are then aligned on the virtual text as text is (`vishwam.data.cross.alignment.align`): a chunk boundary where both sides
-have a token boundary at the same virtual byte.
+are then aligned on the virtual text as text is (`vishwam.data.cross.alignment.align`): a chunk boundary where
+both sides have a token boundary at the same virtual byte.
 
 A chunk is *compared* (the ALM loss and the shared-vocabulary KL count it) when it holds no template byte on either
 side, so the two models' likelihoods are of the same content bytes, and its content is a target: an assistant
