@@ -67,6 +67,7 @@ class Run:
         self.downstream: Downstream | None = None
         self.on_policy: OnPolicy | None = None
         self.cache_use: CacheUse | None = None
+        self.chat_template: str | None = None
 
     @property
     def train_data(self):
@@ -88,6 +89,7 @@ class Run:
         pad = run.teacher_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
         teacher_tokenizer = tokenizer_path(cfg.data, run.lazy_teacher.directory)
+        self.chat_template = self._student_chat_template(run)  # read now: the export comes after the data is read
         teacher_side = None
         if self.cross:  # the student writes and is scored with its own tokenizer, the teacher with its
             teacher_side = {"tokenizer_path": teacher_tokenizer, "vocab_size": run.teacher_config.vocab_size,
@@ -247,8 +249,7 @@ class Run:
                 log(self.cache_use.summary())
         student_dir = run.out / "student"
         tokenizer_from = student_tokenizer_file(cfg) if self.cross else run.lazy_teacher.directory
-        save_pretrained(state.student, student_dir, tokenizer_from=tokenizer_from,
-                        chat_template=self._student_chat_template(run))
+        save_pretrained(state.student, student_dir, tokenizer_from=tokenizer_from, chat_template=self.chat_template)
         log(f"done: {tr.max_steps} steps in {time.perf_counter() - t0:.1f}s; student exported to {student_dir}")
         self.state = state
         return {"eval": last_eval, "state": state, "compilation_cache": self.cache_use}
@@ -269,7 +270,6 @@ class Run:
         directory = Path(teacher_tokenizer)
         found = find_template(cfg.data.chat_template, directory if directory.is_dir() else directory.parent)
         return None if found is None else found.text
-
 
     def _cross_sums(self, teacher: TeacherSource):
         """`(student, micro) -> sums` of a cross-tokenizer evaluation (`cross_eval_sums`, the resident teacher's
