@@ -39,11 +39,13 @@ from vishwam.errors import DataError
 Row = tuple[np.ndarray, np.ndarray]  # token ids int32 [n], targets bool [n]
 
 
-def _kind(keys) -> str:
+def row_kind(keys) -> str:
+    """`chat` for a row with `messages`, or `prompt` and `completion`, among `keys`; else `text`."""
     return "chat" if "messages" in keys or ("prompt" in keys and "completion" in keys) else "text"
 
 
-def _keys(record) -> tuple:
+def record_keys(record) -> tuple:
+    """A record's keys (none for a record that is not an object)."""
     return tuple(record) if isinstance(record, dict) else ()
 
 
@@ -65,14 +67,14 @@ def _first_record(path: str):
 
 def _file_kind(path: str) -> str:
     if is_hf(path):
-        return _kind(hf_columns(path))
+        return row_kind(hf_columns(path))
     if is_table(path):
-        return _kind(table_columns(path))
+        return row_kind(table_columns(path))
     if path.lower().endswith(".jsonl"):
         record = _first_record(path)
         if record is _NO_ROWS:  # neither kind: say so here, before another file's rows are blamed for it
             raise DataError(f"{path}: the file holds no rows")
-        return _kind(_keys(record))
+        return row_kind(record_keys(record))
     return "text"
 
 
@@ -88,7 +90,8 @@ def is_chat(paths_or_globs: str | Sequence[str]) -> bool:
     return "chat" in kinds
 
 
-def _messages(where: str, value, template: ChatTemplate) -> list[dict]:
+def checked_messages(where: str, value, template: ChatTemplate) -> list[dict]:
+    """A row's `messages`, checked against what `template` renders (a bad one is a `DataError` naming `where`)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     for i, message in enumerate(value):
@@ -104,7 +107,9 @@ def _messages(where: str, value, template: ChatTemplate) -> list[dict]:
     return value
 
 
-def _render(where: str, messages: list[dict], template: ChatTemplate, loss_on: str):
+def render_row(where: str, messages: list[dict], template: ChatTemplate, loss_on: str):
+    """`(text, assistant spans)` of a conversation (spans None with `loss_on: all`); a template that fails to render
+    it, or is not prefix-stable, is a `DataError` naming `where`."""
     try:
         if loss_on == "all":
             return template.render(messages), None
@@ -132,14 +137,14 @@ def encode_records(items: Iterable[tuple[str, object]], tokenizer: Tokenizer, te
     plain: list[tuple[int, str, str]] = []  # (row, prompt, completion)
     rows: list[Row | None] = []
     for where, record in items:
-        if _kind(_keys(record)) != "chat":
+        if row_kind(record_keys(record)) != "chat":
             raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
                             f"file's first")
         if "messages" in record and (record["messages"] is not None or "prompt" not in record):
             if template is None:
                 raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
                                 f"data.chat_template, or put chat_template.jinja beside the tokenizer")
-            text, spans = _render(where, _messages(where, record["messages"], template), template, loss_on)
+            text, spans = render_row(where, checked_messages(where, record["messages"], template), template, loss_on)
             rendered.append((len(rows), text, spans))
             rows.append(None)
             continue
@@ -228,4 +233,5 @@ def load_chat_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None,
     return packed, None if evaluation is None else pack_rows(evaluation, seq_len, name="data.eval", log=log)
 
 
-__all__ = ["encode_records", "encode_rows", "first_targets", "is_chat", "load_chat_splits", "pack_rows"]
+__all__ = ["checked_messages", "encode_records", "encode_rows", "first_targets", "is_chat", "load_chat_splits",
+           "pack_rows", "record_keys", "render_row", "row_kind"]

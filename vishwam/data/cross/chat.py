@@ -38,7 +38,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vishwam.data.chat import ChatTemplate
-from vishwam.data.chat_rows import _keys, _kind, _messages, _render
+from vishwam.data.chat_rows import checked_messages, record_keys, render_row, row_kind
 from vishwam.data.cross.alignment import Alignment, Encoding, align, common_text, encode_bytes_batch
 from vishwam.errors import DataError
 
@@ -140,19 +140,19 @@ def align_chat_records(items: Iterable[tuple[str, object]], student: Tokenizer, 
     s_keys, t_keys = keys
     rows = []  # per row: ("messages", where, s_text, t_text, s_turns, t_turns, found, roles) or ("plain", ...)
     for where, record in items:
-        if _kind(_keys(record)) != "chat":
+        if row_kind(record_keys(record)) != "chat":
             raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
                             f"file's first")
         if "messages" in record and (record["messages"] is not None or "prompt" not in record):
             if teacher_template is None:
                 raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
                                 f"data.chat_template, or put chat_template.jinja beside the teacher's tokenizer")
-            messages = [dict(m) for m in _messages(where, record["messages"], teacher_template)]
-            _messages(where, messages, student_template)
+            messages = [dict(m) for m in checked_messages(where, record["messages"], teacher_template)]
+            checked_messages(where, messages, student_template)
             for m in messages:
                 if isinstance(m.get("content"), str):
                     m["content"] = common_text(m["content"], student, teacher)
-            (s_text, s_turns), (t_text, t_turns) = (_render(where, messages, template, loss_on)
+            (s_text, s_turns), (t_text, t_turns) = (render_row(where, messages, template, loss_on)
                                                     for template in (student_template, teacher_template))
             found = find_contents(where, [m.get("content") or "" for m in messages], s_text, t_text)
             rows.append(("messages", where, s_text, t_text, s_turns, t_turns, found,
