@@ -136,16 +136,22 @@ def _with_bytes(tokenizer: Tokenizer, text: str, enc, name: str) -> Encoding:
         start = len(text[: enc.offsets[k][0]].encode("utf-8"))
         raise DataError(f"{name} cannot encode the text: unknown token {unk!r} at byte {start} "
                         f"({text[enc.offsets[k][0]: enc.offsets[k][1]]!r})")
-    char_to_byte = np.zeros(len(text) + 1, np.int64)
-    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
-    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=char_to_byte[1:])
+    to_byte = char_to_byte(text)
     offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
-    spans = char_to_byte[offsets] if len(offsets) else offsets
-    if not _tiles_plainly(spans, int(char_to_byte[-1])):  # shared or overlapping spans: the token-by-token path
+    spans = to_byte[offsets] if len(offsets) else offsets
+    if not _tiles_plainly(spans, int(to_byte[-1])):  # shared or overlapping spans: the token-by-token path
         byte_level, byte_fallback = _kinds(tokenizer)
         spans = _split_shared_spans(spans, enc.tokens, byte_level=byte_level, byte_fallback=byte_fallback)
-        _check_tiling(spans, int(char_to_byte[-1]), name)
+        _check_tiling(spans, int(to_byte[-1]), name)
     return Encoding(np.asarray(enc.ids, np.int32), spans)
+
+
+def char_to_byte(text: str) -> np.ndarray:
+    """`[len(text) + 1]` int64: the UTF-8 byte offset of each character offset of `text`."""
+    out = np.zeros(len(text) + 1, np.int64)
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
+    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=out[1:])
+    return out
 
 
 def _tiles_plainly(spans: np.ndarray, n_bytes: int) -> bool:

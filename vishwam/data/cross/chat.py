@@ -39,20 +39,12 @@ from tokenizers import Tokenizer
 
 from vishwam.data.chat import ChatTemplate
 from vishwam.data.chat_rows import checked_messages, record_keys, render_row, row_kind
-from vishwam.data.cross.alignment import Alignment, Encoding, align, common_text, encode_bytes_batch
+from vishwam.data.cross.alignment import Alignment, Encoding, align, char_to_byte, common_text, encode_bytes_batch
 from vishwam.errors import DataError
 
 SKIP = 2
 """Bit 1 of a chunk's flag byte in a cross store (`one`): the chunk is not compared. Bit 0: one token each side,
 the same string."""
-
-
-def char_to_byte(text: str) -> np.ndarray:
-    """`[len(text) + 1]` int64: the UTF-8 byte offset of each character offset of `text`."""
-    out = np.zeros(len(text) + 1, np.int64)
-    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
-    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=out[1:])
-    return out
 
 
 def find_contents(where: str, contents: list[str], student_text: str, teacher_text: str) -> list[tuple[str, int, int]]:
@@ -216,5 +208,4 @@ def align_chat_records(items: Iterable[tuple[str, object]], student: Tokenizer, 
             cat(out[4], np.int64), cat(out[5], bool), cat(out[6], np.uint8))
 
 
-__all__ = ["SKIP", "align_chat_records", "align_rendered", "byte_targets", "char_to_byte", "find_contents",
-           "virtual_spans"]
+__all__ = ["SKIP", "align_chat_records", "align_rendered", "byte_targets", "find_contents", "virtual_spans"]
