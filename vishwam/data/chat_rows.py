@@ -123,6 +123,25 @@ def render_row(where: str, messages: list[dict], template: ChatTemplate, loss_on
                         f"data.chat_template") from None
 
 
+def row_parts(where: str, record, template: ChatTemplate | None, *,
+              tokenizer: str = "the tokenizer") -> tuple[str, list[dict] | tuple[str, str]]:
+    """A chat row's parts: `("messages", its messages checked against template)` or `("plain", (prompt,
+    completion))`. A row of another kind, a `messages` row with no template (`tokenizer` names where the template
+    is looked for) or a prompt or completion that is not a string is a `DataError` naming `where`."""
+    if row_kind(record_keys(record)) != "chat":
+        raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
+                        f"file's first")
+    if "messages" in record and (record["messages"] is not None or "prompt" not in record):
+        if template is None:
+            raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
+                            f"data.chat_template, or put chat_template.jinja beside {tokenizer}")
+        return "messages", checked_messages(where, record["messages"], template)
+    prompt, completion = record["prompt"], record["completion"]
+    if not (isinstance(prompt, str) and isinstance(completion, str)):
+        raise DataError(f"{where}: 'prompt' and 'completion' must be strings (a conversation goes in 'messages')")
+    return "plain", (prompt, completion)
+
+
 def encode_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate | None, *, loss_on: str,
                 eos_id: int | None) -> list[Row]:
     """Every row of the chat file or table `path` as `(token ids, targets)` (see the module docstring); a bad row
@@ -137,21 +156,12 @@ def encode_records(items: Iterable[tuple[str, object]], tokenizer: Tokenizer, te
     plain: list[tuple[int, str, str]] = []  # (row, prompt, completion)
     rows: list[Row | None] = []
     for where, record in items:
-        if row_kind(record_keys(record)) != "chat":
-            raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
-                            f"file's first")
-        if "messages" in record and (record["messages"] is not None or "prompt" not in record):
-            if template is None:
-                raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
-                                f"data.chat_template, or put chat_template.jinja beside the tokenizer")
-            text, spans = render_row(where, checked_messages(where, record["messages"], template), template, loss_on)
+        kind, parts = row_parts(where, record, template)
+        if kind == "messages":
+            text, spans = render_row(where, parts, template, loss_on)
             rendered.append((len(rows), text, spans))
-            rows.append(None)
-            continue
-        prompt, completion = record["prompt"], record["completion"]
-        if not (isinstance(prompt, str) and isinstance(completion, str)):
-            raise DataError(f"{where}: 'prompt' and 'completion' must be strings (a conversation goes in 'messages')")
-        plain.append((len(rows), prompt, completion))
+        else:
+            plain.append((len(rows), *parts))
         rows.append(None)
     encodings = tokenizer.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
     for (i, _, spans), encoding in zip(rendered, encodings):
@@ -234,4 +244,4 @@ def load_chat_splits(d: DataConfig, *, seq_len: int, tokenizer_path: str | None,
 
 
 __all__ = ["checked_messages", "encode_records", "encode_rows", "first_targets", "is_chat", "load_chat_splits",
-           "pack_rows", "record_keys", "render_row", "row_kind"]
+           "pack_rows", "record_keys", "render_row", "row_kind", "row_parts"]

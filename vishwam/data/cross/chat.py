@@ -38,7 +38,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vishwam.data.chat import ChatTemplate
-from vishwam.data.chat_rows import checked_messages, record_keys, render_row, row_kind
+from vishwam.data.chat_rows import checked_messages, render_row, row_parts
 from vishwam.data.cross.alignment import Alignment, Encoding, align, char_to_byte, common_text, encode_bytes_batch
 from vishwam.errors import DataError
 
@@ -132,14 +132,9 @@ def align_chat_records(items: Iterable[tuple[str, object]], student: Tokenizer, 
     s_keys, t_keys = keys
     rows = []  # per row: ("messages", where, s_text, t_text, s_turns, t_turns, found, roles) or ("plain", ...)
     for where, record in items:
-        if row_kind(record_keys(record)) != "chat":
-            raise DataError(f"{where}: expected a chat row ('messages', or 'prompt' and 'completion') like the "
-                            f"file's first")
-        if "messages" in record and (record["messages"] is not None or "prompt" not in record):
-            if teacher_template is None:
-                raise DataError(f"{where}: a 'messages' row needs a chat template, and none is given: set "
-                                f"data.chat_template, or put chat_template.jinja beside the teacher's tokenizer")
-            messages = [dict(m) for m in checked_messages(where, record["messages"], teacher_template)]
+        kind, parts = row_parts(where, record, teacher_template, tokenizer="the teacher's tokenizer")
+        if kind == "messages":
+            messages = [dict(m) for m in parts]
             checked_messages(where, messages, student_template)
             for m in messages:
                 if isinstance(m.get("content"), str):
@@ -150,10 +145,7 @@ def align_chat_records(items: Iterable[tuple[str, object]], student: Tokenizer, 
             rows.append(("messages", where, s_text, t_text, s_turns, t_turns, found,
                          [m["role"] for m in messages]))
             continue
-        prompt, completion = record["prompt"], record["completion"]
-        if not (isinstance(prompt, str) and isinstance(completion, str)):
-            raise DataError(f"{where}: 'prompt' and 'completion' must be strings (a conversation goes in 'messages')")
-        rows.append(("plain", where, common_text(prompt, student, teacher), common_text(completion, student, teacher)))
+        rows.append(("plain", where, *(common_text(x, student, teacher) for x in parts)))
     s_texts, t_texts, names = [], [], []
     for row in rows:
         if row[0] == "messages":
