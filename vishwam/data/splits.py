@@ -94,11 +94,16 @@ def _directory(tokenizer_path: str) -> Path:
     return Path(tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or ".")
 
 
+def run_template(d: DataConfig, tokenizer_path: str) -> ChatTemplate | None:
+    """The run's chat template: `data.chat_template`, else the one beside the run's tokenizer (`find_template`)."""
+    return find_template(d.chat_template, _directory(tokenizer_path))
+
+
 def cross_templates(d: DataConfig, teacher_tokenizer: str, student_tokenizer: str) -> tuple[tuple | None, tuple | None]:
     """`(student's, teacher's)` chat templates of a cross-tokenizer run on chat rows, each `(source, text,
     variables)`: the teacher's is the run's (`data.chat_template`, else beside its tokenizer); the student's is the
     one beside the student's tokenizer, else the teacher's rendered with the student's special tokens."""
-    teacher = find_template(d.chat_template, _directory(teacher_tokenizer))
+    teacher = run_template(d, teacher_tokenizer)
     directory = _directory(student_tokenizer)
     student = find_template(None, directory)
     if student is None and teacher is not None:
@@ -134,8 +139,7 @@ def recipe_of(d: DataConfig, files: list[str], *, tokenizer_path: str | None, eo
     if kind == "chat":
         if tokenizer_path is None:
             raise DataError(f"{files[0]} holds chat rows but no tokenizer is given (set data.tokenizer)")
-        directory = Path(tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path) or ".")
-        found = find_template(d.chat_template, directory)
+        found = run_template(d, tokenizer_path)
         template = None if found is None else (found.source, found.text, found.variables)
     recipe = Recipe(kind, tokenizer_path, eos_id, vocab_size, template, d.loss_on)
     needs_tokenizer = kind == "chat" or any(not f.lower().endswith(".npy") for f in files)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,9 @@ from vishwam.compile.xla_cache import CacheUse, cache_dir, compilation_cache
 from vishwam.config import specs
 from vishwam.config.sections import RunConfig, config_to_dict, save_config
 from vishwam.config.specs import DTYPES
-from vishwam.data.chat import find_template
 from vishwam.data.chat_rows import is_chat
 from vishwam.data.cross.alignment import token_byte_lengths
-from vishwam.data.splits import cross_templates, tokenizer_path
+from vishwam.data.splits import cross_templates, run_template, tokenizer_path
 from vishwam.data.text import load_tokenizer
 from vishwam.data.windows import StepReader, batch_for_step
 from vishwam.downstream.in_run import Downstream
@@ -267,8 +265,7 @@ class Run:
         if self.cross:
             found = cross_templates(cfg.data, teacher_tokenizer, cfg.distillation.student_model.tokenizer)[0]
             return None if found is None else found[1]
-        directory = Path(teacher_tokenizer)
-        found = find_template(cfg.data.chat_template, directory if directory.is_dir() else directory.parent)
+        found = run_template(cfg.data, teacher_tokenizer)
         return None if found is None else found.text
 
     def _cross_sums(self, teacher: TeacherSource):
