@@ -19,6 +19,8 @@ from vishwam.data.cross.windows import align_documents
 from vishwam.data.text import check_vocab
 
 _KEYS: dict[tuple, tuple] = {}
+BYTE_FILES = ("one", "targets", "ttargets")
+"""The shard's files of one byte an item (the rest: uint32)."""
 
 
 def _keys(student: Tokenizer, teacher: Tokenizer, recipe) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +38,16 @@ def _check_sides(s: np.ndarray, t: np.ndarray, recipe, path: str) -> None:
         check_vocab(t, recipe.vocab_size, f"{path} (tokenized with {recipe.tokenizer_path})")
 
 
+def _shard(parts: list[dict[str, np.ndarray]], names: tuple[str, ...], docs: int, recipe, path: str) -> dict:
+    """The batches' arrays (`parts`, by file name) joined into the shard's, both sides' ids checked against their
+    vocabularies; each empty when there were none."""
+    if not parts:
+        return {name: np.zeros((0,), "u1" if name in BYTE_FILES else "<u4") for name in names}
+    out = {name: np.concatenate([part[name] for part in parts]) for name in names}
+    _check_sides(out["ids"], out["tids"], recipe, path)
+    return {**out, "docs": docs}
+
+
 def text_streams(batches: Iterable[list[str]], student: Tokenizer, teacher: Tokenizer, recipe,
                  path: str) -> dict[str, np.ndarray]:
     """Documents (in batches) tokenized by both sides and aligned: the shard's arrays, chunk ids from 0.
@@ -45,14 +57,10 @@ def text_streams(batches: Iterable[list[str]], student: Tokenizer, teacher: Toke
         s, sc, t, tc, one = align_documents(docs, student, teacher, student_eos=recipe.student_eos_id,
                                             teacher_eos=recipe.eos_id, keys=_keys(student, teacher, recipe),
                                             name=path, first=first)
-        parts.append((s.astype("<u4"), (sc + base).astype("<u4"), t.astype("<u4"), (tc + base).astype("<u4"), one))
+        parts.append({"ids": s.astype("<u4"), "tids": t.astype("<u4"), "schunk": (sc + base).astype("<u4"),
+                      "tchunk": (tc + base).astype("<u4"), "one": one.astype("u1")})
         first, base = first + len(docs), base + len(one)
-    if not parts:
-        return {name: np.zeros((0,), "u1" if name == "one" else "<u4")
-                for name in ("ids", "tids", "schunk", "tchunk", "one")}
-    s, sc, t, tc, one = (np.concatenate(x) for x in zip(*parts))
-    _check_sides(s, t, recipe, path)
-    return {"ids": s, "tids": t, "schunk": sc, "tchunk": tc, "one": one.astype("u1"), "docs": first}
+    return _shard(parts, ("ids", "tids", "schunk", "tchunk", "one"), first, recipe, path)
 
 
 def chat_streams(batches: Iterable[list[tuple[str, object]]], student: Tokenizer, teacher: Tokenizer, recipe,
@@ -66,16 +74,11 @@ def chat_streams(batches: Iterable[list[tuple[str, object]]], student: Tokenizer
             batch, student, teacher, student_template=templates[0], teacher_template=templates[1],
             loss_on=recipe.loss_on, student_eos=recipe.student_eos_id, teacher_eos=recipe.eos_id,
             keys=_keys(student, teacher, recipe))
-        parts.append((s.astype("<u4"), (sc + base).astype("<u4"), st.astype("u1"), t.astype("<u4"),
-                      (tc + base).astype("<u4"), tt.astype("u1"), flags))
+        parts.append({"ids": s.astype("<u4"), "tids": t.astype("<u4"), "schunk": (sc + base).astype("<u4"),
+                      "tchunk": (tc + base).astype("<u4"), "one": flags.astype("u1"), "targets": st.astype("u1"),
+                      "ttargets": tt.astype("u1")})
         rows, base = rows + len(batch), base + len(flags)
-    if not parts:
-        return {name: np.zeros((0,), "u1" if name in ("one", "targets", "ttargets") else "<u4")
-                for name in ("ids", "tids", "schunk", "tchunk", "one", "targets", "ttargets")}
-    s, sc, st, t, tc, tt, flags = (np.concatenate(x) for x in zip(*parts))
-    _check_sides(s, t, recipe, path)
-    return {"ids": s, "tids": t, "schunk": sc, "tchunk": tc, "one": flags.astype("u1"), "targets": st,
-            "ttargets": tt, "docs": rows}
+    return _shard(parts, ("ids", "tids", "schunk", "tchunk", "one", "targets", "ttargets"), rows, recipe, path)
 
 
 __all__ = ["chat_streams", "text_streams"]
